@@ -1,0 +1,1 @@
+"""The ``animate124`` command-line tool."""

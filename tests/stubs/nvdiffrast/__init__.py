@@ -1,0 +1,1 @@
+"""Import stand-in for nvdiffrast (tests only)."""
