@@ -1,0 +1,305 @@
+"""4D radiance field: a static 3-D hash grid plus an additive 4-D (x, t) hash grid, then density and feature MLPs.
+
+Method digest §2.2 (threestudio branch's ``HashGridSpatialTime`` + ``implicit-volume``), with time as a per-sample
+tensor instead of a mutable attribute (§10.2 item 9):
+
+    h(x, t) = enc(x01) + enc_t([x01, t]),            x01 = (x + r) / (2 r)  (world bbox [-r, r]^3 -> [0, 1]^3)
+    sigma   = act(density_mlp(h) + bias(x))          act: softplus | exp | trunc_exp;  bias: blob / none / constant
+    feat    = feature_mlp(h)                         raw (the host material applies e.g. a sigmoid: features_to_rgb)
+
+``enc_t`` starts as U(-1e-4, 1e-4) (tiny-cuda-nn's init), so a fresh dynamic field equals the static one up to
+~1e-4 in the features. Both grids share one level configuration (the time axis uses the same per-level resolutions).
+The MLPs run in float32 with autocast disabled (as threestudio's VanillaMLP).
+
+State-dict keys: ``encoding.embeddings``, ``encoding_time.embeddings``, ``density_network.layers.{0,2,..}.weight``,
+``feature_network.layers.{0,2,..}.weight``; :meth:`DynamicField.load_static_state_dict` loads a checkpoint that has
+no ``encoding_time`` (a static-stage field) and leaves the 4-D grid as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from animate124.core.hashgrid import HashGridEncoding
+
+__all__ = ["DynamicField", "VanillaMLP", "trunc_exp", "features_to_rgb", "DENSITY_ACTIVATIONS", "DENSITY_BIASES"]
+
+DensityActivation = Literal["softplus", "exp", "trunc_exp"]
+DensityBias = Union[Literal["blob_magic3d", "blob_dreamfusion", "none"], float]
+DENSITY_ACTIVATIONS = ("softplus", "exp", "trunc_exp")
+DENSITY_BIASES = ("blob_magic3d", "blob_dreamfusion", "none")
+
+
+class DynamicField(nn.Module):
+    """Static + additive temporal hash-grid field (see the module docstring).
+
+    Args:
+        radius: half-size r of the world bbox [-r, r]^3 (threestudio ``radius``).
+        n_feature_dims: C, raw feature channels (3 for an RGB albedo).
+        n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale, implementation:
+            the level configuration of BOTH hash grids (threestudio branch: 16, 2, 19, 16, 1.4472692, tcnn).
+        time_init_scale: the 4-D grid starts as U(-s, s); 0 gives a field exactly independent of t.
+        mlp_hidden: width of the MLP hidden layers (threestudio ``n_neurons`` 64).
+        mlp_hidden_layers: number of hidden layers (threestudio ``n_hidden_layers`` 1 -> Linear, ReLU, Linear).
+        density_activation: ``"softplus"`` (threestudio default), ``"exp"``, or ``"trunc_exp"`` (exp whose backward
+            clamps its input at 15, as torch-ngp).
+        density_bias: ``"blob_magic3d"`` scale * (1 - |x| / std), ``"blob_dreamfusion"`` scale * exp(-|x|^2 / (2
+            std^2)), ``"none"``, or a float added before the activation. |x| in world units.
+        density_blob_scale, density_blob_std: blob parameters (threestudio defaults 10, 0.5).
+        normal_eps: finite-difference step (world units) for normals (threestudio 0.01).
+        temporal_frozen: build with the 4-D grid frozen (requires_grad False); it is still evaluated and added.
+        generator: optional CPU generator for all initialisations (grids and MLPs).
+    """
+
+    def __init__(
+        self,
+        *,
+        radius: float = 1.0,
+        n_feature_dims: int = 3,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        per_level_scale: float = 1.447269237440378,
+        implementation: Literal["auto", "torch", "triton", "tcnn"] = "auto",
+        time_init_scale: float = 1e-4,
+        mlp_hidden: int = 64,
+        mlp_hidden_layers: int = 1,
+        density_activation: DensityActivation = "softplus",
+        density_bias: DensityBias = "blob_magic3d",
+        density_blob_scale: float = 10.0,
+        density_blob_std: float = 0.5,
+        normal_eps: float = 0.01,
+        temporal_frozen: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        _check_config(radius, n_feature_dims, density_activation, density_bias, density_blob_std, normal_eps,
+                      time_init_scale)
+        self.radius = float(radius)
+        self.n_feature_dims = int(n_feature_dims)
+        self.density_activation = density_activation
+        self.density_bias = density_bias
+        self.density_blob_scale = float(density_blob_scale)
+        self.density_blob_std = float(density_blob_std)
+        self.normal_eps = float(normal_eps)
+        grid = dict(n_levels=n_levels, n_features_per_level=n_features_per_level, log2_hashmap_size=log2_hashmap_size,
+                    base_resolution=base_resolution, per_level_scale=per_level_scale, implementation=implementation)
+        self.encoding = HashGridEncoding(3, **grid, generator=generator)
+        self.encoding_time = HashGridEncoding(4, **grid, init_scale=time_init_scale, generator=generator)
+        if time_init_scale == 0.0:
+            with torch.no_grad():
+                self.encoding_time.embeddings.zero_()
+        n_enc = self.encoding.n_output_dims
+        self.density_network = VanillaMLP(n_enc, 1, mlp_hidden, mlp_hidden_layers, generator)
+        self.feature_network = VanillaMLP(n_enc, self.n_feature_dims, mlp_hidden, mlp_hidden_layers, generator)
+        self.set_temporal_trainable(not temporal_frozen)
+
+    # --- time-dependent parts ----------------------------------------------------------------------------------------
+
+    @property
+    def temporal_frozen(self) -> bool:
+        """True when the 4-D grid gets no gradient (it is still evaluated and added)."""
+        return not self.encoding_time.embeddings.requires_grad
+
+    def set_temporal_trainable(self, trainable: bool) -> None:
+        """Freeze (``False``) or unfreeze the 4-D grid by toggling ``requires_grad`` of its table."""
+        self.encoding_time.embeddings.requires_grad_(bool(trainable))
+
+    @property
+    def n_active_levels(self) -> int:
+        return self.encoding.n_active_levels
+
+    @n_active_levels.setter
+    def n_active_levels(self, value: int) -> None:
+        """Coarse-to-fine: mask the same finest levels in both grids."""
+        self.encoding.n_active_levels = value
+        self.encoding_time.n_active_levels = value
+
+    # --- evaluation --------------------------------------------------------------------------------------------------
+
+    def encode(self, points: Float[Tensor, "N 3"], times: Float[Tensor, " N"]) -> Float[Tensor, "N E"]:
+        """h = enc(x01) + enc_t([x01, t]): the summed grid features, ``[N, L * F]`` float32."""
+        _check_points_times(points, times)
+        x01 = (points.float() + self.radius) / (2.0 * self.radius)
+        xt = torch.cat([x01, times.float().reshape(-1, 1)], dim=-1)
+        return self.encoding(x01) + self.encoding_time(xt)
+
+    def forward_density(self, points: Float[Tensor, "N 3"], times: Float[Tensor, " N"]) -> Float[Tensor, "N 1"]:
+        """Post-activation density sigma >= 0 at each point at its own time."""
+        h = self.encode(points, times)
+        return self._activate(self._mlp(self.density_network, h), points)
+
+    def forward(
+        self, points: Float[Tensor, "N 3"], times: Float[Tensor, " N"], output_normal: bool = False
+    ) -> dict[str, Tensor]:
+        """Density ``[N,1]``, raw features ``[N,C]`` and, with ``output_normal``, normals ``[N,3]``.
+
+        Normals are central finite differences of the density (6 extra density queries per point, offsets clamped to
+        the bbox as threestudio's ``finite_difference_laplacian``): ``n = normalize(-grad sigma)``, pointing out of
+        dense regions.
+        """
+        h = self.encode(points, times)
+        out = {
+            "density": self._activate(self._mlp(self.density_network, h), points),
+            "features": self._mlp(self.feature_network, h),
+        }
+        if output_normal:
+            out["normal"] = self._finite_difference_normal(points, times)
+        return out
+
+    # --- regulariser -------------------------------------------------------------------------------------------------
+
+    def time_smoothness_loss(
+        self, n_points: int = 4096, dt: float = 1.0 / 16, generator: Optional[torch.Generator] = None
+    ) -> Float[Tensor, ""]:
+        """Squared time derivative of the 4-D grid, by finite differences at random points and times.
+
+            L = mean_{x, t, c} ((enc_t([x, t + dt])_c - enc_t([x, t])_c) / dt)^2,
+            x ~ U([0, 1]^3) (the whole bbox, contracted), t ~ U(0, 1 - dt), c over the L * F channels.
+
+        Zero exactly when enc_t does not vary along t. Only ``encoding_time`` gets a gradient (the static grid and
+        the MLPs are not used). Relation to the ``main`` branch's time-TV (weight 0.1 over K = 64 time grids, i.e.
+        dt = 1/63, summed over F = 2 channels per level): main_tv ~= F * dt^2 * L, so weight 0.1 there ~= 0.1 * 2 /
+        63^2 ~= 5e-5 here. The caller applies the weight.
+        """
+        if not 0.0 < dt < 1.0:
+            raise ValueError(f"dt must be in (0, 1); got {dt}.")
+        device = self.encoding_time.embeddings.device
+        x = torch.rand(n_points, 3, generator=generator, device=device)
+        t = torch.rand(n_points, 1, generator=generator, device=device) * (1.0 - dt)
+        diff = self.encoding_time(torch.cat([x, t + dt], dim=-1)) - self.encoding_time(torch.cat([x, t], dim=-1))
+        return (diff / dt).square().mean()
+
+    # --- checkpoints -------------------------------------------------------------------------------------------------
+
+    def load_static_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a static field (keys ``encoding.*``, ``density_network.*``, ``feature_network.*``), keeping the 4-D
+        grid; ``encoding_time.*`` keys, if present, are loaded too. Any other missing or unexpected key raises."""
+        result = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("encoding_time.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"static checkpoint does not match DynamicField: missing {missing}, unexpected "
+                f"{list(result.unexpected_keys)}; build the field with the checkpoint's grid/MLP sizes."
+            )
+
+    # --- helpers -----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _mlp(net: nn.Module, h: Tensor) -> Tensor:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return net(h.float())
+
+    def _activate(self, raw: Tensor, points: Tensor) -> Tensor:
+        raw = raw + self._bias(points.float())
+        if self.density_activation == "softplus":
+            return F.softplus(raw)
+        if self.density_activation == "exp":
+            return torch.exp(raw)
+        return trunc_exp(raw)
+
+    def _bias(self, points: Tensor) -> Union[Tensor, float]:
+        if self.density_bias == "blob_magic3d":
+            return self.density_blob_scale * (1.0 - points.norm(dim=-1, keepdim=True) / self.density_blob_std)
+        if self.density_bias == "blob_dreamfusion":
+            sq = points.square().sum(dim=-1, keepdim=True)
+            return self.density_blob_scale * torch.exp(-0.5 * sq / self.density_blob_std**2)
+        if self.density_bias == "none":
+            return 0.0
+        return float(self.density_bias)
+
+    def _finite_difference_normal(self, points: Tensor, times: Tensor) -> Tensor:
+        eps = self.normal_eps
+        offsets = torch.tensor(
+            [[eps, 0, 0], [-eps, 0, 0], [0, eps, 0], [0, -eps, 0], [0, 0, eps], [0, 0, -eps]],
+            device=points.device, dtype=torch.float32,
+        )
+        shifted = (points.float()[:, None, :] + offsets).clamp(-self.radius, self.radius).reshape(-1, 3)
+        sigma = self.forward_density(shifted, times.float().repeat_interleave(6)).view(-1, 6)
+        grad = 0.5 * (sigma[:, 0::2] - sigma[:, 1::2]) / eps
+        return F.normalize(-grad, dim=-1)
+
+
+class VanillaMLP(nn.Module):
+    """threestudio's VanillaMLP: Linear(in, h, no bias), ReLU, [Linear(h, h, no bias), ReLU] * (k - 1),
+    Linear(h, out, no bias). Keys ``layers.{0,2,...}.weight``. Default PyTorch (Kaiming-uniform) init."""
+
+    def __init__(self, n_in: int, n_out: int, hidden: int = 64, hidden_layers: int = 1,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        if hidden < 1 or hidden_layers < 1:
+            raise ValueError(f"mlp_hidden and mlp_hidden_layers must be >= 1; got {hidden}, {hidden_layers}.")
+        dims = [n_in] + [hidden] * hidden_layers
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b, bias=False), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-1], n_out, bias=False))
+        self.layers = nn.Sequential(*layers)
+        if generator is not None:
+            with torch.no_grad():
+                for layer in self.layers:
+                    if isinstance(layer, nn.Linear):
+                        bound = 1.0 / layer.in_features**0.5  # = kaiming_uniform(a=sqrt(5)) bound, torch's default
+                        layer.weight.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, h: Float[Tensor, "N E"]) -> Float[Tensor, "N O"]:
+        return self.layers(h)
+
+
+def features_to_rgb(features: Float[Tensor, "N C"]) -> Float[Tensor, "N C"]:
+    """Raw features -> colour in [0, 1] (threestudio ``no-material`` with sigmoid colour activation)."""
+    return torch.sigmoid(features)
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) whose backward uses exp(min(x, 15)) (torch-ngp), so huge densities do not blow up gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=15.0))
+
+
+def trunc_exp(x: Tensor) -> Tensor:
+    """exp with a backward clamped at input 15 (see :class:`_TruncExp`)."""
+    return _TruncExp.apply(x.float())
+
+
+def _check_config(radius, n_feature_dims, density_activation, density_bias, blob_std, normal_eps, time_init) -> None:
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0; got {radius}.")
+    if int(n_feature_dims) < 1:
+        raise ValueError(f"n_feature_dims must be >= 1; got {n_feature_dims}.")
+    if density_activation not in DENSITY_ACTIVATIONS:
+        raise ValueError(f"density_activation must be one of {DENSITY_ACTIVATIONS}; got {density_activation!r}.")
+    if isinstance(density_bias, bool) or not (
+        density_bias in DENSITY_BIASES or isinstance(density_bias, (int, float))
+    ):
+        raise ValueError(f"density_bias must be one of {DENSITY_BIASES} or a float; got {density_bias!r}.")
+    if not blob_std > 0:
+        raise ValueError(f"density_blob_std must be > 0; got {blob_std}.")
+    if not normal_eps > 0:
+        raise ValueError(f"normal_eps must be > 0; got {normal_eps}.")
+    if time_init < 0:
+        raise ValueError(f"time_init_scale must be >= 0; got {time_init}.")
+
+
+def _check_points_times(points: Tensor, times: Tensor) -> None:
+    if points.dim() != 2 or points.shape[-1] != 3:
+        raise ValueError(f"points must be [N, 3] world coordinates; got {tuple(points.shape)}: use points.reshape(-1, 3).")
+    if times.shape != points.shape[:1]:
+        raise ValueError(
+            f"times must be [N] = [{points.shape[0]}], one frame time per point; got {tuple(times.shape)}: "
+            "use times.expand(N) or repeat each frame's time."
+        )
