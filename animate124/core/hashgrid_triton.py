@@ -1,0 +1,210 @@
+"""Triton kernels for the hash-grid encoding (forward, and backward into the embeddings), D = 1 to 4.
+
+Same semantics as ``hashgrid.hash_grid_encode_torch`` (tiny-cuda-nn ``HashGrid``, see ``hashgrid``'s docstring).
+Launch grid ``(cdiv(N, BLOCK), n_active_levels)``: one program encodes BLOCK points at one level, so the programs
+of one level run together and that level's table stays in L2 (tiny-cuda-nn's scheme). Each program computes the
+cell and fractions of its points, then for each of the ``2**D`` corners the table row (dense stride index or uint32
+spatial hash), gathers the F features of the row as one vector and accumulates ``weight * value``; the result goes
+straight into the ``[N, L * F]`` output. The backward pass recomputes rows and weights and scatters
+``weight * dL/dout`` into an fp32 gradient table with relaxed atomic adds.
+
+No gradient with respect to the points: ``backward`` raises if it is asked for one (use the torch backend, or
+finite differences, for normals). Runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+
+Importing this module imports triton; ``hashgrid`` imports it only when the Triton backend is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float
+from torch import Tensor
+
+from animate124.core.hashgrid import HashGridLevels, level_table
+
+__all__ = ["hash_grid_encode_triton", "KernelConfig", "DEFAULT_CONFIG", "MAX_DIMS"]
+
+MAX_DIMS = 4
+
+
+class KernelConfig(tuple):
+    """(block_fwd, warps_fwd, block_bwd, warps_bwd): points per program and warps, for forward and backward."""
+
+
+DEFAULT_CONFIG = KernelConfig((256, 4, 256, 4))
+
+
+def hash_grid_encode_triton(
+    x: Float[Tensor, "N D"],
+    embeddings: Float[Tensor, "E F"],
+    levels: HashGridLevels,
+    n_active_levels: int,
+    table: Tensor | None = None,
+    config: KernelConfig = DEFAULT_CONFIG,
+) -> Float[Tensor, "N LF"]:
+    """Hash-grid encoding with the Triton kernels; differentiable in ``embeddings`` only.
+
+    Args:
+        x: points in ``[0, 1]^D``, float32 (clamp beforehand), D in 1..4.
+        embeddings: stacked per-level tables, float32 ``[E, F]``, F in (1, 2, 4, 8).
+        levels: layout from ``hashgrid.hash_grid_levels``.
+        n_active_levels: levels at or above it output zeros and get no gradient.
+        table: ``level_table(levels)`` on x's device (built here when None).
+        config: block sizes and warps (``KernelConfig``).
+    Returns:
+        ``[N, L * F]`` float32.
+    """
+    _check_inputs(x, embeddings, levels)
+    if table is None:
+        table = level_table(levels, x.device)
+    return _HashGridFunction.apply(x.contiguous(), embeddings, table, len(levels.resolutions), n_active_levels,
+                                   tuple(config))
+
+
+class _HashGridFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, embeddings, table, n_levels, n_active, config):
+        n, d = x.shape
+        f = embeddings.shape[1]
+        alloc = torch.empty if n_active == n_levels else torch.zeros
+        out = alloc(n, n_levels * f, device=x.device, dtype=torch.float32)
+        if n > 0 and n_active > 0:
+            block, warps = config[0], config[1]
+            _hashgrid_fwd_kernel[(triton.cdiv(n, block), n_active)](
+                x, embeddings.contiguous(), out, table, n, D=d, F=f, LF=n_levels * f, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(x, table)
+        ctx.meta = (n_active, config, embeddings.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("the Triton hash grid gives no gradient with respect to x; detach x, or use "
+                               "implementation='torch' where the points need a gradient (e.g. analytic normals)")
+        x, table = ctx.saved_tensors
+        n_active, config, shape = ctx.meta
+        grad_emb = None
+        if ctx.needs_input_grad[1]:
+            grad_emb = torch.zeros(shape, device=x.device, dtype=torch.float32)
+            n, d = x.shape
+            if n > 0 and n_active > 0:
+                block, warps = config[2], config[3]
+                _hashgrid_bwd_kernel[(triton.cdiv(n, block), n_active)](
+                    x, grad_out.contiguous().float(), grad_emb, table, n, D=d, F=shape[1],
+                    LF=grad_out.shape[1], BLOCK=block, num_warps=warps)
+        return None, grad_emb, None, None, None, None
+
+
+def _check_inputs(x: Tensor, embeddings: Tensor, levels: HashGridLevels) -> None:
+    if x.ndim != 2 or not 1 <= x.shape[1] <= MAX_DIMS:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the Triton hash grid takes [N, D] with D in 1..{MAX_DIMS}: "
+                         "use implementation='torch' for more dimensions")
+    if x.dtype != torch.float32 or embeddings.dtype != torch.float32:
+        raise ValueError(f"x ({x.dtype}) and embeddings ({embeddings.dtype}) must be float32 for the Triton hash grid;"
+                         " keep the encoding in float32 (do not call .half() on it)")
+    if levels.offsets[-1] * embeddings.shape[1] >= 2**31 or x.numel() >= 2**31:
+        raise ValueError(f"table of {levels.offsets[-1]} x {embeddings.shape[1]} entries or {x.shape[0]} points too "
+                         "large for int32 indexing; lower log2_hashmap_size or split the points")
+    if x.device != embeddings.device:
+        raise ValueError(f"x is on {x.device} but embeddings on {embeddings.device}; move them to one device")
+
+
+@triton.jit
+def _load_level(table_ptr, level):
+    row = table_ptr + level * 5
+    scale = tl.load(row).to(tl.float32, bitcast=True)
+    res = tl.load(row + 1).to(tl.uint32)
+    size = tl.load(row + 2).to(tl.uint32)
+    offset = tl.load(row + 3)
+    dense = tl.load(row + 4) != 0
+    return scale, res, size, offset, dense
+
+
+@triton.jit
+def _cell(x_ptr, rows, rmask, dim: tl.constexpr, D: tl.constexpr, scale):
+    """Cell coordinate (uint32) and fraction of coordinate ``dim`` (zero for dims the input does not have)."""
+    if dim < D:
+        xv = tl.load(x_ptr + rows * D + dim, mask=rmask, other=0.0)
+        pos = tl.fma(xv, scale, 0.5)
+        floor = tl.floor(pos)
+        return floor.to(tl.int32).to(tl.uint32), pos - floor
+    else:
+        zero = tl.zeros_like(rows)
+        return zero.to(tl.uint32), zero.to(tl.float32)
+
+
+@triton.jit
+def _corner_row(i0, i1, i2, i3, f0, f1, f2, f3, corner: tl.constexpr, D: tl.constexpr, res, size, dense):
+    """Table row within the level and interpolation weight of corner ``corner`` (bit d = upper side of dim d)."""
+    # 1. Corner coordinates and the weight, multiplied in dimension order like tiny-cuda-nn.
+    c0 = i0 + (corner & 1)
+    w = f0 if (corner & 1) else 1.0 - f0
+    c1 = i1 + ((corner >> 1) & 1)
+    c2 = i2 + ((corner >> 2) & 1)
+    c3 = i3 + ((corner >> 3) & 1)
+    if D > 1:
+        w = w * (f1 if ((corner >> 1) & 1) else 1.0 - f1)
+    if D > 2:
+        w = w * (f2 if ((corner >> 2) & 1) else 1.0 - f2)
+    if D > 3:
+        w = w * (f3 if ((corner >> 3) & 1) else 1.0 - f3)
+    # 2. Dense stride index (used when the level fits its table; it can exceed it by < size through the +0.5
+    #    offset, so one conditional subtraction is the modulo) and the uint32 spatial hash (size is 2**k then).
+    lin = c0
+    hashed = c0
+    if D > 1:
+        lin = lin + c1 * res
+        hashed = hashed ^ (c1 * 2654435761)
+    if D > 2:
+        lin = lin + c2 * (res * res)
+        hashed = hashed ^ (c2 * 805459861)
+    if D > 3:
+        lin = lin + c3 * (res * res * res)
+        hashed = hashed ^ (c3 * 3674653429)
+    lin = tl.where(lin >= size, lin - size, lin)
+    row = tl.where(dense, lin, hashed & (size - 1))
+    return row.to(tl.int32), w
+
+
+@triton.jit
+def _hashgrid_fwd_kernel(x_ptr, emb_ptr, out_ptr, table_ptr, N,
+                         D: tl.constexpr, F: tl.constexpr, LF: tl.constexpr, BLOCK: tl.constexpr):
+    level = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < N
+    feats = tl.arange(0, F)
+    scale, res, size, offset, dense = _load_level(table_ptr, level)
+    i0, f0 = _cell(x_ptr, rows, rmask, 0, D, scale)
+    i1, f1 = _cell(x_ptr, rows, rmask, 1, D, scale)
+    i2, f2 = _cell(x_ptr, rows, rmask, 2, D, scale)
+    i3, f3 = _cell(x_ptr, rows, rmask, 3, D, scale)
+    acc = tl.zeros((BLOCK, F), dtype=tl.float32)
+    for corner in tl.static_range(2**D):
+        row, w = _corner_row(i0, i1, i2, i3, f0, f1, f2, f3, corner, D, res, size, dense)
+        # Masked-out points were loaded as x = 0, so their rows are valid: the gather needs no mask.
+        vals = tl.load(emb_ptr + ((offset + row) * F)[:, None] + feats[None, :])
+        acc += w[:, None] * vals
+    out_ptrs = out_ptr + (rows.to(tl.int64) * LF + level * F)[:, None] + feats[None, :]
+    tl.store(out_ptrs, acc, mask=rmask[:, None])
+
+
+@triton.jit
+def _hashgrid_bwd_kernel(x_ptr, gout_ptr, gemb_ptr, table_ptr, N,
+                         D: tl.constexpr, F: tl.constexpr, LF: tl.constexpr, BLOCK: tl.constexpr):
+    level = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < N
+    feats = tl.arange(0, F)
+    scale, res, size, offset, dense = _load_level(table_ptr, level)
+    i0, f0 = _cell(x_ptr, rows, rmask, 0, D, scale)
+    i1, f1 = _cell(x_ptr, rows, rmask, 1, D, scale)
+    i2, f2 = _cell(x_ptr, rows, rmask, 2, D, scale)
+    i3, f3 = _cell(x_ptr, rows, rmask, 3, D, scale)
+    gout_ptrs = gout_ptr + (rows.to(tl.int64) * LF + level * F)[:, None] + feats[None, :]
+    g = tl.load(gout_ptrs, mask=rmask[:, None], other=0.0)
+    for corner in tl.static_range(2**D):
+        row, w = _corner_row(i0, i1, i2, i3, f0, f1, f2, f3, corner, D, res, size, dense)
+        ptrs = gemb_ptr + ((offset + row) * F)[:, None] + feats[None, :]
+        tl.atomic_add(ptrs, w[:, None] * g, mask=rmask[:, None], sem="relaxed")
