@@ -1,0 +1,260 @@
+"""Cameras in threestudio's conventions (z up, azimuth from +x towards +y, OpenGL camera looking along -z).
+
+Targets are hand-computed or come from the formulas in the module docstring; no threestudio here (the comparison
+with the host's own helpers is tests/integration/test_cameras_host.py)."""
+
+import math
+
+import pytest
+import torch
+
+from animate124.core import cameras as cam
+from animate124.core.cameras import (
+    camera_positions_from_angles,
+    fixed_view,
+    get_rays,
+    look_at,
+    make_trajectory,
+    mvp_matrix,
+    orbit_while_animating,
+    projection_matrix,
+    sample_clip_trajectory,
+    sample_elevation_deg,
+    sample_random_cameras,
+    turntable,
+)
+
+
+def _t(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def _angles_of(traj):
+    """(elevation, azimuth) in degrees measured from the actual camera positions."""
+    p = traj.camera_positions.double()
+    return torch.rad2deg(torch.asin(p[:, 2] / p.norm(dim=-1))), torch.rad2deg(torch.atan2(p[:, 1], p[:, 0]))
+
+
+def _wrap(deg):
+    return (deg + 180.0) % 360.0 - 180.0
+
+
+def test_all_exports_import():
+    for name in cam.__all__:
+        assert hasattr(cam, name), name
+
+
+def test_camera_positions_hand_values():
+    pos = camera_positions_from_angles(_t(0.0, 0.0, 30.0, 90.0), _t(0.0, 90.0, 0.0, 0.0), _t(2.0, 2.0, 1.0, 1.0))
+    expected = _t(2.0, 0.0, 0.0, 0.0, 2.0, 0.0, math.sqrt(3) / 2, 0.0, 0.5, 0.0, 0.0, 1.0).view(4, 3)
+    torch.testing.assert_close(pos, expected, atol=1e-6, rtol=0)
+
+
+def test_look_at_front_camera_hand_matrix():
+    # camera at (2, 0, 0): lookat = -x, right = lookat x z = +y, up = right x lookat = +z, back (-lookat) = +x
+    c2w = look_at(_t(2.0, 0.0, 0.0).view(1, 3))[0]
+    expected = _t(0, 0, 1, 2, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1).view(4, 4)
+    torch.testing.assert_close(c2w, expected, atol=1e-7, rtol=0)
+
+
+def test_look_at_is_a_rotation_looking_at_origin():
+    g = torch.Generator().manual_seed(0)
+    traj = sample_random_cameras(64, elevation_range=(-80, 80), distance_range=(1.0, 3.0), generator=g)
+    rot = traj.c2w[:, :3, :3]
+    torch.testing.assert_close(rot.transpose(1, 2) @ rot, torch.eye(3).expand(64, 3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(rot), torch.ones(64), atol=1e-5, rtol=0)
+    # the camera's -z axis points from the camera to the origin; its up axis has a positive world-z component
+    forward = -rot[:, :, 2]
+    torch.testing.assert_close(forward, -traj.camera_positions / traj.distance[:, None], atol=1e-5, rtol=0)
+    assert (rot[:, 2, 1] > 0).all()
+    torch.testing.assert_close(traj.c2w[:, 3], _t(0, 0, 0, 1).expand(64, 4))
+
+
+def test_rays_hand_values_corner_pixel():
+    # fovy 90 deg, H = W = 2 -> f = 0.5 * 2 / tan(45 deg) = 1; pixel (0, 0) centre (0.5, 0.5):
+    # camera dir ((0.5 - 1) / 1, -(0.5 - 1) / 1, -1) = (-0.5, 0.5, -1); camera at (2, 0, 0) maps
+    # camera (x, y, z) to world (z, x, y) (hand matrix above) -> world (-1, -0.5, 0.5), normalised
+    c2w = look_at(_t(2.0, 0.0, 0.0).view(1, 3))
+    rays_o, rays_d = get_rays(c2w, _t(math.pi / 2), 2, 2)
+    assert rays_o.shape == rays_d.shape == (1, 2, 2, 3)
+    torch.testing.assert_close(rays_d[0, 0, 0], _t(-1.0, -0.5, 0.5) / math.sqrt(1.5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rays_o[0, 1, 1], _t(2.0, 0.0, 0.0))
+    unnorm = get_rays(c2w, _t(math.pi / 2), 2, 2, normalize=False)[1]
+    torch.testing.assert_close(unnorm[0, 0, 0], _t(-1.0, -0.5, 0.5), atol=1e-6, rtol=0)
+
+
+def test_rays_project_back_to_their_pixel_centres_through_mvp():
+    # a point along the ray of pixel (i, j) lands at NDC ((i + .5) / W * 2 - 1, (j + .5) / H * 2 - 1)
+    # (y flipped as in nvdiffrast); a non-square image checks the aspect handling
+    traj = sample_random_cameras(3, fovy_range=(30, 70), generator=torch.Generator().manual_seed(3))
+    H, W = 6, 10
+    rays_o, rays_d = get_rays(traj.c2w, traj.fovy, H, W)
+    mvp = mvp_matrix(traj.c2w, projection_matrix(traj.fovy, W / H, 0.1, 100.0))
+    points = torch.cat([rays_o + 1.7 * rays_d, torch.ones(3, H, W, 1)], dim=-1)
+    clip = torch.einsum("bij,bhwj->bhwi", mvp, points)
+    ndc = clip[..., :2] / clip[..., 3:]
+    jj, ii = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    expected = torch.stack([ii / W * 2 - 1, jj / H * 2 - 1], dim=-1).expand(3, H, W, 2)
+    torch.testing.assert_close(ndc, expected, atol=1e-5, rtol=0)
+
+
+def test_mvp_uses_the_inverse_of_c2w():
+    traj = turntable(5, elevation_deg=20.0)
+    proj = projection_matrix(traj.fovy, 1.0)
+    torch.testing.assert_close(mvp_matrix(traj.c2w, proj), proj @ torch.linalg.inv(traj.c2w), atol=1e-5, rtol=0)
+    # projection entries by the formula, fovy 40 deg, near 0.01, far 100
+    tan = math.tan(math.radians(20.0))
+    torch.testing.assert_close(proj[0, :2, :2], _t(1 / tan, 0.0, 0.0, -1 / tan).view(2, 2))
+    assert proj[0, 2, 2].item() == pytest.approx(-(100.01) / 99.99) and proj[0, 3, 2].item() == -1.0
+
+
+def test_ray_noise_is_seeded():
+    c2w = turntable(2).c2w
+    a = get_rays(c2w, _t(0.7, 0.7), 4, 4, noise_scale=0.1, generator=torch.Generator().manual_seed(5))
+    b = get_rays(c2w, _t(0.7, 0.7), 4, 4, noise_scale=0.1, generator=torch.Generator().manual_seed(5))
+    clean = get_rays(c2w, _t(0.7, 0.7), 4, 4)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    # one shared 3-vector offset for every origin
+    offset = a[0] - clean[0]
+    torch.testing.assert_close(offset, offset[0, 0, 0].expand_as(offset))
+    assert 0 < offset[0, 0, 0].norm() < 1.0
+
+
+@pytest.mark.parametrize("n_frames", [16, 5])
+def test_clip_trajectory_moves_by_its_per_frame_deltas(n_frames):
+    times = torch.linspace(0, 1, n_frames)
+    traj = sample_clip_trajectory(
+        times,
+        elevation_range=(10, 10),
+        azimuth_range=(170, 170),
+        elevation_delta_range=(0.5, 0.5),
+        azimuth_delta_range=(5.0, 5.0),
+        generator=torch.Generator().manual_seed(0),
+    )
+    # returned angles move by (F - 1) * delta (unwrapped: 170 + 75 = 245 deg for 16 frames)
+    assert traj.azimuth_deg[-1].item() - traj.azimuth_deg[0].item() == pytest.approx(5.0 * (n_frames - 1), abs=1e-4)
+    assert traj.elevation_deg[-1].item() - traj.elevation_deg[0].item() == pytest.approx(0.5 * (n_frames - 1), abs=1e-4)
+    # and the cameras really sit at those angles (upstream's bug moved the camera by the elevation delta instead)
+    elevation, azimuth = _angles_of(traj)
+    torch.testing.assert_close(elevation, traj.elevation_deg.double(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(_wrap(azimuth - traj.azimuth_deg.double()), torch.zeros(n_frames, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(traj.times, times)
+
+
+def test_clip_trajectory_total_mode_and_distance_drift():
+    traj = sample_clip_trajectory(
+        torch.linspace(0, 1, 16),
+        azimuth_delta_range=(-60.0, -60.0),
+        elevation_delta_range=(20.0, 20.0),
+        elevation_range=(-10, -10),
+        distance_range=(2.0, 2.0),
+        distance_delta_range=(0.5, 0.5),
+        delta_mode="total",
+    )
+    assert traj.azimuth_deg[-1] - traj.azimuth_deg[0] == pytest.approx(-60.0, abs=1e-4)
+    assert traj.elevation_deg[-1].item() == pytest.approx(10.0, abs=1e-4)
+    torch.testing.assert_close(traj.camera_positions.norm(dim=-1), torch.linspace(2.0, 2.5, 16))
+    _, azimuth = _angles_of(traj)
+    sweep = torch.rad2deg(torch.atan2(*_sin_cos_of_difference(azimuth[-1], azimuth[0])))
+    assert sweep.item() == pytest.approx(-60.0, abs=1e-3)
+
+
+def _sin_cos_of_difference(a_deg, b_deg):
+    d = torch.deg2rad(a_deg - b_deg)
+    return torch.sin(d), torch.cos(d)
+
+
+def test_clip_trajectory_default_drift_exceeds_the_buggy_bound_and_fixed_camera_rate():
+    # default per-frame azimuth delta U(+-5.625 deg): sweeps over 15 frames reach +-84 deg; upstream's bug capped the
+    # real sweep at +-10.5 deg. With fixed_camera_prob 0.25 a quarter of the clips do not move.
+    g = torch.Generator().manual_seed(1)
+    sweeps, fixed = [], 0
+    for _ in range(1000):
+        traj = sample_clip_trajectory(torch.zeros(16), fixed_camera_prob=0.25, generator=g)
+        _, azimuth = _angles_of(traj)
+        sweep = _wrap(azimuth[-1] - azimuth[0]).item()
+        assert sweep == pytest.approx(traj.azimuth_deg[-1].item() - traj.azimuth_deg[0].item(), abs=1e-3)
+        sweeps.append(abs(sweep))
+        fixed += bool(torch.equal(traj.c2w[0], traj.c2w[-1]))
+    assert abs(fixed / 1000 - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 1000)
+    assert max(sweeps) <= 84.375 + 1e-3 and max(sweeps) > 75.0
+    assert sum(s > 10.5 for s in sweeps) / 1000 > 0.61  # E = 0.75 * (1 - 10.5 / 84.375) = 0.657
+
+
+def test_random_elevation_sampling_modes():
+    g = torch.Generator().manual_seed(2)
+    n = 20_000
+    degrees = sample_elevation_deg(n, (-45, 45), uniform_sphere_prob=0.0, generator=g)
+    sphere = sample_elevation_deg(n, (-45, 45), uniform_sphere_prob=1.0, generator=g)
+    for e in (degrees, sphere):
+        assert e.min() >= -45 and e.max() <= 45
+    # P(|e| < 22.5): uniform in degrees 0.5; uniform on the sphere's area sin(22.5) / sin(45) = 0.5412
+    tol = 4 * math.sqrt(0.25 / n)
+    assert abs((degrees.abs() < 22.5).float().mean().item() - 0.5) < tol
+    assert abs((sphere.abs() < 22.5).float().mean().item() - math.sin(math.radians(22.5)) / math.sin(math.radians(45)))\
+        < tol
+
+
+def test_random_cameras_ranges_strata_and_time():
+    traj = sample_random_cameras(
+        8, time=0.0, distance_range=(2.0, 3.0), fovy_range=(30, 50), generator=torch.Generator().manual_seed(4)
+    )
+    assert len(traj) == 8 and torch.equal(traj.times, torch.zeros(8))
+    strata = torch.floor((traj.azimuth_deg + 180.0) / 45.0)
+    assert strata.tolist() == list(range(8))  # batch-uniform azimuth: one camera per 1/8 of the circle
+    assert traj.distance.min() >= 2.0 and traj.distance.max() <= 3.0
+    assert traj.fovy_deg.min() >= 30.0 and traj.fovy_deg.max() <= 50.0
+    torch.testing.assert_close(traj.camera_positions.norm(dim=-1), traj.distance)
+
+
+@pytest.mark.parametrize("endpoint, n", [(False, 8), (True, 9)])
+def test_turntable_covers_360_degrees(endpoint, n):
+    traj = turntable(n, time=0.5, elevation_deg=15.0, distance=2.0, endpoint=endpoint)
+    _, azimuth = _angles_of(traj)
+    steps = _wrap(azimuth.diff())
+    torch.testing.assert_close(steps, torch.full((n - 1,), 45.0, dtype=torch.float64), atol=1e-3, rtol=0)
+    covered = steps.sum().item() + (0.0 if endpoint else 45.0)
+    assert covered == pytest.approx(360.0, abs=1e-3)
+    assert torch.equal(traj.times, torch.full((n,), 0.5))
+    torch.testing.assert_close(_angles_of(traj)[0], torch.full((n,), 15.0, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_fixed_view_and_orbit_while_animating():
+    fixed = fixed_view(5, azimuth_deg=30.0, t_start=0.0, t_end=1.0)
+    assert torch.equal(fixed.c2w, fixed.c2w[:1].expand(5, 4, 4))
+    torch.testing.assert_close(fixed.times, _t(0.0, 0.25, 0.5, 0.75, 1.0))
+    orbit = orbit_while_animating(5, sweep_deg=360.0, start_azimuth_deg=-90.0)
+    torch.testing.assert_close(orbit.azimuth_deg, _t(-90.0, 0.0, 90.0, 180.0, 270.0))
+    torch.testing.assert_close(orbit.times, _t(0.0, 0.25, 0.5, 0.75, 1.0))
+    _, azimuth = _angles_of(orbit)
+    torch.testing.assert_close(_wrap(azimuth - orbit.azimuth_deg.double()), torch.zeros(5, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+
+
+def test_dtype_and_device_follow_inputs():
+    traj = make_trajectory(_t(10.0, dtype=torch.float64), _t(20.0, dtype=torch.float64), _t(2.0, dtype=torch.float64),
+                           _t(0.3, dtype=torch.float64))
+    assert traj.c2w.dtype == torch.float64 and traj.fovy_deg.tolist() == [40.0]
+    rays_o, rays_d = get_rays(traj.c2w, traj.fovy, 3, 3)
+    assert rays_d.dtype == torch.float64
+    clip = sample_clip_trajectory(torch.zeros(4, dtype=torch.float64))
+    assert clip.c2w.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: turntable(0), "n=0"),
+        (lambda: turntable(4, elevation_deg=90.0), "elevation_deg=90.0"),
+        (lambda: fixed_view(3, t_end=1.5), r"frame times must lie in \[0, 1\]"),
+        (lambda: sample_clip_trajectory(torch.zeros(3), delta_mode="sum"), "delta_mode='sum'"),
+        (lambda: sample_clip_trajectory(torch.zeros(3), azimuth_range=(10, -10)), "azimuth_range"),
+        (lambda: sample_clip_trajectory(torch.zeros(3), fixed_camera_prob=2.0), "fixed_camera_prob=2.0"),
+        (lambda: sample_random_cameras(2, elevation_range=(-100, 10)), "elevation_range"),
+        (lambda: sample_random_cameras(2, distance_range=(-1, 1)), "distance_range"),
+    ],
+)
+def test_bad_arguments_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
