@@ -35,7 +35,7 @@ from torch import Tensor
 __all__ = ["RenderOutput", "render_rays", "ray_aabb_intersect", "stratified_samples", "default_color_fn"]
 
 FieldFn = Callable[..., dict]
-ColorFn = Callable[[dict, Tensor, Tensor], Tensor]
+ColorFn = Callable[[dict, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -62,7 +62,7 @@ class RenderOutput:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-def default_color_fn(field_out: dict, points: Tensor, dirs: Tensor) -> Tensor:
+def default_color_fn(field_out: dict, points: Tensor, dirs: Tensor, ray_indices: Optional[Tensor] = None) -> Tensor:
     """Colour of each sample: ``field_out["rgb"]`` if the field gives it, else ``sigmoid(field_out["features"])``
     (threestudio's ``no-material`` with ``color_activation: sigmoid``)."""
     if "rgb" in field_out:
@@ -101,7 +101,7 @@ def render_rays(
             ``|aabb diagonal| / num_samples`` (threestudio's ``render_step_size`` = 1.732 * 2r / num_samples).
         near, far: ray-parameter range, intersected with ``aabb`` when given (rays missing it render empty).
         aabb: ``(xmin, ymin, zmin, xmax, ymax, zmax)``; required with an estimator (taken from it when omitted).
-        color_fn: ``color_fn(field_out, points [N,3], dirs [N,3]) -> [N,C]``; default :func:`default_color_fn`.
+        color_fn: ``color_fn(field_out, points [N,3], dirs [N,3], ray_indices [N]) -> [N,C]``; default :func:`default_color_fn`.
             Wrap a threestudio material here.
         estimator: optional :class:`~animate124.core.occupancy.TimeOccupancyGrid` (time-aware empty-space skipping).
         bg_color: background colour, ``[R, C]`` or broadcastable (e.g. ``[C]``); ``None`` means black.
@@ -154,7 +154,7 @@ def render_rays(
     dirs = rays_d[ray_indices]
     points = rays_o[ray_indices] + dirs * z[:, None]
     out = _eval_field(field_fn, points, times[ray_indices], return_normal, chunk_size)
-    rgb = color_fn(out, points, dirs)
+    rgb = color_fn(out, points, dirs, ray_indices)
     density = out["density"].reshape(-1)
 
     # 4. Composite (nerfacc): batched ops on the dense layout, packed ops otherwise.
