@@ -1,0 +1,212 @@
+"""Stage schedule of one training run: static -> dynamic -> refine, switched by the global step.
+
+A run is configured with a ``stages:`` list; each entry is a mapping with these keys (only ``name`` and ``steps`` are
+required)::
+
+    name: dynamic                 # unique
+    steps: 10000                  # > 0
+    guidances: [video, zero123]   # guidance slots active in this stage (default: none)
+    loss_weights: {sds_video: 1.0, rgb: [0, 1000., 100., 5000]}  # number or a host C() schedule list (default {})
+    learning_rates: {field_4d: 0.01, background: 0.001}         # param group -> lr >= 0 (default {})
+    trainable: [field_4d, background]                           # param groups that train (default: all; [] = none)
+    overrides: {...}              # free mapping the system interprets (default {})
+
+Stage i covers the global steps [start_i, start_i + steps_i), start_0 = 0, start_{i+1} = start_i + steps_i; the
+total is the sum of steps. Steps at or past the total (the host runs validation, test and export at
+``global_step == max_steps``) resolve to the **last** stage with ``done=True``, so rendering after training uses the
+last stage's settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+__all__ = [
+    "Stage",
+    "StagePosition",
+    "STAGE_KEYS",
+    "parse_stages",
+    "stage_starts",
+    "total_steps",
+    "stage_at",
+    "entered_stage",
+]
+
+STAGE_KEYS = ("name", "steps", "guidances", "loss_weights", "learning_rates", "trainable", "overrides")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One validated stage (see the module docstring for the keys).
+
+    ``trainable`` is None when the entry did not set it, meaning every parameter group trains.
+    ``loss_weights`` values are floats or tuples (a host ``C()`` schedule, evaluated by the caller; ints are kept as
+    ints because ``C()`` reads an integer end step as a global step; evaluate it with ``step_in_stage`` for schedules
+    relative to the stage start).
+    """
+
+    name: str
+    steps: int
+    guidances: tuple[str, ...] = ()
+    loss_weights: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    trainable: Optional[tuple[str, ...]] = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def trains(self, group: str) -> bool:
+        """Whether the parameter group ``group`` is optimised in this stage."""
+        return self.trainable is None or group in self.trainable
+
+
+class StagePosition(NamedTuple):
+    """Where a global step falls: ``index`` of the stage, the ``stage``, ``step_in_stage`` = global step - start
+    (>= stage.steps only when ``done``), and ``done`` = the step is at or past the total."""
+
+    index: int
+    stage: Stage
+    step_in_stage: int
+    done: bool
+
+
+def parse_stages(entries: Sequence[Mapping[str, Any]]) -> tuple[Stage, ...]:
+    """Validate a ``stages:`` list (plain or OmegaConf containers) and return frozen ``Stage`` objects.
+
+    Raises:
+        ValueError / TypeError with one line naming the stage, the key, the value and what is allowed: an empty list,
+        unknown keys, a missing name or steps, non-positive or non-integer steps, duplicate names, negative learning
+        rates, non-numeric loss weights, non-string guidance or group names.
+    """
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or len(entries) == 0:
+        raise ValueError(f"stages must be a non-empty list of stage mappings, got {entries!r}")
+    stages = tuple(_parse_one(i, entry) for i, entry in enumerate(entries))
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        if stage.name in seen:
+            raise ValueError(f"stages[{i}].name={stage.name!r} duplicates stages[{seen[stage.name]}]; names must be unique")
+        seen[stage.name] = i
+    return stages
+
+
+def stage_starts(stages: Sequence[Stage]) -> list[int]:
+    """Global step at which each stage starts: [0, steps_0, steps_0 + steps_1, ...]."""
+    starts, start = [], 0
+    for stage in stages:
+        starts.append(start)
+        start += stage.steps
+    return starts
+
+
+def total_steps(stages: Sequence[Stage]) -> int:
+    """Sum of the stages' steps (the host's ``trainer.max_steps``)."""
+    return sum(stage.steps for stage in stages)
+
+
+def stage_at(stages: Sequence[Stage], global_step: int) -> StagePosition:
+    """The stage that trains at ``global_step`` (0-based: the step about to run). Past the end: the last stage, done.
+
+    Example: steps (10, 5): steps 0..9 -> stage 0, 10..14 -> stage 1, 15 (= total) -> stage 1 with done=True.
+    """
+    if not stages:
+        raise ValueError("stage_at: stages is empty; build it with parse_stages")
+    if global_step < 0:
+        raise ValueError(f"stage_at: global_step={global_step} must be >= 0")
+    start = 0
+    for index, stage in enumerate(stages):
+        if global_step < start + stage.steps:
+            return StagePosition(index, stage, global_step - start, False)
+        start += stage.steps
+    last = len(stages) - 1
+    return StagePosition(last, stages[last], global_step - (start - stages[last].steps), True)
+
+
+def entered_stage(stages: Sequence[Stage], prev_step: Optional[int], step: int) -> Optional[int]:
+    """Index of the stage to set up before running ``step``, or None when ``step`` continues the stage of
+    ``prev_step``.
+
+    ``prev_step=None`` means nothing ran before in this process (a fresh start, or a resume from a checkpoint at
+    ``step``): the stage of ``step`` is returned so its guidances get loaded. When several boundaries are crossed at
+    once, the stage now active is returned (the stages in between never ran). Stepping past the total never enters a
+    stage.
+    """
+    now = stage_at(stages, step)
+    if prev_step is None:
+        return now.index
+    before = stage_at(stages, prev_step)
+    return None if now.index == before.index else now.index
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _parse_one(i: int, entry: Mapping[str, Any]) -> Stage:
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"stages[{i}] must be a mapping with keys {list(STAGE_KEYS)}, got {type(entry).__name__}")
+    unknown = sorted(set(map(str, entry.keys())) - set(STAGE_KEYS))
+    if unknown:
+        raise ValueError(f"stages[{i}] has unknown keys {unknown}; allowed keys are {list(STAGE_KEYS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"stages[{i}].name={name!r} must be a non-empty string")
+    where = f"stages[{i}] ({name!r})"
+    steps = entry.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"{where}.steps={steps!r} must be a positive integer number of training steps")
+    return Stage(
+        name=name,
+        steps=steps,
+        guidances=_names(where, "guidances", entry.get("guidances", ())),
+        loss_weights={k: _weight(where, k, v) for k, v in _mapping(where, "loss_weights", entry).items()},
+        learning_rates={k: _lr(where, k, v) for k, v in _mapping(where, "learning_rates", entry).items()},
+        trainable=None if entry.get("trainable") is None else _names(where, "trainable", entry["trainable"]),
+        overrides=dict(_mapping(where, "overrides", entry)),
+    )
+
+
+def _mapping(where: str, key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    value = entry.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where}.{key} must be a mapping, got {type(value).__name__} {value!r}")
+    if not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{where}.{key} keys must be strings, got {list(value)}")
+    return dict(value)
+
+
+def _names(where: str, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{where}.{key} must be a list of names, got {value!r}")
+    if not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+        raise ValueError(f"{where}.{key}={list(value)} must hold distinct non-empty strings")
+    return tuple(value)
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _weight(where: str, key: str, value: Any) -> float | tuple[float, ...]:
+    if _number(value) is not None:
+        return float(value)
+    # a host C() schedule; ints stay ints (C() reads an integer end step as a global step, a float one as an epoch)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and (len(value) in (3, 4) or len(value) >= 6):
+        if all(_number(v) is not None for v in value):
+            return tuple(value)
+    raise ValueError(
+        f"{where}.loss_weights.{key}={value!r} must be a finite number or a host C() schedule "
+        "[start_value, end_value, end_step] / [start_step, start_value, end_value, end_step] (or longer)"
+    )
+
+
+def _lr(where: str, key: str, value: Any) -> float:
+    number = _number(value)
+    if number is None or number < 0:
+        raise ValueError(f"{where}.learning_rates.{key}={value!r} must be a finite number >= 0")
+    return number
