@@ -19,6 +19,7 @@ sys.path.insert(0, str(TESTS))
 from threestudio_env import why_unavailable  # noqa: E402
 
 _SKIPS: dict[str, str] = {}
+_COUNTS: dict[str, int] = {"unit": 0, "integration": 0, "gpu": 0}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,12 +29,14 @@ def pytest_collection_modifyitems(config, items):
     ts_reason = why_unavailable()
     for item in items:
         path = Path(str(item.fspath))
-        if "integration" in path.parts:
+        tier = "integration" if "integration" in path.parts else "gpu" if "gpu" in path.parts else "unit"
+        _COUNTS[tier] += 1
+        if tier == "integration":
             item.add_marker(pytest.mark.integration)
             if ts_reason:
                 item.add_marker(pytest.mark.skip(reason=f"integration tier skipped: {ts_reason}"))
                 _SKIPS["integration"] = ts_reason
-        elif "gpu" in path.parts:
+        elif tier == "gpu":
             item.add_marker(pytest.mark.gpu)
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="gpu tier skipped: torch.cuda.is_available() is False"))
@@ -43,9 +46,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    tiers = {"unit": "ran", "integration": "ran", "gpu": "ran"}
+    tiers = {tier: f"{n} tests selected" if n else "no tests selected" for tier, n in _COUNTS.items()}
     for tier, reason in _SKIPS.items():
-        tiers[tier] = f"skipped ({reason})"
+        tiers[tier] = f"skipped: {reason}"
     terminalreporter.write_sep("-", "test tiers")
     for tier, state in tiers.items():
         terminalreporter.write_line(f"{tier}: {state}")
