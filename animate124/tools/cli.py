@@ -1,0 +1,125 @@
+"""The ``animate124`` command: one entry point, one sub-command per tool.
+
+    animate124 preprocess IMAGE --out DIR         background removal, recentring, depth
+    animate124 invert IMAGE --token T --init W    textual inversion on Stable Diffusion 1.5
+    animate124 evaluate RUN_DIR | --batch DIR     CLIP-T, CLIP-I, temporal consistency, retrieval
+    animate124 run-benchmark DATA_DIR             the 24-case benchmark, resumable and shardable
+    animate124 make-tiny-models DIR               tiny random models for tests (no download)
+
+Importing this module is cheap: every tool imports torch, diffusers and transformers only inside the function that
+runs it, so ``animate124 --help`` answers at once. User errors raise :class:`ToolError`; :func:`main` prints them as one
+line (``animate124 <command>: error: ...``) and returns exit status 1. Usage errors exit with status 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["ToolError", "build_parser", "main", "check_writable"]
+
+# sub-command -> module under animate124.tools that defines add_arguments(parser) and run(args)
+_TOOLS = {
+    "preprocess": "animate124.tools.preprocess",
+    "invert": "animate124.tools.invert",
+    "evaluate": "animate124.tools.evaluate",
+    "run-benchmark": "animate124.tools.run_benchmark",
+}
+
+
+class ToolError(ValueError):
+    """A user error (bad input, missing file or package): printed as one line by :func:`main`, without a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen sub-command and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        status = args.run(args)
+    except ToolError as error:
+        print(f"animate124 {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"animate124 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per tool (each tool adds its own arguments)."""
+    parser = argparse.ArgumentParser(
+        prog="animate124",
+        description="Animate124 tools: prepare an image, learn its token, run and evaluate the benchmark.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from animate124 import __version__
+
+    parser.add_argument("--version", action="version", version=f"animate124 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, module_name in _TOOLS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        tool_parser = sub.add_parser(
+            name,
+            help=doc.splitlines()[0] if doc else name,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(tool_parser)
+        tool_parser.set_defaults(run=module.run)
+    _add_make_tiny_models(sub)
+    return parser
+
+
+def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
+    """Raise :class:`ToolError` if any of ``paths`` exists and ``overwrite`` is False (never clobber a user's file)."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise ToolError(f"{', '.join(existing)} already exist(s): pass --overwrite to replace, or choose another --out")
+
+
+def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "make-tiny-models",
+        help="write tiny random models (SD, CLIP, video U-Nets, ...) for tests; downloads nothing",
+        description=(
+            "Write tiny randomly initialised models, each in its own folder under DIR, saved with save_pretrained so\n"
+            "they load with the real from_pretrained. They share a real CLIP tokenizer built offline from\n"
+            "open_clip's merges file. For tests and smoke runs only: their outputs are noise."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", type=Path, metavar="DIR", help="output folder (created if missing)")
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated kinds to write, e.g. sd,clip (default: all that tiny_models knows: text-to-video, "
+        "zeroscope, sd, controlnet-tile, zero123, clip)",
+    )
+    parser.set_defaults(run=_run_make_tiny_models)
+
+
+def _run_make_tiny_models(args: argparse.Namespace) -> int:
+    try:
+        from animate124.core.tiny_models import make_tiny_models
+    except ImportError as error:
+        raise ToolError(f"animate124.core.tiny_models is not available ({error}): update the package") from error
+    kwargs = {"kinds": [k.strip() for k in args.kinds.split(",") if k.strip()]} if args.kinds else {}
+    try:
+        written = make_tiny_models(args.dir, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise ToolError(str(error)) from error
+    for kind, path in written.items():
+        print(f"{kind}\t{path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

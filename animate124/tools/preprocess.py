@@ -1,0 +1,245 @@
+"""Prepare one photo for Animate124: cut out the object, recentre it on a square, estimate its depth.
+
+Writes three files into --out:
+  rgba.png     the object on a transparent square, SIZE x SIZE; its alpha is the mask
+  depth.png    8-bit relative depth as the depth model predicts it (near = bright for DPT / Depth Anything), min-max
+               normalised to [0, 255] inside the mask and 0 outside
+  preview.png  [image on white | mask | depth] side by side
+
+An input with a real alpha channel (some pixel below 255) is used as is. Otherwise the background is removed with
+rembg (pip install "rembg[cpu]"; it downloads its model on first use). Depth comes from a transformers
+depth-estimation model (--depth-model: a hub id or a local folder saved with save_pretrained); it sees the original
+photo, background included, and its prediction is cropped and scaled exactly like the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from animate124.tools.cli import ToolError, check_writable
+
+__all__ = [
+    "DEFAULT_DEPTH_MODEL",
+    "Preprocessed",
+    "preprocess_image",
+    "has_real_alpha",
+    "remove_background",
+    "recentre",
+    "estimate_depth",
+    "normalise_depth",
+    "add_arguments",
+    "run",
+]
+
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+
+
+@dataclass
+class Preprocessed:
+    """Outputs of :func:`preprocess_image` (uint8 arrays)."""
+
+    rgba: np.ndarray  # (S, S, 4)
+    depth: np.ndarray | None  # (S, S), 0 outside the mask
+    preview: np.ndarray  # (S, 2S or 3S, 3)
+
+
+def preprocess_image(
+    image,
+    size: int = 512,
+    border_ratio: float = 0.2,
+    depth_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    background_fn: Callable | None = None,
+) -> Preprocessed:
+    """Cut out, recentre and (optionally) estimate depth for one PIL image.
+
+    Args:
+        image: a PIL image, any mode. With a real alpha channel it is kept; otherwise ``background_fn`` (default
+            :func:`remove_background`, i.e. rembg) produces the RGBA.
+        size: side of the square output in pixels.
+        border_ratio: fraction of ``size`` left empty around the object: its longer bbox side becomes
+            ``size * (1 - border_ratio)``.
+        depth_fn: maps the original RGB photo (H, W, 3) uint8 to a float depth map (H, W); None skips depth.
+        background_fn: maps an RGB PIL image to an RGBA PIL image of the same size.
+    """
+    if size < 8:
+        raise ToolError(f"--size {size} is too small: use at least 8 (512 is the default)")
+    if not 0.0 <= border_ratio < 1.0:
+        raise ToolError(f"--border-ratio {border_ratio} is outside [0, 1): use e.g. 0.2 (0 = object touches the edge)")
+    # 1. the mask: keep a real alpha, otherwise remove the background
+    if has_real_alpha(image):
+        rgba_full = image.convert("RGBA")
+    else:
+        rgba_full = (background_fn or remove_background)(image.convert("RGB")).convert("RGBA")
+    rgba_full = np.asarray(rgba_full)
+    if not (rgba_full[..., 3] > 0).any():
+        raise ToolError("the mask is empty (alpha is 0 everywhere): supply an RGBA image whose object is opaque")
+    # 2. recentre the object and its depth with the same crop, scale and offset
+    rgba = recentre(rgba_full, size, border_ratio)
+    mask = rgba[..., 3] > 0
+    depth = None
+    if depth_fn is not None:
+        raw = np.asarray(depth_fn(np.array(image.convert("RGB"))), dtype=np.float32)
+        depth = normalise_depth(recentre(raw, size, border_ratio, bbox_from=rgba_full[..., 3]), mask)
+    return Preprocessed(rgba=rgba, depth=depth, preview=_preview(rgba, depth))
+
+
+def has_real_alpha(image) -> bool:
+    """True when ``image`` has an alpha channel (or palette transparency) with at least one pixel below 255."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        return bool((alpha < 255).any())
+    return False
+
+
+def remove_background(image):
+    """RGB PIL image -> RGBA PIL image with rembg (imported here: it is optional)."""
+    try:
+        import rembg
+    except ImportError as error:
+        raise ToolError(
+            f"the image has no alpha channel and rembg is not installed ({error}): supply an RGBA image with the "
+            'background removed, or pip install "rembg[cpu]"'
+        ) from error
+    try:
+        session = rembg.new_session()
+        return rembg.remove(image, session=session)
+    except Exception as error:  # rembg downloads its model on first use; offline this fails in many ways
+        raise ToolError(
+            f"rembg could not run ({type(error).__name__}: {error}): supply an RGBA image with the background "
+            "removed, or allow rembg to download its model once (it needs network access on first use)"
+        ) from error
+
+
+def recentre(array: np.ndarray, size: int, border_ratio: float, bbox_from: np.ndarray | None = None) -> np.ndarray:
+    """Crop ``array`` to the bbox of its mask, scale the longer side to ``size*(1-border_ratio)``, centre on a square.
+
+    Args:
+        array: (H, W, 4) uint8 RGBA (the mask is its alpha > 0) or (H, W) float32 (then ``bbox_from`` gives the mask).
+        bbox_from: (H, W) array whose nonzero pixels define the bbox; default ``array[..., 3]``.
+    Returns:
+        (size, size, 4) uint8 or (size, size) float32; zeros (transparent) outside the pasted crop.
+    """
+    from PIL import Image
+
+    alpha = array[..., 3] if bbox_from is None else bbox_from
+    ys, xs = np.nonzero(alpha > 0)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    h, w = y1 - y0, x1 - x0
+    scale = size * (1.0 - border_ratio) / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    crop = np.ascontiguousarray(array[y0:y1, x0:x1])
+    if crop.dtype == np.uint8:
+        # PIL resizes RGBA with premultiplied alpha, so transparent pixels do not bleed their colour into the edge
+        resized = np.asarray(Image.fromarray(crop, "RGBA").resize((new_w, new_h), Image.Resampling.LANCZOS))
+    else:
+        resized = np.asarray(Image.fromarray(crop.astype(np.float32), "F").resize((new_w, new_h), Image.BILINEAR))
+    out = np.zeros((size, size) + array.shape[2:], dtype=resized.dtype)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def estimate_depth(model_id: str = DEFAULT_DEPTH_MODEL, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """Load a transformers depth-estimation model; return a function (H, W, 3) uint8 -> (H, W) float32 depth."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_id)
+        model = AutoModelForDepthEstimation.from_pretrained(model_id).to(device).eval()
+    except (OSError, ValueError) as error:
+        raise ToolError(
+            f"could not load the depth model --depth-model {model_id!r} ({type(error).__name__}): give a local folder "
+            "saved with save_pretrained, allow the download once, or pass --no-depth"
+        ) from error
+
+    @torch.no_grad()
+    def predict(rgb: np.ndarray) -> np.ndarray:
+        inputs = processor(images=rgb, return_tensors="pt").to(device)
+        predicted = model(**inputs).predicted_depth  # (1, h, w)
+        full = torch.nn.functional.interpolate(
+            predicted[:, None].float(), size=rgb.shape[:2], mode="bicubic", align_corners=False
+        )
+        return full[0, 0].cpu().numpy()
+
+    return predict
+
+
+def normalise_depth(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Min-max normalise ``depth`` inside ``mask`` to [0, 255] uint8 (keeping the model's orientation); 0 outside."""
+    out = np.zeros(depth.shape, dtype=np.uint8)
+    inside = depth[mask]
+    if inside.size == 0:
+        return out
+    lo, hi = float(inside.min()), float(inside.max())
+    scaled = (inside - lo) / (hi - lo) if hi > lo else np.ones_like(inside)
+    out[mask] = np.clip(np.round(scaled * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="input photo (RGB or RGBA; jpg, png, ...)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for rgba.png, depth.png, preview.png")
+    parser.add_argument("--size", type=int, default=512, help="side of the square output in pixels (default 512)")
+    parser.add_argument(
+        "--border-ratio",
+        type=float,
+        default=0.2,
+        help="empty border around the object as a fraction of --size (default 0.2)",
+    )
+    parser.add_argument(
+        "--depth-model",
+        default=DEFAULT_DEPTH_MODEL,
+        help=f"transformers depth-estimation model: hub id or local folder (default {DEFAULT_DEPTH_MODEL}; "
+        "e.g. Intel/dpt-large)",
+    )
+    parser.add_argument("--no-depth", action="store_true", help="skip depth estimation (no depth.png)")
+    parser.add_argument("--device", default=None, help="torch device for the depth model (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    if not args.image.is_file():
+        raise ToolError(f"IMAGE {str(args.image)!r} does not exist: give the path of a photo")
+    names = ["rgba.png", "preview.png"] + ([] if args.no_depth else ["depth.png"])
+    check_writable([args.out / n for n in names], args.overwrite)
+    with tqdm(total=3, desc="preprocess", unit="step") as bar:
+        image = Image.open(args.image)
+        image.load()
+        depth_fn = None
+        if not args.no_depth:
+            depth_fn = estimate_depth(args.depth_model, device=args.device or _default_device())
+        bar.update()
+        result = preprocess_image(image, args.size, args.border_ratio, depth_fn=depth_fn)
+        bar.update()
+        args.out.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(result.rgba, "RGBA").save(args.out / "rgba.png")
+        if result.depth is not None:
+            Image.fromarray(result.depth, "L").save(args.out / "depth.png")
+        Image.fromarray(result.preview, "RGB").save(args.out / "preview.png")
+        bar.update()
+    print(f"wrote {', '.join(str(args.out / n) for n in names)}")
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _preview(rgba: np.ndarray, depth: np.ndarray | None) -> np.ndarray:
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    on_white = (rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+    panels = [on_white, np.repeat(rgba[..., 3:], 3, axis=2)]
+    if depth is not None:
+        panels.append(np.repeat(depth[..., None], 3, axis=2))
+    return np.concatenate(panels, axis=1)
