@@ -1,0 +1,294 @@
+"""Text-to-video score distillation (Animate124 §3.2, "video SDS") with a ModelScope / ZeroScope U-Net3D.
+
+One call turns a rendered clip into a loss whose gradient is the SDS gradient of a frozen text-to-video diffusion
+model (see ``sds.py`` for the symbols):
+
+1. resize every frame to the model size (centre crop to the model aspect, bilinear resize: ``sds.resize_to_model``);
+2. VAE-encode every frame independently with gradient (``× vae scaling factor``): latents ``[B, 4, T, h, w]``;
+3. one timestep per clip, ``t ~ U{min_step, …, max_step}``; i.i.d. noise over all frames;
+4. the frozen U-Net predicts the noise for the text and the negative text (no gradient);
+5. standard CFG ``ε̂ = ε_u + s(ε_c − ε_u)``; ``g = w(t)(ε̂ − ε)``; loss ``½‖z − sg(z − g)‖² / B``.
+
+Defaults reproduce upstream: guidance scale 101 (upstream writes 100 in the ``ε_c + s(ε_c − ε_u)`` form), weighting
+``1 − ᾱ_t``, t in [20, 980], posterior *sampled* (not its mean), no annealing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from animate124.core import sds
+
+MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
+ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
+
+
+class VideoSDS:
+    """Frozen text-to-video diffusion model (U-Net3D, VAE, DDIM schedule, CLIP text encoder) used as an SDS prior.
+
+    Not an ``nn.Module`` on purpose: its weights are frozen and must not appear in a trainable model's parameters or
+    checkpoint. Models and dtype are whatever was passed in; losses are computed in fp32.
+
+    Args:
+        unet: ``UNet3DConditionModel`` (input ``[B, 4, T, h, w]``).
+        vae: ``AutoencoderKL`` (or anything with ``encode(x).latent_dist.{mean,std}``, ``config.scaling_factor``).
+        alphas_cumprod: ``[N]`` ``ᾱ`` of the training noise schedule (``scheduler.alphas_cumprod``).
+        text_encoder, tokenizer: CLIP text model and tokenizer; optional when embeddings are always passed in.
+        model_size: ``(H, W)`` pixel size the model was trained at (256×256 ModelScope, 320×576 ZeroScope).
+    """
+
+    def __init__(self, unet, vae, alphas_cumprod: Float[Tensor, "N"], text_encoder=None, tokenizer=None,
+                 model_size: tuple[int, int] = (256, 256)):
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.num_train_timesteps = int(alphas_cumprod.shape[0])
+        self.model_size = tuple(model_size)
+        self._text_cache: dict[str, Tensor] = {}  # prompt -> [1, 77, D]; constant per prompt, see encode_prompt
+        for module in (unet, vae, text_encoder):
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = MODELSCOPE_ID,
+        *,
+        device: torch.device | str = "cpu",
+        torch_dtype: torch.dtype | None = None,
+        model_size: tuple[int, int] | None = None,
+        load_text_encoder: bool = True,
+        local_files_only: bool | None = None,
+    ) -> "VideoSDS":
+        """Load from a hub id or a local folder in the text-to-video pipeline layout (``unet``, ``vae``,
+        ``text_encoder``, ``tokenizer``, ``scheduler``).
+
+        ``torch_dtype`` defaults to fp16 on CUDA (the ``fp16`` weight variant is used when present) and fp32 on CPU.
+        ``model_size`` defaults to 320×576 for ZeroScope ids, else ``unet.config.sample_size × 8`` when the U-Net
+        config gives a ``(h, w)`` pair, else 256×256.
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+
+        device = torch.device(device)
+        dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        path, fp16 = str(name_or_path), dtype == torch.float16
+        kw = dict(torch_dtype=dtype, prefer_fp16_variant=fp16, local_files_only=local_files_only)
+        unet = sds.load_pretrained_component(UNet3DConditionModel, path, "unet", **kw).to(device)
+        vae = sds.load_pretrained_component(AutoencoderKL, path, "vae", **kw).to(device)
+        scheduler = sds.load_pretrained_component(DDIMScheduler, path, "scheduler", local_files_only=local_files_only)
+        text_encoder = tokenizer = None
+        if load_text_encoder:
+            text_encoder, tokenizer = load_text_encoder_and_tokenizer(path, device, dtype, local_files_only)
+        if model_size is None:
+            model_size = _default_model_size(path, unet, vae)
+        return cls(unet, vae, scheduler.alphas_cumprod, text_encoder, tokenizer, model_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
+        """CLIP text embeddings ``[len(prompts), 77, D]`` (padded to 77 tokens, last hidden state), cached per prompt
+        string for the life of this object (a prompt's embedding never changes; ``clear_text_cache`` empties it)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("encode_prompt: this VideoSDS has no text encoder; load it with load_text_encoder=True "
+                             "or pass cond_embeddings / uncond_embeddings to the call")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
+            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings)})
+        return torch.cat([self._text_cache[p] for p in prompts])
+
+    def clear_text_cache(self):
+        self._text_cache.clear()
+
+    def encode_frames(
+        self,
+        frames: Float[Tensor, "B T 3 H W"],
+        *,
+        low_ram_vae: int = 0,
+        vae_chunk_size: int | None = None,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Float[Tensor, "B 4 T h w"]:
+        """VAE latents (fp32, ``× scaling_factor``) of frames in [0, 1] already at the model size.
+
+        ``low_ram_vae = n > 0``: in each clip exactly ``n`` random frames are encoded with gradient, the others under
+        ``no_grad`` (they get no gradient). ``vae_chunk_size``: encode at most this many images per VAE call (lower
+        peak memory in the forward pass; the backward still keeps every graded frame's activations).
+        ``sample_posterior``: ``mean + std · ε'`` (upstream) or the mean.
+        """
+        b, t = frames.shape[:2]
+        if not 0 <= low_ram_vae <= t:
+            raise ValueError(f"encode_frames: low_ram_vae={low_ram_vae} must be in [0, T={t}] (0 = all frames graded)")
+        images = frames.reshape(b * t, *frames.shape[2:]) * 2 - 1
+        graded = torch.ones(b * t, dtype=torch.bool)
+        if low_ram_vae > 0:
+            order = [torch.randperm(t, generator=sds.cpu_generator(generator)) for _ in range(b)]
+            graded = torch.stack([o < low_ram_vae for o in order]).reshape(-1)  # n True per clip
+        mean, std = _encode_moments(self.vae, images, graded, vae_chunk_size)
+        latents = mean
+        if sample_posterior:
+            latents = mean + std * sds.randn(mean.shape, generator=generator, device=mean.device)
+        latents = latents * self.vae.config.scaling_factor
+        return latents.reshape(b, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def __call__(
+        self,
+        frames: Float[Tensor, "*B T H W 3"],
+        prompt: str | None = None,
+        *,
+        negative_prompt: str = "",
+        cond_embeddings: Float[Tensor, "B 77 D"] | None = None,
+        uncond_embeddings: Float[Tensor, "B 77 D"] | None = None,
+        guidance_scale: float = 101.0,
+        weighting: sds.Weighting = "sds",
+        min_step: int = 20,
+        max_step: int = 980,
+        low_ram_vae: int = 0,
+        vae_chunk_size: int | None = None,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+        return_intermediates: bool = False,
+    ) -> dict[str, Tensor]:
+        """Video SDS loss of a rendered clip.
+
+        Args:
+            frames: ``[T, H, W, 3]`` (one clip) or ``[B, T, H, W, 3]``, RGB in [0, 1]; receives the gradient.
+            prompt / negative_prompt: text, encoded with the cache; or pass ``cond_embeddings`` and
+                ``uncond_embeddings`` (``[B or 1, 77, D]``, e.g. from a prompt processor) instead.
+            guidance_scale: standard CFG scale (101 = upstream's 100 in its ``ε_c + s(ε_c − ε_u)`` form).
+            weighting: ``w(t)``, see ``sds.sds_weight``.
+            min_step, max_step: inclusive timestep range (see ``sds.timestep_range`` for annealing).
+            low_ram_vae, vae_chunk_size, sample_posterior: see ``encode_frames``.
+            generator: drives timesteps, noise, posterior samples and the low-RAM frame choice.
+            return_intermediates: also return ``latents``, ``noise``, ``eps_pred``, ``grad``, ``weight``.
+
+        Returns:
+            ``loss_sds_video`` (scalar, gradient ``g / B`` on the latents), ``grad_norm`` (‖g‖), ``timestep`` ``[B]``,
+            ``min_step``, ``max_step``.
+        """
+        # 1. inputs
+        clips = _check_frames(frames)
+        b = clips.shape[0]
+        cond, uncond = self._embeddings(prompt, negative_prompt, cond_embeddings, uncond_embeddings, b)
+        images = clips.permute(0, 1, 4, 2, 3).reshape(-1, 3, *clips.shape[2:4])  # [B*T, 3, H, W]
+        images = sds.resize_to_model(images, self.model_size).reshape(b, clips.shape[1], 3, *self.model_size)
+        # 2. latents with gradient
+        latents = self.encode_frames(images, low_ram_vae=low_ram_vae, vae_chunk_size=vae_chunk_size,
+                                     sample_posterior=sample_posterior, generator=generator)
+        # 3. noise one timestep per clip
+        t = sds.sample_timesteps(b, min_step, max_step, generator=generator, device=latents.device)
+        noise = sds.randn(latents.shape, generator=generator, device=latents.device)
+        noisy = sds.add_noise(latents.detach(), noise, self.alphas_cumprod, t)
+        # 4. frozen U-Net, both CFG halves in one batch
+        eps_cond, eps_uncond = self._predict_noise(noisy, t, cond, uncond)
+        # 5. guidance, weighting, loss
+        eps_pred = sds.cfg_combine(eps_uncond, eps_cond, guidance_scale)
+        weight = sds.sds_weight(self.alphas_cumprod, t, weighting)
+        grad = sds.sds_gradient(eps_pred, noise, weight)
+        out = {
+            "loss_sds_video": sds.sds_loss(latents, grad, b),
+            "grad_norm": grad.norm(),
+            "timestep": t,
+            "min_step": torch.tensor(min_step),
+            "max_step": torch.tensor(max_step),
+        }
+        if return_intermediates:
+            out.update(latents=latents, noise=noise, eps_pred=eps_pred, grad=grad, weight=weight)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _predict_noise(self, noisy, t, cond, uncond):
+        dtype = self.unet.dtype
+        out = self.unet(
+            torch.cat([noisy, noisy]).to(dtype),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([cond, uncond]).to(dtype),
+        ).sample.float()
+        return out.chunk(2)
+
+    def _embeddings(self, prompt, negative_prompt, cond, uncond, b):
+        if cond is None:
+            if prompt is None:
+                raise ValueError("VideoSDS: pass prompt='...' or cond_embeddings=[B, 77, D]")
+            cond = self.encode_prompt(prompt)
+        if uncond is None:
+            uncond = self.encode_prompt(negative_prompt)
+        device = self.device
+        return cond.to(device).expand(b, -1, -1), uncond.to(device).expand(b, -1, -1)
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> Float[Tensor, "B 77 D"]:
+    """CLIP last hidden state for prompts padded / truncated to the tokenizer's ``model_max_length`` (77), the
+    conditioning of SD 1.5, ModelScope and ZeroScope. fp32 result."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    device = next(text_encoder.parameters()).device
+    with torch.no_grad():
+        return text_encoder(ids.to(device))[0].float()
+
+
+def load_text_encoder_and_tokenizer(name_or_path: str, device, dtype, local_files_only: bool | None = None):
+    """``CLIPTextModel`` and ``CLIPTokenizer`` from the ``text_encoder`` / ``tokenizer`` sub-folders."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype,
+                                                     **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"could not load the text encoder / tokenizer of {name_or_path!r}: download it once or point the id at a "
+            f"local folder with text_encoder/ and tokenizer/ sub-folders; error: {str(err).splitlines()[0]}"
+        ) from err
+    return text_encoder.to(device).eval().requires_grad_(False), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_frames(frames: Tensor) -> Tensor:
+    if frames.dim() == 4:
+        frames = frames[None]
+    if frames.dim() != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"VideoSDS: frames must be [T, H, W, 3] or [B, T, H, W, 3] RGB in [0, 1], got shape "
+                         f"{tuple(frames.shape)}; permute channels last")
+    return frames
+
+
+def _encode_moments(vae, images: Tensor, graded: Tensor, chunk: int | None) -> tuple[Tensor, Tensor]:
+    """Posterior mean and std of every image (fp32); rows where ``graded`` is False are encoded under no_grad."""
+    dtype = vae.dtype
+    chunk = chunk or images.shape[0]
+    means, stds = [None] * images.shape[0], [None] * images.shape[0]
+    for want_grad in (True, False):
+        rows = torch.nonzero(graded == want_grad).flatten().tolist()
+        for start in range(0, len(rows), chunk):
+            idx = rows[start : start + chunk]
+            with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
+                dist = vae.encode(images[idx].to(dtype)).latent_dist
+                mean, std = dist.mean.float(), dist.std.float()
+            for j, i in enumerate(idx):
+                means[i], stds[i] = mean[j], std[j]
+    return torch.stack(means), torch.stack(stds)
+
+
+def _default_model_size(path: str, unet, vae) -> tuple[int, int]:
+    if "zeroscope" in path.lower():
+        return (320, 576)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return (int(size[0]) * factor, int(size[1]) * factor)
+    return (256, 256)

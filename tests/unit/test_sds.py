@@ -1,0 +1,148 @@
+"""Shared SDS math: timestep ranges and sampling, CFG, weights, the reparameterised loss, resizing."""
+
+import math
+
+import pytest
+import torch
+
+from animate124.core import sds
+
+
+def test_timestep_range_defaults_and_annealing():
+    assert sds.timestep_range(0) == (20, 980)  # int(1000 * 0.02), int(1000 * 0.98), as upstream
+    # hard switch (upstream): strictly after anneal_start_step
+    kw = dict(max_step_percent_annealed=0.5, anneal_start_step=100)
+    assert sds.timestep_range(100, **kw) == (20, 980)
+    assert sds.timestep_range(101, **kw) == (20, 500)
+    # linear: 0.98 -> 0.5 between steps 100 and 300; halfway = 0.74
+    kw = dict(max_step_percent_annealed=0.5, anneal_start_step=100, anneal_end_step=300)
+    assert sds.timestep_range(50, **kw) == (20, 980)
+    assert sds.timestep_range(200, **kw) == (20, 740)
+    assert sds.timestep_range(10_000, **kw) == (20, 500)
+    # never below min_step
+    assert sds.timestep_range(1, min_step_percent=0.6, max_step_percent_annealed=0.5, anneal_start_step=0) == (600, 600)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(min_step_percent=1.5), "min_step_percent=1.5"),
+        (dict(min_step_percent=0.9, max_step_percent=0.1), "swap"),
+        (dict(max_step_percent_annealed=0.5, anneal_start_step=10, anneal_end_step=5), "anneal_end_step=5"),
+    ],
+)
+def test_timestep_range_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sds.timestep_range(0, **kwargs)
+
+
+def test_sample_timesteps_respects_range_and_annealing():
+    gen = torch.Generator().manual_seed(0)
+    t = sds.sample_timesteps(20_000, 20, 980, generator=gen)
+    assert t.dtype == torch.long and t.min() == 20 and t.max() == 980  # both ends inclusive and reached
+    assert abs(t.float().mean().item() - 500) < 5  # uniform: mean 500, sd of the mean ≈ 2
+    draws = []
+    for step in range(0, 400, 2):
+        lo, hi = sds.timestep_range(step, max_step_percent_annealed=0.5, anneal_start_step=100, anneal_end_step=300)
+        t = sds.sample_timesteps(50, lo, hi, generator=gen)
+        assert t.min() >= lo and t.max() <= hi
+        draws.append(t.max().item())
+    assert max(draws[-50:]) <= 500 < max(draws[:50])
+    with pytest.raises(ValueError, match="min_step=5, max_step=4"):
+        sds.sample_timesteps(1, 5, 4)
+
+
+def test_same_generator_seed_gives_same_draws():
+    a = sds.randn((3, 4), generator=torch.Generator().manual_seed(7))
+    b = sds.randn((3, 4), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    t1 = sds.sample_timesteps(5, 0, 999, generator=torch.Generator().manual_seed(7))
+    t2 = sds.sample_timesteps(5, 0, 999, generator=torch.Generator().manual_seed(7))
+    assert t1.tolist() == t2.tolist()
+
+
+def test_cfg_combine_hand_numbers_and_upstream_plus_one_form():
+    eps_u, eps_c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
+    # standard: eps_u + 7.5 (eps_c - eps_u) = [1 + 15, -2 + 15]
+    torch.testing.assert_close(sds.cfg_combine(eps_u, eps_c, 7.5), torch.tensor([16.0, 13.0]))
+    # upstream eps_c + 100 (eps_c - eps_u) = [3 + 200, 0 + 200] = standard scale 101
+    upstream = eps_c + 100 * (eps_c - eps_u)
+    torch.testing.assert_close(sds.cfg_combine(eps_u, eps_c, 101.0), upstream)
+    torch.testing.assert_close(sds.cfg_combine(eps_u, eps_c, 1.0), eps_c)
+
+
+def test_sds_weight_hand_numbers():
+    alphas = torch.tensor([0.25, 0.64, 0.81])
+    t = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(sds.sds_weight(alphas, t, "sds"), torch.tensor([0.75, 0.36, 0.19]))
+    torch.testing.assert_close(sds.sds_weight(alphas, t, "sqrt"), torch.tensor([0.75, 0.36, 0.19]).sqrt())
+    torch.testing.assert_close(sds.sds_weight(alphas, t, "one-minus-sqrt-alpha"), torch.tensor([0.5, 0.2, 0.1]))
+    torch.testing.assert_close(sds.sds_weight(alphas, t, "x0"), torch.tensor([3.0, 0.5625, 0.19 / 0.81]).sqrt())
+    torch.testing.assert_close(sds.sds_weight(alphas, t, "uniform"), torch.ones(3))
+    with pytest.raises(ValueError, match="weighting='fantasia'"):
+        sds.sds_weight(alphas, t, "fantasia")
+
+
+def test_add_noise_hand_numbers():
+    alphas = torch.tensor([0.36, 0.64])
+    z, eps = torch.full((2, 1, 2), 2.0), torch.full((2, 1, 2), 1.0)
+    out = sds.add_noise(z, eps, alphas, torch.tensor([0, 1]))
+    torch.testing.assert_close(out[0], torch.full((1, 2), 0.6 * 2 + 0.8))
+    torch.testing.assert_close(out[1], torch.full((1, 2), 0.8 * 2 + 0.6))
+
+
+def test_sds_loss_gradient_is_g_over_b_and_value_half_g_squared():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 3, 5, 5, generator=gen, requires_grad=True)
+    g = torch.randn(2, 4, 3, 5, 5, generator=gen)
+    loss = sds.sds_loss(z, g)
+    loss.backward()
+    torch.testing.assert_close(z.grad, g / 2)
+    torch.testing.assert_close(loss, 0.5 * (g**2).sum() / 2)
+
+
+def test_sds_gradient_weights_per_sample_and_is_nan_safe():
+    eps_pred = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
+    noise = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
+    g = sds.sds_gradient(eps_pred, noise, torch.tensor([2.0, 0.5]))
+    assert torch.isfinite(g).all()
+    assert g[0, 0] == 1.0 and g[0, 1] == 0.0 and g[1, 1] == 0.5
+    assert g[1, 0] == torch.finfo(torch.float32).max
+
+
+def test_resize_to_model_crops_centre_to_aspect_then_resizes():
+    # a 2x8 image whose columns are numbered 0..7: a square target keeps the two central columns 3, 4
+    img = torch.arange(8.0).repeat(2, 1)[None, None]
+    out = sds.resize_to_model(img, (2, 2))
+    torch.testing.assert_close(out, torch.tensor([[[[3.0, 4.0], [3.0, 4.0]]]]))
+    # too tall (8x2) for a 1:2 target: keep 1 central row (row 3 or 4 -> index (8-1)//2 = 3), then resize
+    tall = torch.arange(8.0)[:, None].repeat(1, 2)[None, None]
+    out = sds.resize_to_model(tall, (1, 2))
+    torch.testing.assert_close(out, torch.tensor([[[[3.0, 3.0]]]]))
+    # 80x144 render into the 320x576 model: same aspect 9:16 -> no crop, bilinear resize only
+    x = torch.rand(1, 3, 81, 144, requires_grad=True)
+    y = sds.resize_to_model(x, (320, 576))
+    assert y.shape == (1, 3, 320, 576)
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+    # 256x256 into 320x576: crop to 144x256 first
+    sq = torch.rand(1, 3, 256, 256)
+    torch.testing.assert_close(sds.resize_to_model(sq, (144, 256)), sq[:, :, 56:200])
+
+
+def test_cpu_generator_is_deterministic_and_passes_cpu_through():
+    g = torch.Generator().manual_seed(3)
+    assert sds.cpu_generator(g) is g
+    assert sds.cpu_generator(None) is None
+
+
+def test_missing_model_error_names_the_id_and_the_fix(tmp_path):
+    from diffusers import AutoencoderKL
+
+    with pytest.raises(OSError, match="could not load AutoencoderKL from .*nowhere/vae.*local folder"):
+        sds.load_pretrained_component(AutoencoderKL, str(tmp_path / "nowhere"), "vae", local_files_only=True)
+
+
+def test_weight_names_listed():
+    assert set(sds.WEIGHTINGS) == {"sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"}
+    assert math.isclose(sds.sds_weight(torch.tensor([0.5]), torch.tensor([0]), "sds").item(), 0.5)
