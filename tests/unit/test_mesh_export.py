@@ -1,0 +1,239 @@
+"""Marching cubes, surface tracking and the animated .glb on analytic fields (spheres: signed distance r - |p - c|,
+threshold 0, so every target is known in closed form)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from animate124.core import mesh_export as mx
+from animate124.core.mesh_export import (
+    build_mesh_animation,
+    extract_mesh,
+    topology_signature,
+    track_surface,
+    write_mesh_sequence,
+    write_morph_glb,
+)
+
+BBOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+RES = 48  # voxel = 2 / 47 = 0.04255
+
+
+def sphere(center, radius):
+    c = torch.tensor(center, dtype=torch.float32)
+    return lambda p, t: radius - (p - c.to(p)).norm(dim=-1)
+
+
+def moving_sphere(p, t):
+    """radius 0.5, centre (0.3 t, 0, 0)."""
+    c = torch.stack([0.3 * t, torch.zeros_like(t), torch.zeros_like(t)], dim=-1)
+    return 0.5 - (p - c).norm(dim=-1)
+
+
+def splitting_sphere(p, t):
+    """One sphere at t = 0 that splits into two: centres (+-0.45 t, 0, 0), radius 0.5 - 0.15 t (apart for t > 0.8)."""
+    d = torch.stack([0.45 * t, torch.zeros_like(t), torch.zeros_like(t)], dim=-1)
+    r = 0.5 - 0.15 * t
+    return torch.maximum(r - (p - d).norm(dim=-1), r - (p + d).norm(dim=-1))
+
+
+def xyz_color(p, t):
+    return (p + 1) / 2
+
+
+def _trimesh(mesh):
+    import trimesh
+
+    return trimesh.Trimesh(mesh.vertices.numpy(), mesh.faces.numpy(), process=False)
+
+
+@pytest.fixture(scope="module")
+def moving():
+    return build_mesh_animation(moving_sphere, BBOX, [0.0, 0.5, 1.0], resolution=RES, threshold=0.0,
+                                color_fn=xyz_color)
+
+
+def test_all_exports_import():
+    for name in mx.__all__:
+        assert hasattr(mx, name), name
+
+
+def test_marching_cubes_sphere_radius_volume_orientation_colors():
+    mesh = extract_mesh(sphere((0.1, 0.0, -0.2), 0.5), BBOX, RES, threshold=0.0, color_fn=xyz_color)
+    voxel = 2.0 / (RES - 1)
+    assert mesh.voxel_size == pytest.approx(voxel, rel=1e-6)
+    radius = (mesh.vertices - torch.tensor([0.1, 0.0, -0.2])).norm(dim=-1)
+    assert (radius - 0.5).abs().max().item() < 0.25 * voxel  # r +- voxel (linear interpolation: much better)
+    tm = _trimesh(mesh)
+    assert tm.is_watertight and topology_signature(mesh) == (1, 2)
+    # outward faces: positive volume close to 4/3 pi r^3 (the inscribed polyhedron is slightly smaller)
+    assert tm.volume == pytest.approx(4 / 3 * math.pi * 0.125, rel=0.01)
+    torch.testing.assert_close(mesh.vertex_colors, (mesh.vertices + 1) / 2)
+
+
+def test_chunking_and_auto_threshold():
+    # density max(0, 1 - |p|): the mean over grid points inside the unit ball is 1 - E|p| = 1/4 -> surface at r = 3/4
+    ball = lambda p, t: torch.relu(1 - p.norm(dim=-1))  # noqa: E731
+    mesh = extract_mesh(ball, BBOX, RES)
+    assert mesh.threshold == pytest.approx(0.25, abs=0.005)
+    assert mesh.vertices.norm(dim=-1).mean().item() == pytest.approx(1 - mesh.threshold, abs=1e-3)
+    small_chunks = extract_mesh(ball, BBOX, RES, chunk_size=1000)
+    torch.testing.assert_close(small_chunks.vertices, mesh.vertices, rtol=0, atol=0)
+
+
+def test_small_components_are_dropped():
+    two = lambda p, t: torch.maximum(sphere((0, 0, 0), 0.5)(p, t), sphere((0.8, 0.8, 0.8), 0.1)(p, t))  # noqa: E731
+    both = extract_mesh(two, BBOX, RES, threshold=0.0)
+    assert topology_signature(both) == (2, 4)
+    big = extract_mesh(two, BBOX, RES, threshold=0.0, min_component_fraction=0.1)
+    assert topology_signature(big) == (1, 2)
+    assert big.vertices.norm(dim=-1).max().item() < 0.51
+
+
+def test_no_surface_raises():
+    with pytest.raises(ValueError, match="threshold=2 lies outside the field's range"):
+        extract_mesh(sphere((0, 0, 0), 0.5), BBOX, 16, threshold=2.0)
+    with pytest.raises(ValueError, match="bbox="):
+        extract_mesh(sphere((0, 0, 0), 0.5), BBOX.flip(0), 16, threshold=0.0)
+
+
+def test_tracking_follows_a_moving_sphere(moving):
+    tracked = moving.tracked
+    assert moving.morph_ok and moving.reason == "" and tracked.ok.all()
+    voxel = moving.meshes[0].voxel_size
+    for k, t in enumerate([0.0, 0.5, 1.0]):
+        center = torch.tensor([0.3 * t, 0.0, 0.0])
+        v = tracked.frame_vertices[k]
+        assert ((v - center).norm(dim=-1) - 0.5).abs().max().item() < 0.05 * voxel  # on the sphere of time t
+        # the tracked shape moved by the motion: its bounding-box centre is the sphere's centre
+        torch.testing.assert_close((v.min(0).values + v.max(0).values) / 2, center, atol=0.1 * voxel, rtol=0)
+        assert tracked.surface_error[k].item() < 1.0
+    assert tracked.density_residual[1:].max().item() < 1e-6
+    # the vertex nearest the +x axis (at y = z = 0.0213, half a voxel off it) moves by the motion along x; it slides
+    # radially away from the new centre by less than a voxel sideways (vertices move along normals only)
+    v0 = moving.meshes[0].vertices
+    pole = torch.where(v0[:, 0] > 0, v0[:, 1:].norm(dim=-1), torch.inf).argmin()
+    shift = tracked.frame_vertices[2][pole] - tracked.frame_vertices[0][pole]
+    assert shift[0].item() == pytest.approx(0.3, abs=0.005) and shift[1:].abs().max().item() < voxel
+
+
+def test_topology_change_is_detected():
+    times = [0.0, 0.25, 0.5, 0.75, 1.0]
+    anim = build_mesh_animation(splitting_sphere, BBOX, times, resolution=RES, threshold=0.0)
+    assert [topology_signature(m) for m in anim.meshes] == [(1, 2)] * 4 + [(2, 4)]
+    assert not anim.morph_ok and "frames fail" in anim.reason
+    assert not anim.tracked.ok[-1] and anim.tracked.ok[:2].all()
+    assert any(r.startswith("t=1.0000: topology changed") and "(1, 2) -> (2, 4)" in r for r in anim.tracked.reasons)
+    # triangles stretched across the gap are far off the two spheres
+    assert anim.tracked.surface_error[-1].item() > 3.0
+
+
+def test_motion_too_fast_for_the_tracker_is_reported():
+    base = extract_mesh(moving_sphere, BBOX, RES, time=0.0, threshold=0.0)
+    refs = [base, extract_mesh(moving_sphere, BBOX, RES, time=1.0, threshold=0.0)]
+    # 0.3 / 0.0426 = 7 voxels of motion, but 2 steps of at most 1 voxel
+    slow = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=2)
+    assert not slow.ok[1] and "voxels off the marching-cubes surface" in slow.reasons[0]
+    enough = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=4, substeps=3)
+    assert enough.ok.all() and enough.reasons == []
+    no_refs = track_surface(moving_sphere, base, [0.0, 1.0])
+    assert torch.isnan(no_refs.surface_error).all() and no_refs.ok.all()
+
+
+def test_morph_glb_exact_motion_roundtrip(tmp_path, moving):
+    import pygltflib
+    import trimesh
+
+    base = moving.meshes[0]
+    motion = [torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.15, 0.0, 0.05]), torch.tensor([0.3, -0.1, 0.0])]
+    frames = [base.vertices + m for m in motion]
+    path = tmp_path / "anim.glb"
+    write_morph_glb(path, base.vertices, base.faces, frames, base.vertex_colors, [0.0, 1.0, 2.0], interpolation="STEP")
+
+    gltf = pygltflib.GLTF2().load(str(path))
+    blob = gltf.binary_blob()
+
+    def read(index, width):
+        acc = gltf.accessors[index]
+        view = gltf.bufferViews[acc.bufferView]
+        dtype = {5126: np.float32, 5125: np.uint32}[acc.componentType]
+        data = np.frombuffer(blob, dtype=dtype, count=acc.count * width, offset=view.byteOffset + (acc.byteOffset or 0))
+        return acc, data.reshape(acc.count, width) if width > 1 else data
+
+    prim = gltf.meshes[0].primitives[0]
+    assert len(prim.targets) == 2 and gltf.meshes[0].weights == [0.0, 0.0]
+    V = base.vertices.shape[0]
+    acc, pos = read(prim.attributes.POSITION, 3)
+    assert acc.count == V and acc.min is not None and acc.max is not None
+    np.testing.assert_allclose(pos, base.vertices.numpy())
+    np.testing.assert_allclose(acc.min, base.vertices.min(0).values.numpy())
+    for k, target in enumerate(prim.targets, start=1):
+        acc, disp = read(target["POSITION"], 3)
+        assert acc.count == V and acc.min is not None and acc.max is not None  # required for POSITION accessors
+        np.testing.assert_allclose(disp, np.broadcast_to(motion[k].numpy(), (V, 3)), atol=1e-6)
+        np.testing.assert_allclose(acc.max, motion[k].numpy(), atol=1e-6)
+    _, colors = read(prim.attributes.COLOR_0, 3)
+    np.testing.assert_allclose(colors, base.vertex_colors.numpy())
+    _, indices = read(prim.indices, 1)
+    assert indices.size == base.faces.numel() and np.array_equal(indices, base.faces.numpy().reshape(-1))
+    sampler = gltf.animations[0].samplers[0]
+    channel = gltf.animations[0].channels[0]
+    assert (channel.target.node, channel.target.path, sampler.interpolation) == (0, "weights", "STEP")
+    acc, keys = read(sampler.input, 1)
+    assert keys.tolist() == [0.0, 1.0, 2.0] and acc.min == [0.0] and acc.max == [2.0]
+    _, weights = read(sampler.output, 1)
+    assert weights.tolist() == [0, 0, 1, 0, 0, 1]  # one-hot per keyframe, none at keyframe 0
+    np.testing.assert_allclose(gltf.nodes[0].rotation, [-math.sqrt(0.5), 0, 0, math.sqrt(0.5)])
+
+    # trimesh reads the same mesh and its colours (it ignores the morph targets)
+    scene = trimesh.load(str(path))
+    (geom,) = scene.geometry.values()
+    assert geom.vertices.shape == (V, 3) and geom.faces.shape == tuple(base.faces.shape)
+    assert geom.visual.kind == "vertex"
+
+
+def test_morph_glb_from_tracking(tmp_path, moving):
+    import pygltflib
+
+    frames = moving.tracked.frame_vertices
+    path = tmp_path / "tracked.glb"
+    write_morph_glb(path, frames[0], moving.meshes[0].faces, frames, moving.meshes[0].vertex_colors, [0.0, 0.5, 1.0])
+    gltf = pygltflib.GLTF2().load(str(path))
+    targets = gltf.meshes[0].primitives[0].targets
+    assert len(targets) == 2 and gltf.animations[0].samplers[0].interpolation == "LINEAR"
+    # the bounds of the last target's displacements: +x pole moves by the motion 0.3
+    assert gltf.accessors[targets[1]["POSITION"]].max[0] == pytest.approx(0.3, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(times=[0.0, 0.0, 1.0]), "strictly increasing"),
+        (dict(times=[0.0, 1.0]), "pass N >= 2 of each"),
+        (dict(interpolation="CUBICSPLINE"), "interpolation='CUBICSPLINE'"),
+        (dict(shift_first=True), r"frame_vertices\[0\] must equal base_vertices"),
+    ],
+)
+def test_morph_glb_bad_inputs(tmp_path, moving, kwargs, match):
+    base = moving.meshes[0]
+    frames = [base.vertices + 0.1 * k for k in range(3)]
+    if kwargs.pop("shift_first", False):
+        frames[0] = frames[0] + 1.0
+    args = dict(times=[0.0, 1.0, 2.0], interpolation="LINEAR") | kwargs
+    with pytest.raises(ValueError, match=match):
+        write_morph_glb(tmp_path / "x.glb", base.vertices, base.faces, frames, None, **args)
+
+
+@pytest.mark.parametrize("fmt", ["obj", "ply"])
+def test_write_mesh_sequence_roundtrip(tmp_path, moving, fmt):
+    import trimesh
+
+    paths = write_mesh_sequence(tmp_path, moving.meshes, fmt=fmt)
+    assert [p.rsplit("/", 1)[1] for p in paths] == [f"mesh_{k:04d}_t{t:.4f}.{fmt}" for k, t in enumerate([0, .5, 1])]
+    for path, mesh in zip(paths, moving.meshes):
+        loaded = trimesh.load(path, process=False)
+        np.testing.assert_allclose(loaded.vertices, mesh.vertices.numpy(), atol=1e-6)
+        expected = (mesh.vertex_colors.numpy() * 255).round()
+        np.testing.assert_allclose(loaded.visual.vertex_colors[:, :3], expected, atol=1)
