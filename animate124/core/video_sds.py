@@ -259,12 +259,10 @@ def load_text_encoder_and_tokenizer(name_or_path: str, device, dtype, local_file
 
 
 def _check_frames(frames: Tensor) -> Tensor:
-    if frames.dim() == 4:
-        frames = frames[None]
-    if frames.dim() != 5 or frames.shape[-1] != 3:
+    if frames.dim() not in (4, 5) or frames.shape[-1] != 3:
         raise ValueError(f"VideoSDS: frames must be [T, H, W, 3] or [B, T, H, W, 3] RGB in [0, 1], got shape "
                          f"{tuple(frames.shape)}; permute channels last")
-    return frames
+    return frames[None] if frames.dim() == 4 else frames
 
 
 def _encode_moments(vae, images: Tensor, graded: Tensor, chunk: int | None) -> tuple[Tensor, Tensor]:
