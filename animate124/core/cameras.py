@@ -228,7 +228,7 @@ def sample_elevation_deg(
     elevation_range: Sequence[float] = (-45.0, 45.0),
     uniform_sphere_prob: float = 0.5,
     generator: Optional[torch.Generator] = None,
-) -> Float[Tensor, "n"]:
+) -> Float[Tensor, "B"]:
     """n elevations in degrees, the host's way: one coin for the whole batch; with probability
     1 - ``uniform_sphere_prob`` uniform in degrees, otherwise uniform on the sphere's area (sin e uniform)."""
     lo, hi = _check_range("elevation_range", elevation_range, -90.0, 90.0)
@@ -278,8 +278,9 @@ def sample_clip_trajectory(
     n = times.shape[0]
     # 1. start camera
     e0 = sample_elevation_deg(1, elevation_range, uniform_sphere_prob, generator)
-    a0, d0 = _uniform_in("azimuth_range", azimuth_range, 1, generator), _uniform_in(
-        "distance_range", distance_range, 1, generator, lower=0.0
+    a0, d0 = (
+        _uniform_in("azimuth_range", azimuth_range, 1, generator),
+        _uniform_in("distance_range", distance_range, 1, generator, lower=0.0),
     )
     # 2. one drift per clip (zero for a fixed camera)
     de = _uniform_in("elevation_delta_range", elevation_delta_range, 1, generator)

@@ -60,7 +60,7 @@ class Mesh:
     """
 
     vertices: Float[Tensor, "V 3"]
-    faces: Int[Tensor, "F 3"]
+    faces: Int[Tensor, "Nf 3"]
     vertex_colors: Optional[Float[Tensor, "V 3"]]
     time: float
     threshold: float
@@ -212,7 +212,9 @@ def track_surface(
         ``TrackedSurface`` (CPU tensors).
     """
     if reference_meshes is not None and len(reference_meshes) != len(times):
-        raise ValueError(f"reference_meshes has {len(reference_meshes)} meshes for {len(times)} times; pass one per time")
+        raise ValueError(
+            f"reference_meshes has {len(reference_meshes)} meshes for {len(times)} times; pass one per time"
+        )
     if iterations < 1 or substeps < 1:
         raise ValueError(f"iterations={iterations} and substeps={substeps} must be >= 1")
     voxel, tau = base.voxel_size, base.threshold
@@ -223,10 +225,12 @@ def track_surface(
         for s in range(1, substeps + 1):
             t = t0 + (t1 - t0) * s / substeps
             for _ in range(iterations):
-                x = torch.cat([
-                    _newton_step(density_fn, chunk, t, tau, voxel * fd_eps_voxels, voxel * max_step_voxels)
-                    for chunk in x.split(chunk_size)
-                ])
+                x = torch.cat(
+                    [
+                        _newton_step(density_fn, chunk, t, tau, voxel * fd_eps_voxels, voxel * max_step_voxels)
+                        for chunk in x.split(chunk_size)
+                    ]
+                )
         frames.append(x.cpu().clone())
         residuals.append(_density_residual(density_fn, x, t1, tau))
     errors, ok, reasons = _check_frames(base, frames, times, reference_meshes, tolerance_voxels, quantile)
@@ -250,11 +254,13 @@ def build_mesh_animation(
     ``track_kwargs`` go to ``track_surface``. ``morph_ok`` is False (with a one-line ``reason`` naming the first
     failing time) when any frame fails the tracking check: write the per-frame meshes then.
     """
-    first = extract_mesh(density_fn, bbox, resolution, float(times[0]), threshold, color_fn, chunk_size,
-                         min_component_fraction)
+    first = extract_mesh(
+        density_fn, bbox, resolution, float(times[0]), threshold, color_fn, chunk_size, min_component_fraction
+    )
     meshes = [first] + [
-        extract_mesh(density_fn, bbox, resolution, float(t), first.threshold, color_fn, chunk_size,
-                     min_component_fraction)
+        extract_mesh(
+            density_fn, bbox, resolution, float(t), first.threshold, color_fn, chunk_size, min_component_fraction
+        )
         for t in times[1:]
     ]
     tracked = track_surface(density_fn, first, times, meshes, device=bbox.device, **track_kwargs)
@@ -271,7 +277,7 @@ def build_mesh_animation(
 def write_morph_glb(
     path: str | os.PathLike,
     base_vertices: Float[Tensor, "V 3"],
-    faces: Int[Tensor, "F 3"],
+    faces: Int[Tensor, "Nf 3"],
     frame_vertices: Sequence[Float[Tensor, "V 3"]],
     vertex_colors: Optional[Float[Tensor, "V 3"]],
     times: Sequence[float],
@@ -293,8 +299,9 @@ def write_morph_glb(
     """
     import pygltflib as gl
 
-    base, tri, displacements, colors, keys = _check_glb_inputs(base_vertices, faces, frame_vertices, vertex_colors,
-                                                               times, interpolation)
+    base, tri, displacements, colors, keys = _check_glb_inputs(
+        base_vertices, faces, frame_vertices, vertex_colors, times, interpolation
+    )
     blob = _Blob()
     attributes = gl.Attributes(POSITION=blob.add(base, gl.ARRAY_BUFFER, "VEC3", with_bounds=True))
     if colors is not None:
@@ -432,7 +439,7 @@ def _check_frames(base, frames, times, references, tolerance, quantile):
     base_topology = topology_signature(references[0])
     errors, ok, reasons = [], [], []
     faces = base.faces
-    for k, (vertices, ref) in enumerate(zip(frames, references)):
+    for k, (vertices, ref) in enumerate(zip(frames, references, strict=True)):
         ours = _surface_points(vertices, faces)
         theirs = _surface_points(ref.vertices, ref.faces)
         forward = cKDTree(theirs).query(ours)[0]
@@ -516,7 +523,12 @@ class _Blob:
             rows = array.reshape(count, width)
             bounds = dict(min=rows.min(axis=0).tolist(), max=rows.max(axis=0).tolist())
         self.accessors.append(
-            gl.Accessor(bufferView=len(self.views) - 1, componentType=self._COMPONENT[array.dtype], count=count,
-                        type=kind, **bounds)
+            gl.Accessor(
+                bufferView=len(self.views) - 1,
+                componentType=self._COMPONENT[array.dtype],
+                count=count,
+                type=kind,
+                **bounds,
+            )
         )
         return len(self.accessors) - 1

@@ -51,7 +51,7 @@ class Stage:
     name: str
     steps: int
     guidances: tuple[str, ...] = ()
-    loss_weights: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
+    loss_weights: dict[str, float | tuple[int | float, ...]] = field(default_factory=dict)
     learning_rates: dict[str, float] = field(default_factory=dict)
     trainable: Optional[tuple[str, ...]] = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -71,8 +71,10 @@ class StagePosition(NamedTuple):
     done: bool
 
 
-def parse_stages(entries: Sequence[Mapping[str, Any]]) -> tuple[Stage, ...]:
-    """Validate a ``stages:`` list (plain or OmegaConf containers) and return frozen ``Stage`` objects.
+def parse_stages(entries: Any) -> tuple[Stage, ...]:
+    """Validate a ``stages:`` list (a sequence of mappings, plain or OmegaConf) and return frozen ``Stage`` objects.
+
+    ``entries`` is typed ``Any`` on purpose: this is the user-input check, so every wrong shape gets its own message.
 
     Raises:
         ValueError / TypeError with one line naming the stage, the key, the value and what is allowed: an empty list,
@@ -85,7 +87,9 @@ def parse_stages(entries: Sequence[Mapping[str, Any]]) -> tuple[Stage, ...]:
     seen: dict[str, int] = {}
     for i, stage in enumerate(stages):
         if stage.name in seen:
-            raise ValueError(f"stages[{i}].name={stage.name!r} duplicates stages[{seen[stage.name]}]; names must be unique")
+            raise ValueError(
+                f"stages[{i}].name={stage.name!r} duplicates stages[{seen[stage.name]}]; names must be unique"
+            )
         seen[stage.name] = i
     return stages
 
@@ -143,7 +147,7 @@ def entered_stage(stages: Sequence[Stage], prev_step: Optional[int], step: int) 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _parse_one(i: int, entry: Mapping[str, Any]) -> Stage:
+def _parse_one(i: int, entry: Any) -> Stage:
     if not isinstance(entry, Mapping):
         raise TypeError(f"stages[{i}] must be a mapping with keys {list(STAGE_KEYS)}, got {type(entry).__name__}")
     unknown = sorted(set(map(str, entry.keys())) - set(STAGE_KEYS))
@@ -192,11 +196,15 @@ def _number(value: Any) -> Optional[float]:
     return float(value)
 
 
-def _weight(where: str, key: str, value: Any) -> float | tuple[float, ...]:
+def _weight(where: str, key: str, value: Any) -> float | tuple[int | float, ...]:
     if _number(value) is not None:
         return float(value)
     # a host C() schedule; ints stay ints (C() reads an integer end step as a global step, a float one as an epoch)
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and (len(value) in (3, 4) or len(value) >= 6):
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and (len(value) in (3, 4) or len(value) >= 6)
+    ):
         if all(_number(v) is not None for v in value):
             return tuple(value)
     raise ValueError(

@@ -41,9 +41,21 @@ def test_cameras_match_host_random_camera_datamodule(host):
     cfg = parse_structured(
         RandomCameraDataModuleConfig,
         dict(
-            height=8, width=8, batch_size=4, n_val_views=4, eval_height=8, eval_width=8, eval_elevation_deg=0.0,
-            eval_camera_distance=2.5, eval_fovy_deg=40.0, camera_perturb=0.0, center_perturb=0.0, up_perturb=0.0,
-            elevation_range=(-45, 45), camera_distance_range=(2.5, 2.5), fovy_range=(40, 40),
+            height=8,
+            width=8,
+            batch_size=4,
+            n_val_views=4,
+            eval_height=8,
+            eval_width=8,
+            eval_elevation_deg=0.0,
+            eval_camera_distance=2.5,
+            eval_fovy_deg=40.0,
+            camera_perturb=0.0,
+            center_perturb=0.0,
+            up_perturb=0.0,
+            elevation_range=(-45, 45),
+            camera_distance_range=(2.5, 2.5),
+            fovy_range=(40, 40),
         ),
     )
     # validation orbit: azimuth 0, 90, 180, 270 at elevation 0
@@ -53,8 +65,9 @@ def test_cameras_match_host_random_camera_datamodule(host):
     torch.testing.assert_close(get_rays(ours.c2w, ours.fovy, 8, 8)[1], val.rays_d, atol=1e-6, rtol=0)
     # training batch: rebuild the host's cameras from the angles it reports
     batch = RandomCameraIterableDataset(cfg).collate(None)
-    traj = make_trajectory(batch["elevation"], batch["azimuth"], batch["camera_distances"], torch.zeros(4),
-                           torch.rad2deg(batch["fovy"]))
+    traj = make_trajectory(
+        batch["elevation"], batch["azimuth"], batch["camera_distances"], torch.zeros(4), torch.rad2deg(batch["fovy"])
+    )
     torch.testing.assert_close(traj.c2w, batch["c2w"], atol=1e-5, rtol=0)
     torch.testing.assert_close(get_rays(traj.c2w, traj.fovy, 8, 8)[1], batch["rays_d"], atol=1e-5, rtol=0)
     assert math.isclose(float(batch["fovy"][0]), math.radians(40.0), rel_tol=1e-6)

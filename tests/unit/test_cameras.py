@@ -137,8 +137,9 @@ def test_clip_trajectory_moves_by_its_per_frame_deltas(n_frames):
     # and the cameras really sit at those angles (upstream's bug moved the camera by the elevation delta instead)
     elevation, azimuth = _angles_of(traj)
     torch.testing.assert_close(elevation, traj.elevation_deg.double(), atol=1e-3, rtol=0)
-    torch.testing.assert_close(_wrap(azimuth - traj.azimuth_deg.double()), torch.zeros(n_frames, dtype=torch.float64),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        _wrap(azimuth - traj.azimuth_deg.double()), torch.zeros(n_frames, dtype=torch.float64), atol=1e-3, rtol=0
+    )
     torch.testing.assert_close(traj.times, times)
 
 
@@ -192,8 +193,10 @@ def test_random_elevation_sampling_modes():
     # P(|e| < 22.5): uniform in degrees 0.5; uniform on the sphere's area sin(22.5) / sin(45) = 0.5412
     tol = 4 * math.sqrt(0.25 / n)
     assert abs((degrees.abs() < 22.5).float().mean().item() - 0.5) < tol
-    assert abs((sphere.abs() < 22.5).float().mean().item() - math.sin(math.radians(22.5)) / math.sin(math.radians(45)))\
+    assert (
+        abs((sphere.abs() < 22.5).float().mean().item() - math.sin(math.radians(22.5)) / math.sin(math.radians(45)))
         < tol
+    )
 
 
 def test_random_cameras_ranges_strata_and_time():
@@ -228,13 +231,18 @@ def test_fixed_view_and_orbit_while_animating():
     torch.testing.assert_close(orbit.azimuth_deg, _t(-90.0, 0.0, 90.0, 180.0, 270.0))
     torch.testing.assert_close(orbit.times, _t(0.0, 0.25, 0.5, 0.75, 1.0))
     _, azimuth = _angles_of(orbit)
-    torch.testing.assert_close(_wrap(azimuth - orbit.azimuth_deg.double()), torch.zeros(5, dtype=torch.float64),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _wrap(azimuth - orbit.azimuth_deg.double()), torch.zeros(5, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 def test_dtype_and_device_follow_inputs():
-    traj = make_trajectory(_t(10.0, dtype=torch.float64), _t(20.0, dtype=torch.float64), _t(2.0, dtype=torch.float64),
-                           _t(0.3, dtype=torch.float64))
+    traj = make_trajectory(
+        _t(10.0, dtype=torch.float64),
+        _t(20.0, dtype=torch.float64),
+        _t(2.0, dtype=torch.float64),
+        _t(0.3, dtype=torch.float64),
+    )
     assert traj.c2w.dtype == torch.float64 and traj.fovy_deg.tolist() == [40.0]
     rays_o, rays_d = get_rays(traj.c2w, traj.fovy, 3, 3)
     assert rays_d.dtype == torch.float64

@@ -51,8 +51,7 @@ def _trimesh(mesh):
 
 @pytest.fixture(scope="module")
 def moving():
-    return build_mesh_animation(moving_sphere, BBOX, [0.0, 0.5, 1.0], resolution=RES, threshold=0.0,
-                                color_fn=xyz_color)
+    return build_mesh_animation(moving_sphere, BBOX, [0.0, 0.5, 1.0], resolution=RES, threshold=0.0, color_fn=xyz_color)
 
 
 def test_all_exports_import():
@@ -231,8 +230,8 @@ def test_write_mesh_sequence_roundtrip(tmp_path, moving, fmt):
     import trimesh
 
     paths = write_mesh_sequence(tmp_path, moving.meshes, fmt=fmt)
-    assert [p.rsplit("/", 1)[1] for p in paths] == [f"mesh_{k:04d}_t{t:.4f}.{fmt}" for k, t in enumerate([0, .5, 1])]
-    for path, mesh in zip(paths, moving.meshes):
+    assert [p.rsplit("/", 1)[1] for p in paths] == [f"mesh_{k:04d}_t{t:.4f}.{fmt}" for k, t in enumerate([0, 0.5, 1])]
+    for path, mesh in zip(paths, moving.meshes, strict=True):
         loaded = trimesh.load(path, process=False)
         np.testing.assert_allclose(loaded.vertices, mesh.vertices.numpy(), atol=1e-6)
         expected = (mesh.vertex_colors.numpy() * 255).round()

@@ -14,7 +14,13 @@ RECIPE = [
         "learning_rates": {"field_static": 0.01},
         "trainable": ["field_static", "background"],
     },
-    {"name": "dynamic", "steps": 5, "guidances": ["video"], "loss_weights": {"sds_video": 1}, "trainable": ["field_4d"]},
+    {
+        "name": "dynamic",
+        "steps": 5,
+        "guidances": ["video"],
+        "loss_weights": {"sds_video": 1},
+        "trainable": ["field_4d"],
+    },
     {"name": "refine", "steps": 3, "guidances": ["controlnet"], "overrides": {"height": 256}},
 ]
 
@@ -31,7 +37,10 @@ def test_all_exports_import():
 
 def test_parse_fills_defaults_and_keeps_values(recipe):
     static, dynamic, refine = recipe
-    assert static.guidances == ("image", "zero123") and static.loss_weights == {"sds_image": 1.0, "rgb": (0, 1000, 500, 5)}
+    assert static.guidances == ("image", "zero123") and static.loss_weights == {
+        "sds_image": 1.0,
+        "rgb": (0, 1000, 500, 5),
+    }
     assert isinstance(static.loss_weights["rgb"][3], int)  # C() reads an int end step as a global step
     assert static.learning_rates == {"field_static": 0.01} and static.trains("background") and not static.trains("x")
     assert dynamic.loss_weights == {"sds_video": 1.0} and dynamic.learning_rates == {}
@@ -100,7 +109,11 @@ def test_entered_stage(recipe):
         ([{"name": "a", "steps": -5}], ValueError, "steps=-5"),
         ([{"name": "a", "steps": 2.5}], ValueError, "steps=2.5"),
         ([{"name": "a", "steps": True}], ValueError, "steps=True"),
-        ([{"name": "a", "steps": 1}, {"name": "a", "steps": 2}], ValueError, r"stages\[1\].name='a' duplicates stages\[0\]"),
+        (
+            [{"name": "a", "steps": 1}, {"name": "a", "steps": 2}],
+            ValueError,
+            r"stages\[1\].name='a' duplicates stages\[0\]",
+        ),
         ([{"name": "a", "steps": 1, "learning_rates": {"g": -1.0}}], ValueError, "learning_rates.g=-1.0"),
         ([{"name": "a", "steps": 1, "loss_weights": {"rgb": "high"}}], ValueError, "loss_weights.rgb='high'"),
         ([{"name": "a", "steps": 1, "loss_weights": {"rgb": [1, 2]}}], ValueError, r"loss_weights.rgb=\[1, 2\]"),
