@@ -44,6 +44,7 @@ __all__ = [
     "sample_elevation_deg",
     "sample_clip_trajectory",
     "sample_random_cameras",
+    "sample_light_positions",
     "turntable",
     "fixed_view",
     "orbit_while_animating",
@@ -329,6 +330,21 @@ def sample_random_cameras(
     like = dict(device=device, dtype=dtype)
     times = torch.full((n,), float(time), **like)
     return make_trajectory(elevation.to(**like), azimuth.to(**like), distance.to(**like), times, fovy.to(**like))
+
+
+def sample_light_positions(
+    camera_positions: Float[Tensor, "T 3"],
+    distance_range: Sequence[float] = (0.8, 1.5),
+    position_perturb: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Float[Tensor, "T 3"]:
+    """Point lights near the cameras, the host's "dreamfusion" strategy: direction normalize(camera + N(0, perturb^2)),
+    distance uniform in ``distance_range``. (Evaluation renders put the light at the camera.)"""
+    n = camera_positions.shape[0]
+    noise = torch.randn((n, 3), generator=generator, dtype=torch.float64).to(camera_positions)
+    direction = F.normalize(camera_positions + noise * position_perturb, dim=-1)
+    distance = _uniform_in("distance_range", distance_range, n, generator, lower=0.0).to(camera_positions)
+    return direction * distance[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -190,6 +190,7 @@ def track_surface(
     fd_eps_voxels: float = 0.5,
     tolerance_voxels: float = 1.5,
     quantile: float = 0.999,
+    check_topology: bool = True,
     chunk_size: int = 2**15,
     device: Optional[torch.device | str] = None,
 ) -> TrackedSurface:
@@ -205,6 +206,8 @@ def track_surface(
             check; without them only ``density_residual`` is measured and every frame is reported ok.
         tolerance_voxels: largest ``surface_error`` accepted.
         quantile: of the point-to-surface distances used as ``surface_error`` (1.0 = the maximum).
+        check_topology: also fail frames whose reference mesh has another (components, Euler characteristic) than
+            ``reference_meshes[0]``; turn off when noise flips tiny handles and the distance check is enough.
         chunk_size: vertices per field call (each costs 7 density evaluations).
         device: where the field is evaluated (default CPU).
 
@@ -233,7 +236,9 @@ def track_surface(
                 )
         frames.append(x.cpu().clone())
         residuals.append(_density_residual(density_fn, x, t1, tau))
-    errors, ok, reasons = _check_frames(base, frames, times, reference_meshes, tolerance_voxels, quantile)
+    errors, ok, reasons = _check_frames(
+        base, frames, times, reference_meshes, tolerance_voxels, quantile, check_topology
+    )
     return TrackedSurface(frames, torch.tensor(residuals), errors, ok, reasons)
 
 
@@ -283,6 +288,7 @@ def write_morph_glb(
     times: Sequence[float],
     interpolation: Literal["STEP", "LINEAR"] = "LINEAR",
     z_up_to_y_up: bool = True,
+    with_normals: bool = True,
 ) -> None:
     """Write ONE binary glTF (.glb): a single mesh with the base topology, N - 1 morph targets, one animation.
 
@@ -296,18 +302,30 @@ def write_morph_glb(
         interpolation: "LINEAR" blends neighbouring keyframes; "STEP" jumps.
         z_up_to_y_up: rotate the node -90 degrees about x so z-up world data stands upright in y-up glTF viewers;
             the vertex data stays in world coordinates.
+        with_normals: add area-weighted vertex normals (``NORMAL``) and their per-frame differences as ``NORMAL``
+            morph targets, so viewers shade smoothly (without them glTF viewers use flat shading).
     """
     import pygltflib as gl
 
-    base, tri, displacements, colors, keys = _check_glb_inputs(
+    base, tri, frames, colors, keys = _check_glb_inputs(
         base_vertices, faces, frame_vertices, vertex_colors, times, interpolation
     )
+    # 1. base attributes, then one target per later frame (displacements from the base)
     blob = _Blob()
     attributes = gl.Attributes(POSITION=blob.add(base, gl.ARRAY_BUFFER, "VEC3", with_bounds=True))
+    normals = [_vertex_normals(f, tri) for f in frames] if with_normals else None
+    if normals is not None:
+        attributes.NORMAL = blob.add(normals[0], gl.ARRAY_BUFFER, "VEC3")
     if colors is not None:
         attributes.COLOR_0 = blob.add(colors, gl.ARRAY_BUFFER, "VEC3")
     indices = blob.add(tri.reshape(-1), gl.ELEMENT_ARRAY_BUFFER, "SCALAR")
-    targets = [gl.Attributes(POSITION=blob.add(d, gl.ARRAY_BUFFER, "VEC3", with_bounds=True)) for d in displacements]
+    targets = []
+    for k in range(1, len(frames)):
+        target = gl.Attributes(POSITION=blob.add(frames[k] - base, gl.ARRAY_BUFFER, "VEC3", with_bounds=True))
+        if normals is not None:
+            target.NORMAL = blob.add(normals[k] - normals[0], gl.ARRAY_BUFFER, "VEC3")
+        targets.append(target)
+    # 2. the animation: one-hot weights per keyframe on the node's "weights"
     n_targets = len(targets)
     weights = np.zeros((len(keys), n_targets), dtype=np.float32)
     weights[np.arange(1, len(keys)), np.arange(n_targets)] = 1.0
@@ -429,14 +447,14 @@ def _density_residual(density_fn, x: Tensor, t: float, tau: float) -> float:
     return float((_evaluate(density_fn, x, t, 2**18) - tau).abs().mean())
 
 
-def _check_frames(base, frames, times, references, tolerance, quantile):
+def _check_frames(base, frames, times, references, tolerance, quantile, check_topology):
     """surface_error per frame and the ok flags / reasons (module docstring)."""
     n = len(frames)
     if references is None:
         return torch.full((n,), float("nan")), torch.ones(n, dtype=torch.bool), []
     from scipy.spatial import cKDTree
 
-    base_topology = topology_signature(references[0])
+    base_topology = topology_signature(references[0]) if check_topology else None
     errors, ok, reasons = [], [], []
     faces = base.faces
     for k, (vertices, ref) in enumerate(zip(frames, references, strict=True)):
@@ -445,7 +463,7 @@ def _check_frames(base, frames, times, references, tolerance, quantile):
         forward = cKDTree(theirs).query(ours)[0]
         backward = cKDTree(ours).query(theirs)[0]
         error = max(np.quantile(forward, quantile), np.quantile(backward, quantile)) / ref.voxel_size
-        topology = topology_signature(ref)
+        topology = topology_signature(ref) if check_topology else base_topology
         errors.append(float(error))
         good = error <= tolerance and topology == base_topology
         ok.append(good)
@@ -494,7 +512,17 @@ def _check_glb_inputs(base_vertices, faces, frame_vertices, vertex_colors, times
         colors = vertex_colors.detach().cpu().float().clamp(0, 1).numpy()
         if colors.shape != base.shape:
             raise ValueError(f"vertex_colors has shape {tuple(colors.shape)}; expected {tuple(base.shape)}")
-    return base, tri, [f - base for f in frames[1:]], colors, keys
+    return base, tri, frames, colors, keys
+
+
+def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals (float32), outward for counter-clockwise faces."""
+    corners = vertices[faces.astype(np.int64)]
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normals = np.zeros_like(vertices)
+    for i in range(3):
+        np.add.at(normals, faces[:, i].astype(np.int64), face_normals)
+    return (normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 class _Blob:

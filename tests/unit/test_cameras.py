@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from animate124.core import cameras as cam
 from animate124.core.cameras import (
@@ -20,6 +21,7 @@ from animate124.core.cameras import (
     projection_matrix,
     sample_clip_trajectory,
     sample_elevation_deg,
+    sample_light_positions,
     sample_random_cameras,
     turntable,
 )
@@ -209,6 +211,19 @@ def test_random_cameras_ranges_strata_and_time():
     assert traj.distance.min() >= 2.0 and traj.distance.max() <= 3.0
     assert traj.fovy_deg.min() >= 30.0 and traj.fovy_deg.max() <= 50.0
     torch.testing.assert_close(traj.camera_positions.norm(dim=-1), traj.distance)
+
+
+def test_light_positions_near_cameras():
+    traj = turntable(400, distance=2.5)
+    g = torch.Generator().manual_seed(6)
+    lights = sample_light_positions(traj.camera_positions, (0.8, 1.5), 1.0, generator=g)
+    distance = lights.norm(dim=-1)
+    assert distance.min() >= 0.8 and distance.max() <= 1.5
+    # the light direction leans towards the camera: cos angle > 0 for most lights (camera at 2.5, noise std 1)
+    cos = (F.normalize(lights, dim=-1) * F.normalize(traj.camera_positions, dim=-1)).sum(-1)
+    assert (cos > 0).float().mean() > 0.95
+    still = sample_light_positions(traj.camera_positions, (1.0, 1.0), 0.0)
+    torch.testing.assert_close(still, traj.camera_positions / 2.5)
 
 
 @pytest.mark.parametrize("endpoint, n", [(False, 8), (True, 9)])

@@ -125,8 +125,10 @@ def test_topology_change_is_detected():
     assert not anim.morph_ok and "frames fail" in anim.reason
     assert not anim.tracked.ok[-1] and anim.tracked.ok[:2].all()
     assert any(r.startswith("t=1.0000: topology changed") and "(1, 2) -> (2, 4)" in r for r in anim.tracked.reasons)
-    # triangles stretched across the gap are far off the two spheres
+    # triangles stretched across the gap are far off the two spheres: the distance check alone also fails t = 1
     assert anim.tracked.surface_error[-1].item() > 3.0
+    geometric = track_surface(splitting_sphere, anim.meshes[0], times, anim.meshes, check_topology=False)
+    assert not geometric.ok[-1] and "t=1.0000: tracked surface is" in geometric.reasons[-1]
 
 
 def test_motion_too_fast_for_the_tracker_is_reported():
@@ -173,6 +175,12 @@ def test_morph_glb_exact_motion_roundtrip(tmp_path, moving):
         assert acc.count == V and acc.min is not None and acc.max is not None  # required for POSITION accessors
         np.testing.assert_allclose(disp, np.broadcast_to(motion[k].numpy(), (V, 3)), atol=1e-6)
         np.testing.assert_allclose(acc.max, motion[k].numpy(), atol=1e-6)
+    # smooth-shading normals: radial on a sphere; a pure translation leaves them unchanged (zero NORMAL targets)
+    _, normals = read(prim.attributes.NORMAL, 3)
+    radial = base.vertices.numpy() / np.linalg.norm(base.vertices.numpy(), axis=1, keepdims=True)
+    assert (normals * radial).sum(1).min() > 0.99
+    for target in prim.targets:
+        np.testing.assert_allclose(read(target["NORMAL"], 3)[1], 0.0, atol=1e-5)
     _, colors = read(prim.attributes.COLOR_0, 3)
     np.testing.assert_allclose(colors, base.vertex_colors.numpy())
     _, indices = read(prim.indices, 1)
@@ -204,6 +212,18 @@ def test_morph_glb_from_tracking(tmp_path, moving):
     assert len(targets) == 2 and gltf.animations[0].samplers[0].interpolation == "LINEAR"
     # the bounds of the last target's displacements: +x pole moves by the motion 0.3
     assert gltf.accessors[targets[1]["POSITION"]].max[0] == pytest.approx(0.3, abs=0.01)
+    # blended normals at the last keyframe (base + target) are radial about that frame's centre (0.3, 0, 0)
+    blob = gltf.binary_blob()
+
+    def read3(index):
+        acc = gltf.accessors[index]
+        offset = gltf.bufferViews[acc.bufferView].byteOffset
+        return np.frombuffer(blob, np.float32, acc.count * 3, offset).reshape(-1, 3)
+
+    normals = read3(gltf.meshes[0].primitives[0].attributes.NORMAL) + read3(targets[1]["NORMAL"])
+    radial = frames[2].numpy() - np.array([0.3, 0.0, 0.0])
+    radial /= np.linalg.norm(radial, axis=1, keepdims=True)
+    assert (normals * radial).sum(1).min() > 0.98
 
 
 @pytest.mark.parametrize(
