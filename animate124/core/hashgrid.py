@@ -129,7 +129,8 @@ def hash_grid_encode_torch(
             weight = weight * w[..., dim]
         # 3. Table index and gather.
         index = _corner_index(corners, levels.resolutions[level], levels.sizes[level], levels.dense[level])
-        values = embeddings[index + levels.offsets[level]]  # [N, C, F]
+        # index_select's backward is an atomic index_add (plain indexing's sorts the indices: slower on CUDA).
+        values = embeddings.index_select(0, (index + levels.offsets[level]).reshape(-1)).view(n, -1, f)  # [N, C, F]
         outs.append((weight[..., None] * values).sum(dim=1))
     return torch.cat(outs, dim=1)
 
