@@ -135,10 +135,8 @@ def extract_mesh(
     lo, hi = bbox[0].float(), bbox[1].float()
     if not bool((hi > lo).all()):
         raise ValueError(f"bbox={bbox.tolist()} must be [min corner, max corner] with max > min on every axis")
-    # 1. sample the field on the grid (x-major, 'ij' indexing)
-    axes = [torch.linspace(float(lo[d]), float(hi[d]), resolution, device=bbox.device) for d in range(3)]
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-    field = _evaluate(density_fn, points, time, chunk_size).reshape(resolution, resolution, resolution)
+    # 1. sample the field on the grid (x-major, 'ij' indexing); points are made per chunk to bound memory
+    field = _evaluate_grid(density_fn, lo.to(bbox.device), hi.to(bbox.device), resolution, time, chunk_size)
     level = _resolve_threshold(field, threshold)
     # 2. marching cubes in grid units -> world; "ascent" orients faces so normals point to lower density (outwards)
     spacing = ((hi - lo) / (resolution - 1)).tolist()
@@ -287,7 +285,7 @@ def write_morph_glb(
     vertex_colors: Optional[Float[Tensor, "V 3"]],
     times: Sequence[float],
     interpolation: Literal["STEP", "LINEAR"] = "LINEAR",
-    z_up_to_y_up: bool = True,
+    gltf_axes: bool = True,
     with_normals: bool = True,
 ) -> None:
     """Write ONE binary glTF (.glb): a single mesh with the base topology, N - 1 morph targets, one animation.
@@ -300,8 +298,9 @@ def write_morph_glb(
         frame_vertices: N >= 2 tensors [V, 3]; frame_vertices[0] must equal base_vertices.
         times: N strictly increasing keyframe times in seconds (e.g. frame time * clip duration).
         interpolation: "LINEAR" blends neighbouring keyframes; "STEP" jumps.
-        z_up_to_y_up: rotate the node -90 degrees about x so z-up world data stands upright in y-up glTF viewers;
-            the vertex data stays in world coordinates.
+        gltf_axes: give the node the rotation that maps the host's axes onto glTF's (z up -> y up, the reference
+            view direction +x -> +z, the front glTF viewers show first; y -> x), so the object stands upright facing
+            the viewer; the vertex data itself stays in world coordinates.
         with_normals: add area-weighted vertex normals (``NORMAL``) and their per-frame differences as ``NORMAL``
             morph targets, so viewers shade smoothly (without them glTF viewers use flat shading).
     """
@@ -331,7 +330,7 @@ def write_morph_glb(
     weights[np.arange(1, len(keys)), np.arange(n_targets)] = 1.0
     key_input = blob.add(keys, None, "SCALAR", with_bounds=True)
     key_output = blob.add(weights.reshape(-1), None, "SCALAR")
-    rotation = [-np.sqrt(0.5), 0.0, 0.0, np.sqrt(0.5)] if z_up_to_y_up else None
+    rotation = [-0.5, -0.5, -0.5, 0.5] if gltf_axes else None  # (x, y, z, w): -120 degrees about (1, 1, 1)
     gltf = gl.GLTF2(
         scene=0,
         scenes=[gl.Scene(nodes=[0])],
@@ -385,6 +384,18 @@ def write_mesh_sequence(
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate_grid(density_fn, lo: Tensor, hi: Tensor, resolution: int, time: float, chunk_size: int) -> Tensor:
+    """Density at lo + (hi - lo) * (i, j, k) / (resolution - 1), returned as [R, R, R] indexed [i, j, k]."""
+    r = resolution
+    field = torch.empty(r**3, device=lo.device, dtype=torch.float32)
+    for start in range(0, r**3, chunk_size):
+        flat = torch.arange(start, min(start + chunk_size, r**3), device=lo.device)
+        ijk = torch.stack([flat // (r * r), (flat // r) % r, flat % r], dim=-1).float()
+        points = lo + (hi - lo) * ijk / (r - 1)
+        field[start : start + flat.shape[0]] = _evaluate(density_fn, points, time, chunk_size)
+    return field.reshape(r, r, r)
 
 
 def _evaluate(fn, points: Tensor, time: float, chunk_size: int, channels: int = 1) -> Tensor:

@@ -192,7 +192,16 @@ def test_morph_glb_exact_motion_roundtrip(tmp_path, moving):
     assert keys.tolist() == [0.0, 1.0, 2.0] and acc.min == [0.0] and acc.max == [2.0]
     _, weights = read(sampler.output, 1)
     assert weights.tolist() == [0, 0, 1, 0, 0, 1]  # one-hot per keyframe, none at keyframe 0
-    np.testing.assert_allclose(gltf.nodes[0].rotation, [-math.sqrt(0.5), 0, 0, math.sqrt(0.5)])
+    # node rotation maps host axes to glTF's: +x (reference view) -> +z, +y -> +x, +z (up) -> +y
+    qx, qy, qz, qw = gltf.nodes[0].rotation
+    rot = np.array(
+        [
+            [1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qz * qw), 2 * (qx * qz + qy * qw)],
+            [2 * (qx * qy + qz * qw), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qx * qw)],
+            [2 * (qx * qz - qy * qw), 2 * (qy * qz + qx * qw), 1 - 2 * (qx * qx + qy * qy)],
+        ]
+    )
+    np.testing.assert_allclose(rot.T, [[0, 0, 1], [1, 0, 0], [0, 1, 0]], atol=1e-12)  # row i: image of e_i
 
     # trimesh reads the same mesh and its colours (it ignores the morph targets)
     scene = trimesh.load(str(path))
