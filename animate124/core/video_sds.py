@@ -183,10 +183,33 @@ class VideoSDS:
         # 2. latents with gradient
         latents = self.encode_frames(images, low_ram_vae=low_ram_vae, vae_chunk_size=vae_chunk_size,
                                      sample_posterior=sample_posterior, generator=generator)
+        # 3.-5. noise, frozen U-Net, guidance, loss
+        return self.sds_from_latents(latents, cond_embeddings=cond, uncond_embeddings=uncond,
+                                     guidance_scale=guidance_scale, weighting=weighting, min_step=min_step,
+                                     max_step=max_step, generator=generator, return_intermediates=return_intermediates)
+
+    def sds_from_latents(
+        self,
+        latents: Float[Tensor, "B 4 T h w"],
+        *,
+        cond_embeddings: Float[Tensor, "B 77 D"],
+        uncond_embeddings: Float[Tensor, "B 77 D"],
+        guidance_scale: float = 101.0,
+        weighting: sds.Weighting = "sds",
+        min_step: int = 20,
+        max_step: int = 980,
+        generator: torch.Generator | None = None,
+        return_intermediates: bool = False,
+    ) -> dict[str, Tensor]:
+        """Steps 3-5 of the call on latents that already carry the gradient (``[B, 4, T, h, w]``, scaled by the VAE
+        factor); same arguments and results as ``__call__``. Embeddings are ``[B or 1, 77, D]``."""
+        b = latents.shape[0]
+        cond = cond_embeddings.to(self.device).expand(b, -1, -1)
+        uncond = uncond_embeddings.to(self.device).expand(b, -1, -1)
         # 3. noise one timestep per clip
         t = sds.sample_timesteps(b, min_step, max_step, generator=generator, device=latents.device)
         noise = sds.randn(latents.shape, generator=generator, device=latents.device)
-        noisy = sds.add_noise(latents.detach(), noise, self.alphas_cumprod, t)
+        noisy = sds.add_noise(latents.detach().float(), noise, self.alphas_cumprod, t)
         # 4. frozen U-Net, both CFG halves in one batch
         eps_cond, eps_uncond = self._predict_noise(noisy, t, cond, uncond)
         # 5. guidance, weighting, loss
