@@ -296,6 +296,11 @@ def sample_clip_trajectory(
     elevation = (e0.double() + s * de.double()).clamp(-elevation_limit_deg, elevation_limit_deg)
     azimuth = a0.double() + s * da.double()
     distance = d0.double() + s * dd.double()
+    if float(distance.min()) <= 0.0:
+        raise ValueError(
+            f"distance_delta_range={list(distance_delta_range)} moves the camera to distance "
+            f"{float(distance.min()):.3g} <= 0; shrink the delta or raise distance_range"
+        )
     like = dict(device=times.device, dtype=times.dtype)
     return make_trajectory(elevation.to(**like), azimuth.to(**like), distance.to(**like), times, fovy_deg)
 

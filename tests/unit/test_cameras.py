@@ -275,6 +275,7 @@ def test_dtype_and_device_follow_inputs():
         (lambda: sample_clip_trajectory(torch.zeros(3), azimuth_range=(10, -10)), "azimuth_range"),
         (lambda: sample_clip_trajectory(torch.zeros(3), fixed_camera_prob=2.0), "fixed_camera_prob=2.0"),
         (lambda: sample_random_cameras(2, elevation_range=(-100, 10)), "elevation_range"),
+        (lambda: sample_clip_trajectory(torch.zeros(16), distance_delta_range=(-1, -1)), "distance_delta_range"),
         (lambda: sample_random_cameras(2, distance_range=(-1, 1)), "distance_range"),
     ],
 )
