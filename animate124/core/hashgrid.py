@@ -20,8 +20,8 @@ Inputs outside ``[0, 1]`` are clamped to it (tiny-cuda-nn would wrap them around
 gradient with respect to such inputs zero.
 
 Backends (``implementation``): ``"torch"`` (pure PyTorch reference, any device, differentiable in the embeddings and
-in ``x``), ``"triton"`` (CUDA kernels with their own backward for the embeddings; see ``hashgrid_triton``; it gives
-no gradient with respect to ``x``), ``"tcnn"`` (tinycudann, when installed) and ``"auto"`` (Triton for CUDA inputs
+in ``x``), ``"triton"`` (CUDA kernels with their own backward, for the embeddings and for ``x``; see
+``hashgrid_triton``), ``"tcnn"`` (tinycudann, when installed) and ``"auto"`` (Triton for CUDA inputs
 when ``triton`` imports, torch otherwise), chosen from the input's device at every call.
 """
 

@@ -8,8 +8,9 @@ spatial hash), gathers the F features of the row as one vector and accumulates `
 straight into the ``[N, L * F]`` output. The backward pass recomputes rows and weights and scatters
 ``weight * dL/dout`` into an fp32 gradient table with relaxed atomic adds.
 
-No gradient with respect to the points: ``backward`` raises if it is asked for one (use the torch backend, or
-finite differences, for normals). Runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+When the points require a gradient, the same backward kernel also gathers the corner values and adds
+``dL/dx_d = scale * sum_corners (dL/dout . value) * dweight/dpos_d`` over the levels (analytic normals); it costs
+one more gather per corner, so it runs only when asked. Runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
 Importing this module imports triton; ``hashgrid`` imports it only when the Triton backend is used.
 """
@@ -44,7 +45,7 @@ def hash_grid_encode_triton(
     table: Tensor | None = None,
     config: KernelConfig = DEFAULT_CONFIG,
 ) -> Float[Tensor, "N LF"]:
-    """Hash-grid encoding with the Triton kernels; differentiable in ``embeddings`` only.
+    """Hash-grid encoding with the Triton kernels; differentiable in ``embeddings`` and in ``x``.
 
     Args:
         x: points in ``[0, 1]^D``, float32 (clamp beforehand), D in 1..4.
@@ -68,33 +69,33 @@ class _HashGridFunction(torch.autograd.Function):
     def forward(ctx, x, embeddings, table, n_levels, n_active, config):
         n, d = x.shape
         f = embeddings.shape[1]
+        embeddings = embeddings.contiguous()
         alloc = torch.empty if n_active == n_levels else torch.zeros
         out = alloc(n, n_levels * f, device=x.device, dtype=torch.float32)
         if n > 0 and n_active > 0:
             block, warps = config[0], config[1]
             _hashgrid_fwd_kernel[(triton.cdiv(n, block), n_active)](
-                x, embeddings.contiguous(), out, table, n, D=d, F=f, LF=n_levels * f, BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(x, table)
-        ctx.meta = (n_active, config, embeddings.shape)
+                x, embeddings, out, table, n, D=d, F=f, LF=n_levels * f, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(x, embeddings, table)
+        ctx.meta = (n_active, config)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.needs_input_grad[0]:
-            raise RuntimeError("the Triton hash grid gives no gradient with respect to x; detach x, or use "
-                               "implementation='torch' where the points need a gradient (e.g. analytic normals)")
-        x, table = ctx.saved_tensors
-        n_active, config, shape = ctx.meta
-        grad_emb = None
-        if ctx.needs_input_grad[1]:
-            grad_emb = torch.zeros(shape, device=x.device, dtype=torch.float32)
-            n, d = x.shape
-            if n > 0 and n_active > 0:
-                block, warps = config[2], config[3]
-                _hashgrid_bwd_kernel[(triton.cdiv(n, block), n_active)](
-                    x, grad_out.contiguous().float(), grad_emb, table, n, D=d, F=shape[1],
-                    LF=grad_out.shape[1], BLOCK=block, num_warps=warps)
-        return None, grad_emb, None, None, None, None
+        x, embeddings, table = ctx.saved_tensors
+        n_active, config = ctx.meta
+        need_dx, need_demb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(x) if need_dx else None
+        grad_emb = torch.zeros_like(embeddings) if need_demb else None
+        n, d = x.shape
+        if n > 0 and n_active > 0 and (need_dx or need_demb):
+            block, warps = config[2], config[3]
+            dummy = x.new_empty(1)
+            _hashgrid_bwd_kernel[(triton.cdiv(n, block), n_active)](
+                x, grad_out.contiguous().float(), embeddings, grad_emb if need_demb else dummy,
+                grad_x if need_dx else dummy, table, n, D=d, F=embeddings.shape[1], LF=grad_out.shape[1],
+                NEED_DEMB=need_demb, NEED_DX=need_dx, BLOCK=block, num_warps=warps)
+        return grad_x, grad_emb, None, None, None, None
 
 
 def _check_inputs(x: Tensor, embeddings: Tensor, levels: HashGridLevels) -> None:
@@ -140,16 +141,11 @@ def _corner_row(i0, i1, i2, i3, f0, f1, f2, f3, corner: tl.constexpr, D: tl.cons
     """Table row within the level and interpolation weight of corner ``corner`` (bit d = upper side of dim d)."""
     # 1. Corner coordinates and the weight, multiplied in dimension order like tiny-cuda-nn.
     c0 = i0 + (corner & 1)
-    w = f0 if (corner & 1) else 1.0 - f0
     c1 = i1 + ((corner >> 1) & 1)
     c2 = i2 + ((corner >> 2) & 1)
     c3 = i3 + ((corner >> 3) & 1)
-    if D > 1:
-        w = w * (f1 if ((corner >> 1) & 1) else 1.0 - f1)
-    if D > 2:
-        w = w * (f2 if ((corner >> 2) & 1) else 1.0 - f2)
-    if D > 3:
-        w = w * (f3 if ((corner >> 3) & 1) else 1.0 - f3)
+    w0, w1, w2, w3 = _corner_factors(f0, f1, f2, f3, corner, D)
+    w = w0 * w1 * w2 * w3  # factors of missing dimensions are 1 (folded away)
     # 2. Dense stride index (used when the level fits its table; it can exceed it by < size through the +0.5
     #    offset, so one conditional subtraction is the modulo) and the uint32 spatial hash (size is 2**k then).
     lin = c0
@@ -191,8 +187,9 @@ def _hashgrid_fwd_kernel(x_ptr, emb_ptr, out_ptr, table_ptr, N,
 
 
 @triton.jit
-def _hashgrid_bwd_kernel(x_ptr, gout_ptr, gemb_ptr, table_ptr, N,
-                         D: tl.constexpr, F: tl.constexpr, LF: tl.constexpr, BLOCK: tl.constexpr):
+def _hashgrid_bwd_kernel(x_ptr, gout_ptr, emb_ptr, gemb_ptr, gx_ptr, table_ptr, N,
+                         D: tl.constexpr, F: tl.constexpr, LF: tl.constexpr,
+                         NEED_DEMB: tl.constexpr, NEED_DX: tl.constexpr, BLOCK: tl.constexpr):
     level = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
@@ -204,7 +201,52 @@ def _hashgrid_bwd_kernel(x_ptr, gout_ptr, gemb_ptr, table_ptr, N,
     i3, f3 = _cell(x_ptr, rows, rmask, 3, D, scale)
     gout_ptrs = gout_ptr + (rows.to(tl.int64) * LF + level * F)[:, None] + feats[None, :]
     g = tl.load(gout_ptrs, mask=rmask[:, None], other=0.0)
+    dx0 = tl.zeros_like(f0)
+    dx1 = tl.zeros_like(f0)
+    dx2 = tl.zeros_like(f0)
+    dx3 = tl.zeros_like(f0)
     for corner in tl.static_range(2**D):
         row, w = _corner_row(i0, i1, i2, i3, f0, f1, f2, f3, corner, D, res, size, dense)
-        ptrs = gemb_ptr + ((offset + row) * F)[:, None] + feats[None, :]
-        tl.atomic_add(ptrs, w[:, None] * g, mask=rmask[:, None], sem="relaxed")
+        ptrs = ((offset + row) * F)[:, None] + feats[None, :]
+        if NEED_DEMB:
+            # No mask: masked-out points have valid rows (x = 0) and g = 0, and a mask would branch around every add.
+            tl.atomic_add(gemb_ptr + ptrs, w[:, None] * g, sem="relaxed")
+        if NEED_DX:
+            # d out / d pos_d = (+1 upper side, -1 lower side of dim d) * product of the other dims' weights.
+            gv = tl.sum(tl.load(emb_ptr + ptrs) * g, axis=1)
+            w0, w1, w2, w3 = _corner_factors(f0, f1, f2, f3, corner, D)
+            s0 = 1.0 if (corner & 1) else -1.0
+            s1 = 1.0 if ((corner >> 1) & 1) else -1.0
+            s2 = 1.0 if ((corner >> 2) & 1) else -1.0
+            s3 = 1.0 if ((corner >> 3) & 1) else -1.0
+            dx0 += gv * (s0 * w1 * w2 * w3)
+            dx1 += gv * (s1 * w0 * w2 * w3)
+            dx2 += gv * (s2 * w0 * w1 * w3)
+            dx3 += gv * (s3 * w0 * w1 * w2)
+    if NEED_DX:  # d pos / d x = scale; the levels add up through atomics
+        _add_dx(gx_ptr, rows, rmask, 0, D, dx0 * scale)
+        _add_dx(gx_ptr, rows, rmask, 1, D, dx1 * scale)
+        _add_dx(gx_ptr, rows, rmask, 2, D, dx2 * scale)
+        _add_dx(gx_ptr, rows, rmask, 3, D, dx3 * scale)
+
+
+@triton.jit
+def _corner_factors(f0, f1, f2, f3, corner: tl.constexpr, D: tl.constexpr):
+    """Per-dimension weight factors of a corner; dimensions the input lacks give 1."""
+    w0 = f0 if (corner & 1) else 1.0 - f0
+    w1 = tl.full(f0.shape, 1.0, tl.float32)
+    w2 = tl.full(f0.shape, 1.0, tl.float32)
+    w3 = tl.full(f0.shape, 1.0, tl.float32)
+    if D > 1:
+        w1 = f1 if ((corner >> 1) & 1) else 1.0 - f1
+    if D > 2:
+        w2 = f2 if ((corner >> 2) & 1) else 1.0 - f2
+    if D > 3:
+        w3 = f3 if ((corner >> 3) & 1) else 1.0 - f3
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _add_dx(gx_ptr, rows, rmask, dim: tl.constexpr, D: tl.constexpr, value):
+    if dim < D:
+        tl.atomic_add(gx_ptr + rows * D + dim, value, mask=rmask, sem="relaxed")

@@ -172,28 +172,23 @@ for d, n_active in [(3, 4), (4, 4), (3, 3), (4, 1)]:
     enc.n_active_levels = n_active
     x = torch.cat([torch.rand(150, d, generator=gen), torch.ones(1, d), torch.zeros(1, d)])
     grad_out = torch.randn(x.shape[0], 8, generator=gen)
-    outs, grads = [], []
+    results = {}
     for impl in ("torch", "triton"):
         enc.implementation = impl
-        enc.embeddings.grad = None
-        out = enc(x)
-        (out * grad_out).sum().backward()
-        outs.append(out.detach())
-        grads.append(enc.embeddings.grad.clone())
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
-    assert grads[0].abs().max() > 0.1 and outs[0].abs().max() > 0.1
+        out = enc(x)  # embeddings' gradient alone (the usual case) ...
+        (grad_emb,) = torch.autograd.grad(out, enc.embeddings, grad_out)
+        xg = x.clone().requires_grad_(True)  # ... and together with the points' gradient
+        grad_x, grad_emb2 = torch.autograd.grad(enc(xg), [xg, enc.embeddings], grad_out)
+        torch.testing.assert_close(grad_emb2, grad_emb, rtol=1e-6, atol=1e-6)
+        results[impl] = (out.detach(), grad_emb, grad_x)
+    for name, ref, tri in zip(("value", "embeddings grad", "x grad"), results["torch"], results["triton"]):
+        assert ref.abs().max() > 0.1, name
+        scale = ref.abs().max().item()  # x gradients grow with the level resolution: compare relative to the max
+        torch.testing.assert_close(tri / scale, ref / scale, rtol=1e-5, atol=2e-6)
+        print(f"D={d} active={n_active} {name}: max |diff| {(tri - ref).abs().max().item():.2e} of max {scale:.2e}")
     if n_active < 4:
-        assert outs[1][:, 2 * n_active:].abs().max() == 0
-        assert grads[1][enc.level_offsets[n_active]:].abs().max() == 0
-    err = (outs[1] - outs[0]).abs().max().item(), (grads[1] - grads[0]).abs().max().item()
-    print(f"D={d} active={n_active}: max |value diff| {err[0]:.2e}, max |grad diff| {err[1]:.2e}")
-try:
-    enc.implementation = "triton"
-    enc(torch.rand(4, d, requires_grad=True)).sum().backward()
-    raise SystemExit("expected a RuntimeError for a gradient with respect to x")
-except RuntimeError as exc:
-    assert "no gradient with respect to x" in str(exc), exc
+        assert results["triton"][0][:, 2 * n_active:].abs().max() == 0
+        assert results["triton"][1][enc.level_offsets[n_active]:].abs().max() == 0
 print("ok")
 """
 
@@ -207,3 +202,13 @@ def test_triton_interpreted_matches_torch_values_and_gradients():
                           capture_output=True, text=True, timeout=300)
     print(proc.stdout)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_exports_exist():
+    from animate124.core import hashgrid
+
+    assert all(hasattr(hashgrid, name) for name in hashgrid.__all__)
+    if importlib.util.find_spec("triton") is not None:
+        from animate124.core import hashgrid_triton
+
+        assert all(hasattr(hashgrid_triton, name) for name in hashgrid_triton.__all__)
