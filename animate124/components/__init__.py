@@ -2,9 +2,14 @@
 
 Needs threestudio importable (launch.py does that); ``animate124.core`` never does.
 """
-from animate124.components import geometry, renderer  # noqa: F401  (register a124-* names)
+from animate124.components import data, geometry, guidance, prompt_processors, renderer, system  # noqa: F401  (register a124-* names)
 
 REGISTERED_NAMES = (
     "a124-4d-volume",
     "a124-time-volume-renderer",
+    "a124-image-video-datamodule",
+    "a124-system",
+    "a124-video-sds-guidance",
+    "a124-video-prompt-processor",
+    "a124-textual-inversion-prompt-processor",
 )

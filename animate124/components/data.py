@@ -1,0 +1,266 @@
+"""``a124-image-video-datamodule``: the reference view, random t = 0 cameras and moving-camera video clips.
+
+Every training batch holds three parts, so one data module serves every stage (the system picks what it renders):
+
+* ``ref``: the reference view at t = 0 with its RGB (composited on white), mask and optional depth;
+* ``random``: random cameras at t = 0 for the image / 3-D priors (SD, Zero123);
+* ``video``: one clip of F frames, each with its own camera and frame time (upstream frame-time sampler; moving
+  camera whose azimuth really moves by the azimuth delta, fixing upstream's elevation-delta bug).
+
+Validation renders an orbit while animating (64 frames by default); test renders turntables at fixed times, the
+front view over time and the orbit while animating. Rays come from the host's helpers; trajectories from the core.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+import threestudio
+from threestudio.utils.base import Updateable
+from threestudio.utils.ops import get_mvp_matrix, get_projection_matrix, get_ray_directions, get_rays
+
+from animate124.core import cameras as cams
+from animate124.core.frame_times import sample_frame_times
+
+
+@dataclass
+class RandomCameraConfig:
+    batch_size: int = 1
+    height: int = 128
+    width: int = 128
+    elevation_range: Tuple[float, float] = (-45.0, 45.0)
+    azimuth_range: Tuple[float, float] = (-180.0, 180.0)
+    distance_range: Tuple[float, float] = (2.5, 2.5)
+    fovy_range: Tuple[float, float] = (40.0, 40.0)
+    uniform_sphere_prob: float = 0.5
+
+
+@dataclass
+class VideoClipConfig:
+    num_frames: int = 16
+    height: int = 128
+    width: int = 128
+    precision: int = 256
+    """Frame times lie on a lattice of 1/precision (upstream 256)."""
+    zero_rate: float = 0.2
+    """Probability that a clip starts at t = 0 (halved by the mirror: P(flagged start at 0) = 0.1)."""
+    mirror_prob: float = 0.5
+    elevation_range: Tuple[float, float] = (-45.0, 45.0)
+    azimuth_range: Tuple[float, float] = (-180.0, 180.0)
+    distance_range: Tuple[float, float] = (2.5, 2.5)
+    fovy: float = 40.0
+    elevation_delta_range: Tuple[float, float] = (-0.703125, 0.703125)
+    """Per-frame (or total, see delta_mode) elevation change in degrees (upstream threestudio: +-180/256 per frame)."""
+    azimuth_delta_range: Tuple[float, float] = (-5.625, 5.625)
+    """Per-frame (or total) azimuth change in degrees (upstream threestudio: +-180/32 per frame)."""
+    distance_delta_range: Tuple[float, float] = (0.0, 0.0)
+    delta_mode: Literal["per_frame", "total"] = "per_frame"
+    fixed_camera_prob: float = 0.0
+    """Probability of a still camera for the whole clip (upstream main: 0.1)."""
+
+
+@dataclass
+class ImageVideoDataModuleConfig:
+    image_path: str = ""
+    """The preprocessed RGBA image (``animate124 preprocess`` writes rgba.png)."""
+    depth_path: Optional[str] = None
+    """Optional relative depth (8-bit, larger = nearer, as ``animate124 preprocess`` writes); enables the depth loss."""
+    height: int = 128
+    width: int = 128
+    default_elevation_deg: float = 0.0
+    default_azimuth_deg: float = 0.0
+    default_camera_distance: float = 2.5
+    default_fovy_deg: float = 40.0
+    rays_noise_scale: float = 2e-3
+    random_camera: RandomCameraConfig = field(default_factory=RandomCameraConfig)
+    video: VideoClipConfig = field(default_factory=VideoClipConfig)
+    eval_height: int = 256
+    eval_width: int = 256
+    eval_elevation_deg: float = 0.0
+    eval_camera_distance: float = 2.5
+    eval_fovy_deg: float = 40.0
+    n_val_frames: int = 64
+    """Validation renders an orbit while animating with this many frames (saved as a video)."""
+    n_test_views: int = 120
+    """Views of each test turntable."""
+    test_turntable_times: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    n_test_frames: int = 64
+    """Frames of the fixed front view over time and of the orbit while animating."""
+    seed: int = 0
+
+
+def _camera_batch(traj: cams.CameraTrajectory, height: int, width: int, noise: float = 0.0, generator=None) -> dict:
+    """Host-style camera batch (rays, mvp, angles, lights) for a trajectory, via the host's ray helpers."""
+    fovy = traj.fovy
+    focal = 0.5 * height / math.tan(0.5 * float(fovy[0]))
+    directions = get_ray_directions(height, width, focal)[None].repeat(len(traj), 1, 1, 1)
+    # one focal per view when the fovy varies inside the batch
+    directions[..., :2] = directions[..., :2] * (focal / cams.focal_from_fovy(fovy, height))[:, None, None, None]
+    c2w = traj.c2w
+    if noise > 0:
+        rays_o, rays_d = cams.get_rays(c2w, fovy, height, width, noise_scale=noise, generator=generator)
+    else:
+        rays_o, rays_d = get_rays(directions, c2w, keepdim=True, normalize=True)
+    proj = get_projection_matrix(fovy, width / height, 0.01, 100.0)
+    positions = traj.camera_positions
+    return {
+        "rays_o": rays_o,
+        "rays_d": rays_d,
+        "mvp_mtx": get_mvp_matrix(c2w, proj),
+        "proj_mtx": proj,
+        "c2w": c2w,
+        "camera_positions": positions,
+        "light_positions": positions * 1.5,
+        "elevation": traj.elevation_deg,
+        "azimuth": traj.azimuth_deg,
+        "camera_distances": traj.distance,
+        "fovy": fovy,
+        "frame_times": traj.times,
+        "height": height,
+        "width": width,
+    }
+
+
+def load_reference(cfg: ImageVideoDataModuleConfig) -> dict:
+    """RGB on white [1,H,W,3], mask [1,H,W,1] (alpha > 0.5) and optional depth [1,H,W,1] in [0, 1]."""
+    if not cfg.image_path or not os.path.isfile(cfg.image_path):
+        raise ValueError(
+            f"data.image_path={cfg.image_path!r} is not a file: point it at an rgba.png "
+            "(make one with `animate124 preprocess IMAGE --out DIR`)"
+        )
+    rgba = Image.open(cfg.image_path)
+    if rgba.mode != "RGBA":
+        raise ValueError(
+            f"data.image_path={cfg.image_path!r} has no alpha channel (mode {rgba.mode}): run "
+            "`animate124 preprocess` to remove the background"
+        )
+    rgba = np.asarray(rgba.resize((cfg.width, cfg.height), Image.BILINEAR), dtype=np.float32) / 255.0
+    rgba = torch.from_numpy(rgba)[None]
+    alpha = rgba[..., 3:]
+    out = {"rgb": rgba[..., :3] * alpha + (1 - alpha), "mask": alpha > 0.5}
+    if cfg.depth_path:
+        if not os.path.isfile(cfg.depth_path):
+            raise ValueError(f"data.depth_path={cfg.depth_path!r} is not a file: fix the path or set it to null")
+        depth = Image.open(cfg.depth_path).convert("L").resize((cfg.width, cfg.height), Image.BILINEAR)
+        out["ref_depth"] = torch.from_numpy(np.asarray(depth, dtype=np.float32) / 255.0)[None, ..., None]
+    return out
+
+
+class ClipIterableDataset(IterableDataset, Updateable):
+    """Endless training batches: ``{"ref": ..., "random": ..., "video": ...}`` (see the module docstring)."""
+
+    def __init__(self, cfg: ImageVideoDataModuleConfig, reference: dict) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reference = reference
+        self.generator = torch.Generator().manual_seed(cfg.seed + _rank())
+        ref_traj = cams.make_trajectory(
+            torch.tensor([cfg.default_elevation_deg]),
+            torch.tensor([cfg.default_azimuth_deg]),
+            torch.tensor([cfg.default_camera_distance]),
+            torch.zeros(1),
+            cfg.default_fovy_deg,
+        )
+        self.ref_traj = ref_traj
+
+    def __iter__(self):
+        while True:
+            yield {}
+
+    def collate(self, _batch) -> dict:
+        cfg, g = self.cfg, self.generator
+        ref = _camera_batch(self.ref_traj, cfg.height, cfg.width, cfg.rays_noise_scale, g)
+        ref.update(self.reference)
+        rc = cfg.random_camera
+        random = cams.sample_random_cameras(
+            rc.batch_size, 0.0, rc.elevation_range, rc.azimuth_range, rc.distance_range, rc.fovy_range,
+            rc.uniform_sphere_prob, generator=g,
+        )
+        vc = cfg.video
+        clip = sample_frame_times(vc.num_frames, vc.precision, vc.zero_rate, vc.mirror_prob, generator=g)
+        traj = cams.sample_clip_trajectory(
+            clip.times, vc.elevation_range, vc.azimuth_range, vc.distance_range, vc.fovy, vc.elevation_delta_range,
+            vc.azimuth_delta_range, vc.distance_delta_range, vc.delta_mode, vc.fixed_camera_prob, generator=g,
+        )
+        video = _camera_batch(traj, vc.height, vc.width)
+        video["start_from_zero"] = clip.start_from_zero
+        return {"ref": ref, "random": _camera_batch(random, rc.height, rc.width), "video": video}
+
+
+class TrajectoryDataset(Dataset):
+    """Evaluation views: one item per (trajectory, index), host-style keys plus ``trajectory`` and ``index``."""
+
+    def __init__(self, cfg: ImageVideoDataModuleConfig, split: Literal["val", "test"]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        common = dict(elevation_deg=cfg.eval_elevation_deg, distance=cfg.eval_camera_distance, fovy_deg=cfg.eval_fovy_deg)
+        if split == "val":
+            self.trajectories = {"orbit": cams.orbit_while_animating(cfg.n_val_frames, **common)}
+        else:
+            self.trajectories = {
+                f"turntable-t{t:g}": cams.turntable(cfg.n_test_views, time=float(t), **common)
+                for t in cfg.test_turntable_times
+            }
+            self.trajectories["front-over-time"] = cams.fixed_view(
+                cfg.n_test_frames, azimuth_deg=cfg.default_azimuth_deg, **common
+            )
+            self.trajectories["orbit"] = cams.orbit_while_animating(cfg.n_test_frames, **common)
+        self.items = [(name, i) for name, traj in self.trajectories.items() for i in range(len(traj))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict:
+        name, i = self.items[idx]
+        traj = self.trajectories[name]
+        one = cams.CameraTrajectory(*(getattr(traj, f)[i : i + 1] for f in (
+            "elevation_deg", "azimuth_deg", "distance", "fovy_deg", "c2w", "times")))
+        batch = _camera_batch(one, self.cfg.eval_height, self.cfg.eval_width)
+        batch = {k: (v[0] if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch.update({"index": i, "trajectory": name, "n_views": len(traj)})
+        return batch
+
+
+def _rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
+
+
+@threestudio.register("a124-image-video-datamodule")
+class ImageVideoDataModule(pl.LightningDataModule):
+    cfg: ImageVideoDataModuleConfig
+
+    def __init__(self, cfg=None) -> None:
+        super().__init__()
+        # merge onto the structured defaults so nested sections keep their defaults; unknown keys raise
+        merged = OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {})
+        self.cfg = OmegaConf.to_object(merged)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self.train_dataset = ClipIterableDataset(self.cfg, load_reference(self.cfg))
+        if stage in (None, "fit", "validate"):
+            self.val_dataset = TrajectoryDataset(self.cfg, "val")
+        if stage in (None, "test", "predict"):
+            self.test_dataset = TrajectoryDataset(self.cfg, "test")
+
+    def train_dataloader(self) -> DataLoader:
+        # num_workers 0: the host updates datasets in place between steps
+        return DataLoader(self.train_dataset, batch_size=None, num_workers=0, collate_fn=self.train_dataset.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=1, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, batch_size=1, num_workers=0)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, batch_size=1, num_workers=0)

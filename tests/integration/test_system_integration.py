@@ -1,0 +1,202 @@
+"""The a124-system through real threestudio on CPU with tiny models: every stage in one run, resume, outputs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REF = "panda-dance"
+
+
+def _config(tiny: dict, rgba: Path, root: Path, steps=(2, 3, 2), with_cn: bool = False) -> str:
+    cn_slot = f"""
+    cn:
+      input: controlnet
+      guidance_type: a124-controlnet-tile-guidance
+      guidance:
+        pretrained_model_name_or_path: {tiny['sd']}
+        controlnet_name_or_path: {tiny['controlnet-tile']}
+        fixed_size: 64
+        seed: 0
+      prompt_processor_type: a124-textual-inversion-prompt-processor
+      prompt_processor:
+        pretrained_model_name_or_path: {tiny['sd']}
+        prompt: "a <token> is dancing"
+        learned_embeds_path: {root / 'embeds.safetensors'}""" if with_cn else ""
+    refine_guidances = "[video, zero123, cn]" if with_cn else "[video, zero123]"
+    cn_weight = "cn: 3.0, " if with_cn else ""
+    return f"""
+name: a124-smoke
+tag: test
+use_timestamp: false
+exp_root_dir: {root / 'outputs'}
+seed: 0
+data_type: a124-image-video-datamodule
+data:
+  image_path: {rgba}
+  height: 16
+  width: 16
+  random_camera: {{height: 16, width: 16, batch_size: 1}}
+  video: {{num_frames: 4, height: 16, width: 16, zero_rate: 0.5}}
+  eval_height: 16
+  eval_width: 16
+  n_val_frames: 4
+  n_test_views: 3
+  n_test_frames: 4
+system_type: a124-system
+system:
+  anchor_interval: 2
+  geometry_type: a124-4d-volume
+  geometry:
+    radius: 1.0
+    temporal_frozen: true
+    pos_encoding_config: {{n_levels: 4, log2_hashmap_size: 12, base_resolution: 8, per_level_scale: 1.5, implementation: torch}}
+  material_type: no-material
+  material: {{n_output_dims: 3, color_activation: sigmoid}}
+  background_type: solid-color-background
+  background: {{color: [1.0, 1.0, 1.0]}}
+  renderer_type: a124-time-volume-renderer
+  renderer:
+    num_samples_per_ray: 16
+    occ_grid_res: 8
+    occ_n_time_slices: 4
+    implementation: torch
+  guidances:
+    sd:
+      input: image
+      guidance_type: stable-diffusion-guidance
+      guidance: {{pretrained_model_name_or_path: {tiny['sd']}, guidance_scale: 100., half_precision_weights: false}}
+      prompt_processor_type: stable-diffusion-prompt-processor
+      prompt_processor: {{pretrained_model_name_or_path: {tiny['sd']}, prompt: "a panda", spawn: false}}
+    zero123:
+      input: image
+      guidance_type: zero123-unified-guidance
+      guidance:
+        pretrained_model_name_or_path: {tiny['zero123']}
+        cond_image_path: {rgba}
+        guidance_scale: 5.0
+        cond_elevation_deg: 0.0
+        cond_azimuth_deg: 0.0
+        cond_camera_distance: 2.5
+        half_precision_weights: false
+    video:
+      input: video
+      guidance_type: a124-video-sds-guidance
+      guidance: {{pretrained_model_name_or_path: {tiny['text-to-video']}, model_size: [64, 64], seed: 0}}
+      prompt_processor_type: a124-video-prompt-processor
+      prompt_processor: {{pretrained_model_name_or_path: {tiny['text-to-video']}, prompt: "a panda is dancing"}}{cn_slot}
+  stages:
+    - name: static
+      steps: {steps[0]}
+      guidances: [sd, zero123]
+      loss_weights: {{sd: 0.025, zero123: 1.0, rgb: 1000.0, mask: 100.0, normal_smoothness_2d: 10.0}}
+      learning_rates: {{field_3d: 0.01, density_mlp: 0.001, feature_mlp: 0.001}}
+      trainable: [field_3d, density_mlp, feature_mlp]
+    - name: dynamic
+      steps: {steps[1]}
+      guidances: [video, zero123]
+      loss_weights: {{video: 1.0, zero123: 40.0, rgb: 1000.0, mask: 100.0, time_smoothness: 0.001}}
+      learning_rates: {{field_3d: 0.0001, field_4d: 0.01, density_mlp: 0.001, feature_mlp: 0.001}}
+    - name: refine
+      steps: {steps[2]}
+      guidances: {refine_guidances}
+      loss_weights: {{video: 1.0, zero123: 40.0, {cn_weight}rgb: 1000.0, mask: 100.0}}
+      learning_rates: {{field_3d: 0.0001, field_4d: 0.01, density_mlp: 0.001, feature_mlp: 0.001}}
+  optimizer: {{name: Adam, args: {{betas: [0.9, 0.99], eps: 1.0e-15}}}}
+trainer:
+  max_steps: {sum(steps)}
+  log_every_n_steps: 1
+  num_sanity_val_steps: 0
+  val_check_interval: {sum(steps)}
+  enable_progress_bar: false
+  precision: 32
+checkpoint:
+  save_last: true
+  save_top_k: -1
+  every_n_train_steps: {steps[0] + 1}
+"""
+
+
+def _callback_base():
+    import pytorch_lightning as pl
+
+    return pl.Callback
+
+
+class StepRecorder(_callback_base()):
+    """Lightning callback recording, per step, the stage, the guidances that ran and which parameters got gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {name: bool(p.grad is not None and p.grad.abs().sum() > 0)
+                 for name, p in pl_module.geometry.named_parameters()}
+        info = dict(pl_module.last_step_info)
+        info["step"] = pl_module.true_global_step
+        info["grads"] = grads
+        self.steps.append(info)
+
+
+def _run(threestudio, cfg_text: str, root: Path, resume=None, max_steps=None, callbacks=()):
+    import pytorch_lightning as pl
+    from threestudio.utils.config import load_config
+
+    cfg = load_config(cfg_text, from_string=True)
+    if max_steps is not None:
+        cfg.trainer.max_steps = max_steps
+    pl.seed_everything(cfg.seed)
+    dm = threestudio.find(cfg.data_type)(cfg.data)
+    system = threestudio.find(cfg.system_type)(cfg.system, resumed=resume is not None)
+    system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(cfg.trial_dir, "ckpts"), **cfg.checkpoint)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[ckpt, *callbacks],
+                         inference_mode=False, **cfg.trainer)
+    trainer.fit(system, datamodule=dm, ckpt_path=resume)
+    return cfg, system, trainer
+
+
+@pytest.fixture()
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the host's prompt cache is relative to the working directory
+    return tmp_path
+
+
+def _grad(info, prefix):
+    return any(v for k, v in info["grads"].items() if k.startswith(prefix))
+
+
+def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, shared_data, run_dir):
+    rgba = shared_data / "examples" / REF / "rgba.png"
+    cfg_text = _config(tiny_models, rgba, run_dir)
+    rec = StepRecorder()
+    cfg, system, trainer = _run(threestudio, cfg_text, run_dir, callbacks=[rec])
+    stages = [s["stage"] for s in rec.steps]
+    assert stages == ["static"] * 2 + ["dynamic"] * 3 + ["refine"] * 2, stages
+    for info in rec.steps:
+        if info["stage"] == "static":
+            assert set(info["guidances"]) == {"sd", "zero123"}
+            assert _grad(info, "field.encoding.") and not _grad(info, "field.encoding_time.")
+        else:
+            assert "video" in info["guidances"]
+            assert _grad(info, "field.encoding_time.") and _grad(info, "field.density_network.")
+            assert ("zero123" in info["guidances"]) == info["anchor"]
+    # guidances of finished stages are freed
+    assert set(system._guidances) == {"video", "zero123"}
+    trial = Path(cfg.trial_dir)
+    record = json.loads((trial / "stages.json").read_text())
+    assert [r["stage"] for r in record["stages"]] == ["static", "dynamic", "refine"]
+    assert [r["steps"] for r in record["stages"]] == [2, 3, 2]
+    assert all(r["wall_time_s"] > 0 for r in record["stages"])
+    assert list((trial / "save").glob("it7-val.mp4")), sorted(p.name for p in (trial / "save").iterdir())
+
+    # resume from the checkpoint at step 3 (mid dynamic): it continues in 'dynamic' at step 3
+    ckpts = sorted((trial / "ckpts").glob("epoch=*step=3*.ckpt"))
+    assert ckpts, sorted(p.name for p in (trial / "ckpts").iterdir())
+    rec2 = StepRecorder()
+    _run(threestudio, cfg_text, run_dir, resume=str(ckpts[0]), max_steps=5, callbacks=[rec2])
+    assert [(s["step"], s["stage"]) for s in rec2.steps] == [(3, "dynamic"), (4, "dynamic")]
