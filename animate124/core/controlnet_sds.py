@@ -158,10 +158,9 @@ class ControlNetTileSDS:
         cond_image = sds.resize_to_model(cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2),
                                          (fixed_size, fixed_size))
         # 3. latents with gradient, one timestep per frame
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        latents = dist.mean.float()
+        latents, std = sds.encode_moments(self.vae, images * 2 - 1)
         if sample_posterior:
-            latents = latents + dist.std.float() * sds.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + std * sds.randn(latents.shape, generator=generator, device=latents.device)
         latents = latents * self.vae.config.scaling_factor
         t = sds.sample_timesteps(k, min_step, max_step, generator=generator, device=latents.device)
         noise = sds.randn(latents.shape, generator=generator, device=latents.device)

@@ -200,6 +200,35 @@ def resize_to_model(
     return F.interpolate(images, size=(th, tw), mode=mode, align_corners=False)
 
 
+def encode_moments(
+    vae,
+    images: Float[Tensor, "N 3 H W"],
+    graded: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Float[Tensor, "N 4 h w"], Float[Tensor, "N 4 h w"]]:
+    """Posterior mean and standard deviation (fp32, *unscaled*) of images in [-1, 1], in the VAE's dtype.
+
+    ``graded`` (``[N]`` bool, default all True): rows encoded with gradient; the others run under ``no_grad`` and get
+    no gradient. ``chunk_size``: at most this many images per encoder call. An encoder without a posterior
+    (``AutoencoderTiny``: ``encode(x).latents``) gives its latents as the mean and a zero std.
+    """
+    n = images.shape[0]
+    if (graded is None or bool(graded.all())) and (chunk_size is None or chunk_size >= n):
+        return _moments(vae, images)  # common case: one call, no bookkeeping
+    graded = torch.ones(n, dtype=torch.bool) if graded is None else graded.cpu()
+    chunk = chunk_size or n
+    means, stds = [None] * n, [None] * n
+    for want_grad in (True, False):
+        rows = torch.nonzero(graded == want_grad).flatten().tolist()
+        for start in range(0, len(rows), chunk):
+            idx = rows[start : start + chunk]
+            with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
+                mean, std = _moments(vae, images[idx])
+            for j, i in enumerate(idx):
+                means[i], stds[i] = mean[j], std[j]
+    return torch.stack(means), torch.stack(stds)
+
+
 def load_pretrained_component(
     cls,
     name_or_path: str,
@@ -240,6 +269,15 @@ def load_pretrained_component(
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Reshape ``[B]`` to ``[B, 1, …, 1]`` to broadcast against ``like``."""
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.device)
+
+
+def _moments(vae, images: Tensor) -> tuple[Tensor, Tensor]:
+    encoded = vae.encode(images.to(vae.dtype))
+    dist = getattr(encoded, "latent_dist", None)
+    if dist is None:  # deterministic encoder (AutoencoderTiny)
+        mean = encoded.latents.float()
+        return mean, torch.zeros_like(mean)
+    return dist.mean.float(), dist.std.float()
 
 
 def _check_percent(name: str, value: float):

@@ -132,7 +132,7 @@ class VideoSDS:
         if low_ram_vae > 0:
             order = [torch.randperm(t, generator=sds.cpu_generator(generator)) for _ in range(b)]
             graded = torch.stack([o < low_ram_vae for o in order]).reshape(-1)  # n True per clip
-        mean, std = _encode_moments(self.vae, images, graded, vae_chunk_size)
+        mean, std = sds.encode_moments(self.vae, images, graded, vae_chunk_size)
         latents = mean
         if sample_posterior:
             latents = mean + std * sds.randn(mean.shape, generator=generator, device=mean.device)
@@ -286,23 +286,6 @@ def _check_frames(frames: Tensor) -> Tensor:
         raise ValueError(f"VideoSDS: frames must be [T, H, W, 3] or [B, T, H, W, 3] RGB in [0, 1], got shape "
                          f"{tuple(frames.shape)}; permute channels last")
     return frames[None] if frames.dim() == 4 else frames
-
-
-def _encode_moments(vae, images: Tensor, graded: Tensor, chunk: int | None) -> tuple[Tensor, Tensor]:
-    """Posterior mean and std of every image (fp32); rows where ``graded`` is False are encoded under no_grad."""
-    dtype = vae.dtype
-    chunk = chunk or images.shape[0]
-    means, stds = [None] * images.shape[0], [None] * images.shape[0]
-    for want_grad in (True, False):
-        rows = torch.nonzero(graded == want_grad).flatten().tolist()
-        for start in range(0, len(rows), chunk):
-            idx = rows[start : start + chunk]
-            with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
-                dist = vae.encode(images[idx].to(dtype)).latent_dist
-                mean, std = dist.mean.float(), dist.std.float()
-            for j, i in enumerate(idx):
-                means[i], stds[i] = mean[j], std[j]
-    return torch.stack(means), torch.stack(stds)
 
 
 def _default_model_size(path: str, unet, vae) -> tuple[int, int]:

@@ -146,3 +146,23 @@ def test_missing_model_error_names_the_id_and_the_fix(tmp_path):
 def test_weight_names_listed():
     assert set(sds.WEIGHTINGS) == {"sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"}
     assert math.isclose(sds.sds_weight(torch.tensor([0.5]), torch.tensor([0]), "sds").item(), 0.5)
+
+
+def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1).eval()
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    mean, std = sds.encode_moments(vae, x)
+    graded = torch.tensor([True, False, True, False])
+    mean2, std2 = sds.encode_moments(vae, x, graded, chunk_size=1)
+    torch.testing.assert_close(mean2, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std2, std, rtol=1e-5, atol=1e-6)
+    mean2.sum().backward()
+    assert (x.grad.abs().sum(dim=(1, 2, 3)) > 0).tolist() == graded.tolist()
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).eval()
+    m, s = sds.encode_moments(taesd, torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert m.shape == (2, 4, 4, 4) and s.abs().sum() == 0
