@@ -271,7 +271,8 @@ def test_dtype_and_device_follow_inputs():
         (lambda: turntable(0), "n=0"),
         (lambda: turntable(4, elevation_deg=90.0), "elevation_deg=90.0"),
         (lambda: fixed_view(3, t_end=1.5), r"frame times must lie in \[0, 1\]"),
-        (lambda: sample_clip_trajectory(torch.zeros(3), delta_mode="sum"), "delta_mode='sum'"),
+        # a Literal argument: our ValueError, or a runtime type checker's TypeError naming the value first
+        (lambda: sample_clip_trajectory(torch.zeros(3), delta_mode="sum"), "'sum'"),
         (lambda: sample_clip_trajectory(torch.zeros(3), azimuth_range=(10, -10)), "azimuth_range"),
         (lambda: sample_clip_trajectory(torch.zeros(3), fixed_camera_prob=2.0), "fixed_camera_prob=2.0"),
         (lambda: sample_random_cameras(2, elevation_range=(-100, 10)), "elevation_range"),
@@ -280,5 +281,6 @@ def test_dtype_and_device_follow_inputs():
     ],
 )
 def test_bad_arguments_raise(call, match):
-    with pytest.raises(ValueError, match=match):
+    error = (ValueError, TypeError) if match == "'sum'" else ValueError
+    with pytest.raises(error, match=match):
         call()
