@@ -255,20 +255,26 @@ class HashGridEncoding(torch.nn.Module):
         return "triton" if fits and x.device.type == "cuda" and _triton_available() else "torch"
 
     def _forward_tcnn(self, x: Tensor) -> Tensor:
-        if importlib.util.find_spec("tinycudann") is None:
+        spec = importlib.util.find_spec("tinycudann")
+        if spec is None:
             raise ValueError("implementation='tcnn' but tinycudann is not installed; install it with `pip install "
                              "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch` or use "
                              "implementation='auto'")
         if x.device.type != "cuda":
             raise ValueError(f"implementation='tcnn' needs CUDA inputs (got {x.device}); use implementation='auto'")
+        from tinycudann.modules import _C, _module_function  # the autograd function behind tcnn.Encoding
+
         module = self._tcnn_modules.get(str(x.device))
         if module is None:
-            module = self._build_tcnn(x.device)
-            self._tcnn_modules[str(x.device)] = module
-        # tinycudann's own parameter is replaced by ours (same [entries, F] row-major layout), so gradients land in
-        # `embeddings`. It is not registered as a sub-module, so `embeddings` stays the only parameter.
-        module.params = self.embeddings
-        out = module(x).float()
+            module = self._tcnn_modules[str(x.device)] = self._build_tcnn(x.device)
+        # Same steps as tcnn.Encoding.forward, but with our table: tinycudann's flat parameter vector is our
+        # [entries, F] table in row-major order, so gradients land in `embeddings` (the only parameter).
+        n = x.shape[0]
+        granularity = int(_C.batch_size_granularity())
+        padded = x if n % granularity == 0 else torch.nn.functional.pad(x, [0, 0, 0, granularity - n % granularity])
+        out = _module_function.apply(module.native_tcnn_module, padded.contiguous(), self.embeddings.reshape(-1),
+                                     module.loss_scale)
+        out = out[:n, : self.n_output_dims].float()
         if self.n_active_levels < self.n_levels:
             keep = torch.arange(self.n_output_dims, device=x.device) < self.n_active_levels * self.n_features_per_level
             out = out * keep
@@ -285,6 +291,7 @@ class HashGridEncoding(torch.nn.Module):
         if module.params.numel() != self.embeddings.numel():
             raise ValueError(f"tinycudann allocates {module.params.numel()} parameters, ours {self.embeddings.numel()}:"
                              " this tinycudann version lays out HashGrid differently; use implementation='triton'")
+        module.params = None  # its own copy of the table is never used
         return module
 
 
