@@ -2,8 +2,9 @@
 
 Where threestudio comes from, first found wins: ``$THREESTUDIO_ROOT``; ``.deps/threestudio`` beside the repo (a
 git-ignored checkout, see README); a ``threestudio`` package already importable from ``PYTHONPATH``.
-On a machine without the GPU-only packages, import stand-ins for ``tinycudann`` and ``nvdiffrast`` from
-``tests/stubs`` are appended to ``sys.path`` (appended, so real installs win). Our components never call them.
+Where threestudio's import-time-only dependencies are missing (``tinycudann``, ``nvdiffrast``, and on a bare GPU
+image also ``wandb``, ``controlnet_aux``, ``igl``, ``IPython``), import stand-ins from ``tests/stubs`` are appended to
+``sys.path`` (appended, so real installs win). Our components never call them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from types import ModuleType
 REPO = Path(__file__).resolve().parents[1]
 EXTENSION_NAME = "threestudio-animate124"
 STUBS = REPO / "tests" / "stubs"
+# import-time dependencies of threestudio that our code never calls; stand-ins live in tests/stubs
+STUBBED = ("tinycudann", "nvdiffrast", "wandb", "controlnet_aux", "igl", "IPython")
 
 
 def threestudio_root() -> Path | None:
@@ -42,7 +45,7 @@ def why_unavailable() -> str | None:
             "no threestudio checkout: set THREESTUDIO_ROOT or put one in .deps/threestudio "
             "(see README, 'Integration tests')"
         )
-    for name in ("pytorch_lightning", "igl", "cv2", "controlnet_aux", "envlight", "wandb", "torchmetrics"):
+    for name in ("pytorch_lightning", "cv2", "envlight", "torchmetrics", "diffusers", "nerfacc"):
         if importlib.util.find_spec(name) is None:
             return f"threestudio's import-time dependency '{name}' is not installed (pip install -e '.[integration]')"
     return None
@@ -84,9 +87,9 @@ def load_threestudio() -> ModuleType:
     assert root is not None, why_unavailable()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    for stub in ("tinycudann", "nvdiffrast"):
-        if importlib.util.find_spec(stub) is None and str(STUBS) not in sys.path:
-            sys.path.append(str(STUBS))
+    # appended, so a real install earlier on sys.path always wins over the stand-in
+    if any(importlib.util.find_spec(name) is None for name in STUBBED) and str(STUBS) not in sys.path:
+        sys.path.append(str(STUBS))
     import threestudio
 
     _link_extension(root)

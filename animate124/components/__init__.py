@@ -3,6 +3,7 @@
 Needs threestudio importable (launch.py does that); ``animate124.core`` never does.
 """
 from animate124.components import data, geometry, guidance, prompt_processors, renderer, system  # noqa: F401  (register a124-* names)
+from animate124.components import controlnet_guidance, exporter  # noqa: F401  (register a124-* names)
 
 REGISTERED_NAMES = (
     "a124-4d-volume",
@@ -12,4 +13,6 @@ REGISTERED_NAMES = (
     "a124-video-sds-guidance",
     "a124-video-prompt-processor",
     "a124-textual-inversion-prompt-processor",
+    "a124-mesh-sequence-exporter",
+    "a124-controlnet-tile-guidance",
 )

@@ -103,12 +103,24 @@ class Animate124System(BaseLift3DSystem):
         time_smoothness_dt: float = 0.0625
         strict_weights: bool = False
         """Loading ``weights``: raise on missing/unexpected keys instead of reporting them."""
+        prompt: str = ""
+        """Static description ("a high-resolution DSLR image of a panda"); configs interpolate it as ${system.prompt}."""
+        motion_prompt: str = ""
+        """The motion sentence ("a panda is dancing"), for the video slot."""
+        refine_prompt: str = ""
+        """The motion sentence with the learned subject ("a <token> is dancing"), for the ControlNet slot."""
+        learned_embeds_path: Optional[str] = None
+        """Textual-inversion embedding (``animate124 invert``), for the ControlNet slot's prompt processor."""
+        tiny_models_dir: Optional[str] = None
+        """Smoke runs: make the tiny random models (``animate124 make-tiny-models``) here when missing."""
 
     cfg: Config
 
     # ---- construction ------------------------------------------------------------------------------------------
 
     def configure(self) -> None:
+        if self.cfg.tiny_models_dir:
+            _ensure_tiny_models(self.cfg.tiny_models_dir)
         super().configure()
         self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
         self.slots = parse_slots(self.cfg.guidances)
@@ -406,7 +418,7 @@ class Animate124System(BaseLift3DSystem):
 
     def on_validation_epoch_end(self):
         step = self.true_global_step
-        self.save_img_sequence(f"it{step}-val", f"it{step}-val", r"(\d+)\.png", save_format="mp4", fps=16,
+        self.save_img_sequence(f"it{step}-val", f"it{step}-val", r"(\d+)\.png", save_format=_video_format(), fps=16,
                                name="validation_video", step=step)
 
     def test_step(self, batch, batch_idx):
@@ -421,7 +433,58 @@ class Animate124System(BaseLift3DSystem):
             return
         for name in sorted(os.listdir(root)):
             self.save_img_sequence(f"it{step}-test-{name}", f"it{step}-test/{name}", r"(\d+)\.png",
-                                   save_format="mp4", fps=16, name=f"test_{name}", step=step)
+                                   save_format=_video_format(), fps=16, name=f"test_{name}", step=step)
+
+
+def _ensure_tiny_models(out_dir: str) -> None:
+    """Write the tiny random models once (rank 0 first; others wait for its marker file)."""
+    from animate124.core.tiny_models import ALL_KINDS, make_tiny_models
+
+    marker = os.path.join(out_dir, ".complete")
+    if os.path.exists(marker):
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        threestudio.info(f"making tiny random models in {out_dir} (smoke run)")
+        make_tiny_models(out_dir, kinds=ALL_KINDS)
+        _write_smoke_image(os.path.join(out_dir, "smoke_rgba.png"))
+        _write_smoke_embedding(os.path.join(out_dir, "smoke_embeds.safetensors"), os.path.join(out_dir, "sd"))
+        open(marker, "w").close()
+    else:
+        while not os.path.exists(marker):
+            time.sleep(1)
+
+
+def _write_smoke_image(path: str, size: int = 128) -> None:
+    """A procedural RGBA subject for smoke runs (a coloured disc with two 'ears' on a transparent background)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    s = size / 128
+    draw.ellipse([34 * s, 40 * s, 94 * s, 100 * s], fill=(235, 235, 235, 255))
+    for x in (30, 78):
+        draw.ellipse([x * s, 28 * s, (x + 20) * s, 48 * s], fill=(30, 30, 30, 255))
+    draw.ellipse([50 * s, 62 * s, 78 * s, 80 * s], fill=(200, 60, 60, 255))
+    img.save(path)
+
+
+def _write_smoke_embedding(path: str, sd_dir: str) -> None:
+    """A random textual-inversion embedding sized for the tiny SD text encoder."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig
+
+    width = CLIPTextConfig.from_pretrained(os.path.join(sd_dir, "text_encoder")).hidden_size
+    save_file({"_smoke_token_": torch.randn(width, generator=torch.Generator().manual_seed(0))}, path)
+
+
+def _video_format() -> str:
+    """mp4 needs imageio-ffmpeg (imageio otherwise picks a writer that rejects fps); fall back to gif, once warned."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        return "mp4"
+    threestudio.warn("imageio-ffmpeg is not installed: writing videos as gif (pip install imageio-ffmpeg for mp4)")
+    return "gif"
 
 
 def _host_zero123_alias() -> None:
