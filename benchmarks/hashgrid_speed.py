@@ -118,7 +118,7 @@ def _sweep(enc: HashGridEncoding, x: torch.Tensor, grad_out: torch.Tensor, args,
 
     rows = []
     for block, warps in SWEEP:
-        config = ht.KernelConfig((block, warps, block, warps))
+        config = ht.KernelConfig(block, warps, block, warps)
 
         def forward():
             with torch.no_grad():

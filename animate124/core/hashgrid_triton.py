@@ -1,4 +1,4 @@
-"""Triton kernels for the hash-grid encoding (forward, and backward into the embeddings), D = 1 to 4.
+"""Triton kernels for the hash-grid encoding, D = 1 to 4: forward, and backward into the embeddings and the points.
 
 Same semantics as ``hashgrid.hash_grid_encode_torch`` (tiny-cuda-nn ``HashGrid``, see ``hashgrid``'s docstring).
 Launch grid ``(cdiv(N, BLOCK), n_active_levels)``: one program encodes BLOCK points at one level, so the programs
@@ -17,6 +17,8 @@ Importing this module imports triton; ``hashgrid`` imports it only when the Trit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -30,11 +32,16 @@ __all__ = ["hash_grid_encode_triton", "KernelConfig", "DEFAULT_CONFIG", "MAX_DIM
 MAX_DIMS = 4
 
 
-class KernelConfig(tuple):
-    """(block_fwd, warps_fwd, block_bwd, warps_bwd): points per program and warps, for forward and backward."""
+class KernelConfig(NamedTuple):
+    """Points per program and warps per program, for the forward and the backward kernel."""
+
+    block_fwd: int = 256
+    warps_fwd: int = 4
+    block_bwd: int = 256
+    warps_bwd: int = 4
 
 
-DEFAULT_CONFIG = KernelConfig((256, 4, 256, 4))
+DEFAULT_CONFIG = KernelConfig()  # `python benchmarks/hashgrid_speed.py --sweep` times the alternatives
 
 
 def hash_grid_encode_triton(
