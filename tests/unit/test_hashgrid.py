@@ -56,14 +56,18 @@ def _brute_force(x: np.ndarray, table: np.ndarray, d: int, n_levels: int, log2_s
     return out
 
 
+# The second layout has fractional scales (4, 7.5, 13.45): cells and fractions not aligned across levels.
+@pytest.mark.parametrize("layout", [SMALL, dict(n_levels=3, log2_hashmap_size=10, base_resolution=5,
+                                                per_level_scale=1.7)])
 @pytest.mark.parametrize("d", [3, 4])
-def test_torch_matches_brute_force_on_dense_and_hashed_levels(d):
+def test_torch_matches_brute_force_on_dense_and_hashed_levels(d, layout):
     gen = torch.Generator().manual_seed(d)
-    enc = HashGridEncoding(d, **SMALL, implementation="torch", init_scale=1.0, generator=gen)
+    enc = HashGridEncoding(d, **layout, implementation="torch", init_scale=1.0, generator=gen)
     assert True in enc.levels.dense and False in enc.levels.dense, enc.levels.dense
     corners = torch.tensor([[0.0] * d, [1.0] * d, [0.5] * d, [1.0] + [0.0] * (d - 1)])
     x = torch.cat([corners, torch.rand(12, d, generator=gen)])
-    expected = _brute_force(x.numpy(), enc.embeddings.detach().numpy(), d, 4, 10, 4, 2.0)
+    expected = _brute_force(x.numpy(), enc.embeddings.detach().numpy(), d, layout["n_levels"],
+                            layout["log2_hashmap_size"], layout["base_resolution"], layout["per_level_scale"])
     torch.testing.assert_close(enc(x), torch.from_numpy(expected).float(), rtol=1e-5, atol=1e-5)
 
 
