@@ -89,7 +89,9 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, init_word: str) -
             f"--init {init_word!r} is {len(init_ids)} tokens {pieces}, not one: use a plain single word such as "
             "'panda' (not the placeholder like '_panda_')"
         )
-    if token in tokenizer.get_vocab() or tokenizer.add_tokens(token) == 0:
+    # a string that already is one token (a word like "panda" is "panda</w>") would be shadowed by the new token
+    existing = token in tokenizer.get_vocab() or len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    if existing or tokenizer.add_tokens(token) == 0:
         raise ToolError(f"--token {token!r} already exists in the vocabulary: pick a new string such as '_{token}_'")
     token_id = tokenizer.convert_tokens_to_ids(token)
     text_encoder.resize_token_embeddings(len(tokenizer))
