@@ -1,0 +1,132 @@
+"""a124-mesh-sequence-exporter through real threestudio: per-time meshes, the morph-target .glb, the --export flow."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+GEOMETRY = {
+    "radius": 1.0,
+    "pos_encoding_config": {"n_levels": 4, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.5,
+                            "implementation": "torch"},
+    "isosurface_threshold": 5.0,
+}
+TIMES = [0.0, 0.5, 1.0]
+THRESHOLD = 5.0
+
+
+def _parts(threestudio):
+    torch.manual_seed(0)
+    geometry = threestudio.find("a124-4d-volume")(GEOMETRY)
+    with torch.no_grad():
+        # a smooth, time-varying change of the blob (scale 10, std 0.5: the density-5 surface starts near |x| = 0.25)
+        geometry.encoding_time.embeddings.normal_(0, 0.3)
+    material = threestudio.find("no-material")({"n_output_dims": 3, "color_activation": "sigmoid"})
+    background = threestudio.find("solid-color-background")({"color": [1.0, 1.0, 1.0]})
+    return geometry, material, background
+
+
+def _export(threestudio, geometry, material, background, **cfg):
+    cfg = {"times": TIMES, "resolution": 32, **cfg}
+    exporter = threestudio.find("a124-mesh-sequence-exporter")(
+        cfg, geometry=geometry, material=material, background=background
+    )
+    return exporter, exporter()
+
+
+def _density(geometry, vertices, t):
+    with torch.no_grad():
+        return geometry.forward_density(torch.as_tensor(vertices, dtype=torch.float32), times=t)[:, 0]
+
+
+def test_meshes_per_time_and_one_morph_glb(threestudio):
+    import pygltflib
+    import trimesh
+
+    geometry, material, background = _parts(threestudio)
+    exporter, outputs = _export(threestudio, geometry, material, background)
+    names = [o.save_name for o in outputs]
+    assert names == [f"mesh/mesh_{k:04d}_t{t:.4f}.obj" for k, t in enumerate(TIMES)] + ["mesh.glb"], names
+    assert all(o.save_type == "file" and Path(o.params["src_path"]).is_file() for o in outputs)
+    # the threshold came from geometry.cfg.isosurface_threshold
+    assert exporter.threshold == THRESHOLD
+
+    # each mesh lies on the density-5 level set of its own time; colours are the material's at those points
+    meshes = [trimesh.load(o.params["src_path"], process=False) for o in outputs[:3]]
+    for mesh, t in zip(meshes, TIMES):
+        density = _density(geometry, mesh.vertices, t)
+        assert (density - THRESHOLD).abs().mean() < 0.15, (t, (density - THRESHOLD).abs().mean())
+        with torch.no_grad():
+            pts = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+            expected = torch.sigmoid(geometry.export(pts, times=t)["features"]).numpy()
+        colors = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
+        np.testing.assert_allclose(colors, expected, atol=1.5 / 255)
+    # the shape moves: the t = 1 surface differs from the t = 0 one
+    assert abs(len(meshes[0].vertices) - len(meshes[2].vertices)) > 0 or not np.allclose(
+        meshes[0].vertices.mean(0), meshes[2].vertices.mean(0)
+    )
+
+    # the .glb: one mesh with the t = 0 topology, N - 1 morph targets, colours, one animation over N keyframes
+    gltf = pygltflib.GLTF2().load(outputs[-1].params["src_path"])
+    blob = gltf.binary_blob()
+
+    def read(index, width):
+        acc = gltf.accessors[index]
+        view = gltf.bufferViews[acc.bufferView]
+        dtype = np.float32 if acc.componentType == 5126 else np.uint32
+        data = np.frombuffer(blob, dtype=dtype, count=acc.count * width, offset=view.byteOffset + (acc.byteOffset or 0))
+        return data.reshape(acc.count, width) if width > 1 else data
+
+    (prim,) = gltf.meshes[0].primitives
+    base = read(prim.attributes.POSITION, 3)
+    assert base.shape[0] == len(meshes[0].vertices)
+    assert len(prim.targets) == len(TIMES) - 1
+    assert prim.attributes.COLOR_0 is not None
+    np.testing.assert_allclose(read(prim.attributes.COLOR_0, 3), np.asarray(meshes[0].visual.vertex_colors)[:, :3]
+                               / 255.0, atol=1.5 / 255)
+    keys = read(gltf.animations[0].samplers[0].input, 1)
+    np.testing.assert_allclose(keys, np.asarray(TIMES) * 2.0)  # duration_s = 2
+    for k, t in enumerate(TIMES[1:], start=1):
+        target = prim.targets[k - 1]  # pygltflib loads targets as dicts
+        moved = base + read(target["POSITION"] if isinstance(target, dict) else target.POSITION, 3)
+        assert np.abs(moved - base).max() > 1e-3  # the tracked surface moved
+        residual = (_density(geometry, moved, t) - THRESHOLD).abs().mean()
+        assert residual < 0.15, (t, residual)  # ... onto that time's level set
+    tm = trimesh.load(outputs[-1].params["src_path"], force="mesh", process=False)
+    assert len(tm.vertices) == base.shape[0]
+
+
+def test_topology_that_cannot_follow_writes_sequence_only_and_warns(threestudio, monkeypatch):
+    geometry, material, background = _parts(threestudio)
+    warnings = []
+    monkeypatch.setattr(threestudio, "warn", lambda msg, *a, **k: warnings.append(msg))
+    # a tolerance no tracked frame can meet: every later frame fails the check
+    _, outputs = _export(threestudio, geometry, material, background, tolerance_voxels=1e-6)
+    assert [o.save_name.endswith(".obj") for o in outputs] == [True] * len(TIMES)
+    assert any("no animated mesh.glb" in w and "voxels off" in w for w in warnings), warnings
+
+
+def test_bad_times_fail_at_configure(threestudio):
+    geometry, material, background = _parts(threestudio)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        threestudio.find("a124-mesh-sequence-exporter")({"times": [0.5, 0.2]}, geometry=geometry, material=material,
+                                                         background=background)
+
+
+def test_system_export_flow_writes_into_it_export(threestudio, tiny_models, shared_data, tmp_path, monkeypatch):
+    from test_system_integration import REF, _config
+    from threestudio.utils.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_config(tiny_models, shared_data / "examples" / REF / "rgba.png", tmp_path), from_string=True)
+    cfg.system.exporter_type = "a124-mesh-sequence-exporter"
+    cfg.system.exporter = {"n_times": 2, "resolution": 24, "threshold": THRESHOLD}
+    system = threestudio.find(cfg.system_type)(cfg.system)
+    system.set_save_dir(str(tmp_path / "save"))
+    system.on_predict_start()
+    system.on_predict_epoch_end()
+    export = tmp_path / "save" / f"it{system.true_global_step}-export"
+    files = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
+    assert files == ["mesh.glb", "mesh/mesh_0000_t0.0000.obj", "mesh/mesh_0001_t1.0000.obj"], files
