@@ -17,6 +17,7 @@ which is the standard form with scale ``s + 1``: upstream's ``100`` is our ``101
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -239,7 +240,8 @@ def load_pretrained_component(
     local_files_only: bool | None = None,
 ):
     """``cls.from_pretrained(name_or_path, subfolder=...)``, trying ``variant="fp16"`` first when asked (smaller
-    download) and falling back to the default weights when the repo or folder has no fp16 files.
+    download) and falling back to the default weights when the repo or folder has no fp16 files. (diffusers reads
+    ``.bin`` checkpoints with ``torch.load(weights_only=True)``; safetensors are preferred when both exist.)
 
     Raises:
         OSError: one line naming the id and how to use a local folder when neither the hub nor a folder has it.
@@ -247,6 +249,9 @@ def load_pretrained_component(
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
+    folder = Path(name_or_path) / (subfolder or "")
+    if folder.is_dir() and not any(folder.glob("*.fp16.*")):
+        prefer_fp16_variant = False  # a local folder without fp16 files: skip the failing (and noisy) first try
     attempts = [{"variant": "fp16"}, {}] if prefer_fp16_variant else [{}]
     errors = []
     for extra in attempts:

@@ -166,3 +166,21 @@ def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
                             num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).eval()
     m, s = sds.encode_moments(taesd, torch.rand(2, 3, 32, 32) * 2 - 1)
     assert m.shape == (2, 4, 4, 4) and s.abs().sum() == 0
+
+
+def test_load_pretrained_component_prefers_the_fp16_variant_when_present(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, layers_per_block=1)
+    vae.half().save_pretrained(tmp_path / "only_fp16" / "vae", variant="fp16")
+    vae.float().save_pretrained(tmp_path / "plain" / "vae")
+    a = sds.load_pretrained_component(AutoencoderKL, str(tmp_path / "only_fp16"), "vae", torch_dtype=torch.float16,
+                                      prefer_fp16_variant=True)
+    b = sds.load_pretrained_component(AutoencoderKL, str(tmp_path / "plain"), "vae", torch_dtype=torch.float16,
+                                      prefer_fp16_variant=True)
+    assert a.dtype == b.dtype == torch.float16
+    torch.testing.assert_close(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
+    assert sorted(p.name for p in (tmp_path / "only_fp16" / "vae").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors"]
