@@ -140,7 +140,7 @@ def read_frames(paths: Sequence[Path], max_frames: int = 0) -> list:
         import imageio.v3 as iio
 
         try:
-            frames = [_rgb(np.asarray(f)) for f in iio.imiter(paths[0])]
+            frames = [_rgb(np.array(f)) for f in iio.imiter(paths[0])]
         except Exception as error:  # imageio raises many types for unreadable or codec-less files
             raise ToolError(
                 f"could not read video {str(paths[0])!r} ({type(error).__name__}: {error}): "
@@ -295,7 +295,7 @@ def _load_rgb(path: Path):
     import numpy as np
     from PIL import Image
 
-    return _rgb(np.asarray(Image.open(path).convert("RGBA")))
+    return _rgb(np.array(Image.open(path).convert("RGBA")))
 
 
 def _rgb(array):
