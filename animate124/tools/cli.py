@@ -122,4 +122,8 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m animate124.tools.cli` runs this file as __main__, whose ToolError is not the one the tools import:
+    # go through the package module so errors are caught (run-benchmark starts its steps this way).
+    from animate124.tools.cli import main as _main
+
+    sys.exit(_main())
