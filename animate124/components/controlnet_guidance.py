@@ -9,7 +9,7 @@ the ControlNet's own text (``controlnet_prompt``) is encoded here with SD's text
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -40,8 +40,9 @@ class ControlNetTileGuidance(BaseObject):
         """ControlNet text of the conditional half (the unconditional half uses the negative prompt's embedding)."""
         controlnet_conditioning_scale: float = 1.0
         weighting_strategy: Literal["sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"] = "sds"
-        min_step_percent: float = 0.02
-        max_step_percent: float = 0.98
+        min_step_percent: Any = 0.02
+        """A float or a host C-schedule [start_step, start_value, end_value, end_step]."""
+        max_step_percent: Any = 0.98
         max_step_percent_annealed: Optional[float] = None
         anneal_start_step: Optional[int] = None
         anneal_end_step: Optional[int] = None

@@ -1,0 +1,146 @@
+"""Our guidances and prompt processors through real threestudio (tiny models, CPU), beside the host's SD guidance."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_system_integration import REF, StepRecorder, _config, _run
+
+T, H, W = 4, 16, 16
+
+
+def _cameras(n: int) -> dict:
+    return {"elevation": torch.full((n,), 10.0), "azimuth": torch.linspace(-30, 30, n),
+            "camera_distances": torch.full((n,), 2.5)}
+
+
+def _write_embeds(path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"_tiny_tok_": torch.randn(32, generator=torch.Generator().manual_seed(0))}, str(path))
+
+
+@pytest.fixture()
+def cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the host's prompt cache is relative to the working directory
+    return tmp_path
+
+
+def _cn_parts(threestudio, tiny, root, n_frames=2):
+    _write_embeds(root / "embeds.safetensors")
+    processor = threestudio.find("a124-textual-inversion-prompt-processor")({
+        "pretrained_model_name_or_path": str(tiny["sd"]), "prompt": "a <token> is dancing",
+        "learned_embeds_path": str(root / "embeds.safetensors"),
+    })
+    guidance = threestudio.find("a124-controlnet-tile-guidance")({
+        "pretrained_model_name_or_path": str(tiny["sd"]), "controlnet_name_or_path": str(tiny["controlnet-tile"]),
+        "fixed_size": 64, "n_frames": n_frames, "seed": 0,
+    })
+    return processor, guidance
+
+
+def test_controlnet_tile_guidance_host_signature(threestudio, tiny_models, cwd):
+    processor, guidance = _cn_parts(threestudio, tiny_models, cwd)
+    assert processor.cfg.prompt == "a _tiny_tok_ is dancing"
+    prompt_utils = processor()
+    torch.manual_seed(0)
+    rgb = torch.rand(T, H, W, 3, requires_grad=True)
+    frozen = torch.rand(T, H, W, 3)
+
+    def call(cond_rgb):
+        guidance.generator.manual_seed(0)
+        return guidance(rgb, prompt_utils, **_cameras(T), cond_rgb=cond_rgb, rgb_as_latents=False)
+
+    out = call(None)
+    assert torch.isfinite(out["loss_sds_cn"]) and out["loss_sds_cn"] > 0
+    assert (out["min_step"], out["max_step"]) == (20, 980)
+    assert out["timestep"].shape == (2,) and ((out["timestep"] >= 20) & (out["timestep"] <= 980)).all()
+    out["loss_sds_cn"].backward()
+    # the gradient reaches exactly the two scored frames
+    touched = (rgb.grad.abs().flatten(1).sum(1) > 0).nonzero().flatten()
+    assert sorted(touched.tolist()) == sorted(out["frame_indices"].tolist())
+
+    # cond_rgb=None is the detached current render; a frozen render is another condition -> another loss
+    current = call(rgb.detach())
+    torch.testing.assert_close(current["loss_sds_cn"], out["loss_sds_cn"].detach())
+    other = call(frozen)
+    assert torch.equal(other["timestep"], out["timestep"])
+    assert not torch.allclose(other["loss_sds_cn"], out["loss_sds_cn"].detach(), rtol=1e-4)
+
+    # text wiring: prompt_utils' cond / uncond embeddings (not their order in the concatenation) reach the core
+    guidance.generator.manual_seed(0)
+    direct = guidance.model(
+        rgb, cond_rgb=frozen, cond_embeddings=prompt_utils.text_embeddings,
+        uncond_embeddings=prompt_utils.uncond_text_embeddings, controlnet_embeddings=guidance.controlnet_embeddings,
+        num_frames=2, fixed_size=64, guidance_scale=7.5, min_step=20, max_step=980, generator=guidance.generator,
+    )
+    torch.testing.assert_close(direct["loss_sds_cn"], other["loss_sds_cn"])
+
+    # the timestep range follows update_step (C-schedules on the percentages)
+    scheduled = threestudio.find("a124-controlnet-tile-guidance")({
+        "pretrained_model_name_or_path": str(tiny_models["sd"]),
+        "controlnet_name_or_path": str(tiny_models["controlnet-tile"]), "max_step_percent": [0, 0.98, 0.5, 10]})
+    assert (scheduled.min_step, scheduled.max_step) == (20, 980)
+    scheduled.update_step(0, 5)
+    assert (scheduled.min_step, scheduled.max_step) == (20, 740)
+    scheduled.update_step(0, 10)
+    assert (scheduled.min_step, scheduled.max_step) == (20, 500)
+    with pytest.raises(ValueError, match="rgb_as_latents=False"):
+        guidance(rgb, prompt_utils, **_cameras(T), rgb_as_latents=True)
+
+
+def test_video_guidance_beside_host_sd_guidance(threestudio, tiny_models, cwd):
+    torch.manual_seed(0)
+    video_pp = threestudio.find("a124-video-prompt-processor")({
+        "pretrained_model_name_or_path": str(tiny_models["text-to-video"]), "prompt": "a panda is dancing"})
+    video = threestudio.find("a124-video-sds-guidance")({
+        "pretrained_model_name_or_path": str(tiny_models["text-to-video"]), "model_size": [64, 64], "seed": 0})
+    clip = torch.rand(T, H, W, 3, requires_grad=True)
+    out = video(clip, video_pp(), **_cameras(T))
+    assert torch.isfinite(out["loss_sds_video"]) and out["loss_sds_video"] > 0
+    out["loss_sds_video"].backward()
+    assert clip.grad.abs().sum() > 0 and torch.isfinite(clip.grad).all()
+
+    # the host's own SD guidance in the same process, with our registrations loaded
+    sd_pp = threestudio.find("stable-diffusion-prompt-processor")({
+        "pretrained_model_name_or_path": str(tiny_models["sd"]), "prompt": "a panda", "spawn": False})
+    sd = threestudio.find("stable-diffusion-guidance")({
+        "pretrained_model_name_or_path": str(tiny_models["sd"]), "guidance_scale": 100.0,
+        "half_precision_weights": False})
+    image = torch.rand(1, H, W, 3, requires_grad=True)
+    host = sd(image, sd_pp(), **_cameras(1), rgb_as_latents=False)
+    assert torch.isfinite(host["loss_sds"]) and host["loss_sds"] > 0
+    host["loss_sds"].backward()
+    assert image.grad.abs().sum() > 0 and torch.isfinite(image.grad).all()
+
+
+class _StateAtStepStart(StepRecorder):
+    """Also keeps the geometry's parameters as they were when each step began."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states[pl_module.true_global_step] = {
+            k: v.detach().clone() for k, v in pl_module.geometry.state_dict().items()}
+
+
+def test_system_refine_with_controlnet_slot(threestudio, tiny_models, shared_data, cwd):
+    rgba = shared_data / "examples" / REF / "rgba.png"
+    _write_embeds(cwd / "embeds.safetensors")
+    rec = _StateAtStepStart()
+    cfg, system, trainer = _run(threestudio, _config(tiny_models, rgba, cwd, steps=(1, 1, 2), with_cn=True), cwd,
+                                callbacks=[rec])
+    assert [s["stage"] for s in rec.steps] == ["static", "dynamic", "refine", "refine"]
+    for info in rec.steps:
+        assert ("cn" in info["guidances"]) == (info["stage"] == "refine"), info
+    # the ControlNet condition came from a copy frozen when refine began (step 2), untouched by the refine steps
+    frozen = system.frozen_geometry
+    assert frozen is not None and not any(p.requires_grad for p in frozen.parameters())
+    at_refine_start = rec.states[2]
+    for key, value in frozen.state_dict().items():
+        torch.testing.assert_close(value, at_refine_start[key], msg=key)
+    live = system.geometry.state_dict()
+    assert not torch.equal(live["field.encoding_time.embeddings"],
+                           frozen.state_dict()["field.encoding_time.embeddings"])
