@@ -121,7 +121,7 @@ def run_fit(
     steps: int = 2000,
     resolution: int = 64,
     n_train_views: int = 16,
-    n_train_times: int = 8,
+    n_train_times: int = 16,
     n_eval_views: int = 4,
     rays_per_step: int = 4096,
     num_samples: int = 128,
@@ -130,6 +130,9 @@ def run_fit(
     base_resolution: int = 16,
     per_level_scale: float = 1.447269237440378,
     mlp_hidden: int = 64,
+    density_activation: str = "softplus",
+    density_bias: str | float = "blob_magic3d",
+    lambda_time_smooth: float = 0.0,
     grid_lr: float = 1e-2,
     mlp_lr: float = 1e-3,
     estimator: str = "none",
@@ -144,6 +147,7 @@ def run_fit(
     the GPU; on CPU they depend on the machine's load."""
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
+    t_data = time.perf_counter()
     # 1. Data: training views x times; unseen views at training times; training views at unseen times.
     train_views = [(360.0 * i / n_train_views, 15.0 if i % 2 == 0 else 40.0) for i in range(n_train_views)]
     eval_views = [(360.0 * (i + 0.5) / n_eval_views + 360.0 / (2 * n_train_views), 28.0) for i in range(n_eval_views)]
@@ -155,10 +159,12 @@ def run_fit(
         "unseen_views": make_set(eval_views, train_times, resolution, device, ref_samples),
         "unseen_times": make_set(pick, unseen_times, resolution, device, ref_samples),
     }
+    data_s = time.perf_counter() - t_data
     # 2. Model and optimiser.
     field = DynamicField(
         n_levels=n_levels, log2_hashmap_size=log2_hashmap_size, base_resolution=base_resolution,
         per_level_scale=per_level_scale, mlp_hidden=mlp_hidden, implementation=implementation,
+        density_activation=density_activation, density_bias=density_bias,
         generator=torch.Generator().manual_seed(seed),
     ).to(device)
     grids = [field.encoding.embeddings, field.encoding_time.embeddings]
@@ -189,6 +195,8 @@ def run_fit(
                           num_samples=num_samples, aabb=AABB, estimator=occ, bg_color=white, randomized=True,
                           generator=gen)
         loss = F.mse_loss(out.comp_rgb, train["rgb"][idx])
+        if lambda_time_smooth > 0:
+            loss = loss + lambda_time_smooth * field.time_smoothness_loss(n_points=rays_per_step, generator=gen)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
@@ -198,13 +206,18 @@ def run_fit(
     _sync(device)
     train_s = time.perf_counter() - t0
     # 4. Evaluate (deterministic samples).
+    t_eval = time.perf_counter()
     result = {name: _evaluate(field_fn, data, num_samples, occ, white) for name, data in sets.items()}
+    eval_s = time.perf_counter() - t_eval
     return {
         "psnr_unseen_views": result["unseen_views"],
         "psnr_unseen_times": result["unseen_times"],
+        "psnr_white_baseline_unseen_views": _psnr((1.0 - sets["unseen_views"]["rgb"]).square().mean().item()),
         "psnr_train_batch_last": _psnr(torch.stack(losses[-20:]).mean().item()) if losses else float("nan"),
         "steps_per_s": steps / train_s if train_s > 0 else float("nan"),
         "train_seconds": train_s,
+        "data_seconds": data_s,
+        "eval_seconds": eval_s,
         "steps": steps,
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
         "n_train_rays": n_train,
@@ -235,13 +248,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _float_or_name(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--n-train-views", type=int, default=16)
-    p.add_argument("--n-train-times", type=int, default=8)
+    p.add_argument("--n-train-times", type=int, default=16)
     p.add_argument("--n-eval-views", type=int, default=4)
     p.add_argument("--rays-per-step", type=int, default=4096)
     p.add_argument("--num-samples", type=int, default=128)
@@ -249,6 +269,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--log2-hashmap-size", type=int, default=19)
     p.add_argument("--base-resolution", type=int, default=16)
     p.add_argument("--per-level-scale", type=float, default=1.447269237440378)
+    p.add_argument("--density-activation", choices=["softplus", "exp", "trunc_exp"], default="softplus")
+    p.add_argument("--density-bias", default="blob_magic3d", help="blob_magic3d | blob_dreamfusion | none | a float")
+    p.add_argument("--lambda-time-smooth", type=float, default=0.0, help="weight of field.time_smoothness_loss")
     p.add_argument("--grid-lr", type=float, default=1e-2)
     p.add_argument("--mlp-lr", type=float, default=1e-3)
     p.add_argument("--estimator", choices=["none", "occ"], default="none",
@@ -263,7 +286,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = run_fit(
         device=a.device, steps=a.steps, resolution=a.resolution, n_train_views=a.n_train_views,
         n_train_times=a.n_train_times, n_eval_views=a.n_eval_views, rays_per_step=a.rays_per_step,
-        num_samples=a.num_samples, n_levels=a.n_levels, log2_hashmap_size=a.log2_hashmap_size,
+        num_samples=a.num_samples, density_activation=a.density_activation,
+        density_bias=_float_or_name(a.density_bias), lambda_time_smooth=a.lambda_time_smooth, n_levels=a.n_levels, log2_hashmap_size=a.log2_hashmap_size,
         base_resolution=a.base_resolution, per_level_scale=a.per_level_scale, grid_lr=a.grid_lr, mlp_lr=a.mlp_lr,
         estimator=a.estimator, occ_resolution=a.occ_resolution, occ_time_slices=a.occ_time_slices,
         implementation=a.implementation, ref_samples=a.ref_samples, seed=a.seed,
