@@ -69,7 +69,10 @@ class LinearVAE(torch.nn.Module):
         return self.weight.dtype
 
     def encode(self, x):
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        try:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        except ImportError:  # diffusers < 0.25
+            from diffusers.models.vae import DiagonalGaussianDistribution
 
         mean = F.avg_pool2d(torch.einsum("kc,nchw->nkhw", self.weight, x), 8)
         moments = torch.cat([mean, torch.full_like(mean, -30.0)], 1)

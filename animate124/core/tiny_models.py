@@ -214,7 +214,7 @@ def _write_text_to_video(path: Path, sample_size):
         out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32),
+        block_out_channels=(32, 32),  # the first must be a multiple of 32: older diffusers hard-code 32 groups there
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=TINY_HIDDEN,
@@ -228,7 +228,7 @@ def _write_text_to_video(path: Path, sample_size):
         unet=unet,
         scheduler=DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False),
     )
-    pipe.save_pretrained(path)
+    pipe.save_pretrained(path, safe_serialization=True)
 
 
 def _write_sd(path: Path):
@@ -246,7 +246,7 @@ def _write_sd(path: Path):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path)
+    pipe.save_pretrained(path, safe_serialization=True)
 
 
 def _write_controlnet_tile(path: Path):
@@ -263,7 +263,7 @@ def _write_controlnet_tile(path: Path):
         for conv in controlnet.controlnet_cond_embedding.modules():
             if isinstance(conv, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-    controlnet.save_pretrained(path)
+    controlnet.save_pretrained(path, safe_serialization=True)
 
 
 def _write_zero123(path: Path):
@@ -274,8 +274,8 @@ def _write_zero123(path: Path):
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    _tiny_unet2d(in_channels=8).save_pretrained(path / "unet")
-    _tiny_vae().save_pretrained(path / "vae")
+    _tiny_unet2d(in_channels=8).save_pretrained(path / "unet", safe_serialization=True)
+    _tiny_vae().save_pretrained(path / "vae", safe_serialization=True)
     DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False).save_pretrained(path / "scheduler")
     _seeded()
     vision = CLIPVisionModelWithProjection(
@@ -289,7 +289,7 @@ def _write_zero123(path: Path):
             projection_dim=TINY_HIDDEN,
         )
     ).eval()
-    vision.save_pretrained(path / "image_encoder")
+    vision.save_pretrained(path / "image_encoder", safe_serialization=True)
     _tiny_image_processor().save_pretrained(path / "feature_extractor")
     proj_dir = path / "clip_camera_projection"
     proj_dir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,7 @@ def _write_clip(path: Path):
         ),
         projection_dim=TINY_HIDDEN,
     )
-    CLIPModel(config).eval().save_pretrained(path)
+    CLIPModel(config).eval().save_pretrained(path, safe_serialization=True)
     tokenizer = CLIPTokenizer.from_pretrained(make_clip_tokenizer(path))
     image_processor = _tiny_image_processor()
     image_processor.save_pretrained(path)  # preprocessor_config.json, as in the real repo
