@@ -86,6 +86,11 @@ class TimeOccupancyGrid(nn.Module):
     def uses_nerfacc(self, device: torch.device) -> bool:
         """Whether :func:`render_rays` should march with nerfacc (packed samples) on ``device``."""
         if self.implementation == "nerfacc":
+            if torch.device(device).type != "cuda":
+                raise ValueError(
+                    f"implementation='nerfacc' marches rays with CUDA kernels but the rays are on {device}; use "
+                    "implementation='torch' (or 'auto') on CPU."
+                )
             return True
         return self.implementation == "auto" and torch.device(device).type == "cuda"
 

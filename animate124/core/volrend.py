@@ -149,13 +149,24 @@ def render_rays(
             )
         ray_indices = torch.arange(n_rays, device=rays_o.device)[:, None].expand_as(t_mid)[mask]
 
+    # Nothing left to evaluate (all rays empty or pruned): keep one zero-weight sample so the field stays in the
+    # graph (as threestudio's validate_empty_rays); `empty` zeroes its density.
+    empty = ray_indices.numel() == 0
+    if empty and mask is None:
+        ray_indices = torch.zeros(1, dtype=torch.long, device=rays_o.device)
+        t_starts = t_ends = t_mid = t_near[:1]
+    elif empty:
+        mask = mask.clone()
+        mask[0, 0] = True
+        ray_indices = ray_indices.new_zeros(1)
+
     # 3. Evaluate the field on the kept samples (each at its ray's time).
     z = t_mid if mask is None else t_mid[mask]
     dirs = rays_d[ray_indices]
     points = rays_o[ray_indices] + dirs * z[:, None]
     out = _eval_field(field_fn, points, times[ray_indices], return_normal, chunk_size)
     rgb = color_fn(out, points, dirs, ray_indices)
-    density = out["density"].reshape(-1)
+    density = out["density"].reshape(-1) * (0.0 if empty else 1.0)
 
     # 4. Composite (nerfacc): batched ops on the dense layout, packed ops otherwise.
     comp = _composite(density, rgb, z, out.get("normal"), t_starts, t_ends, mask, ray_indices, n_rays)

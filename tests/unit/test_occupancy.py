@@ -118,10 +118,15 @@ def test_nerfacc_marching_matches_closed_form_on_cuda():
         grid.update(step, sphere_density, step_size=STEP, n=1, warmup_steps=4, generator=g)
     assert grid.uses_nerfacc(o.device)
     # step = diagonal / num_samples = 2 sqrt(3) / 4096 ~ 8.5e-4
-    for alpha_thre in (0.0, 1e-3):
-        out = render_rays(field_fn, o, d, t, num_samples=4096, estimator=grid, alpha_thre=alpha_thre,
-                          randomized=True, generator=g)
-        torch.testing.assert_close(out.opacity[:, 0], expected, atol=5e-3, rtol=0)
+    # alpha_thre drops the blob's far tails (alpha < min(thre, mean occs)), hence the looser tolerance
+    outs = {}
+    for alpha_thre, atol in ((0.0, 5e-3), (1e-4, 1e-2)):
+        outs[alpha_thre] = out = render_rays(field_fn, o, d, t, num_samples=4096, estimator=grid,
+                                             alpha_thre=alpha_thre, randomized=True, generator=g)
+        torch.testing.assert_close(out.opacity[:, 0], expected, atol=atol, rtol=0)
         assert bool((out.ray_indices[1:] >= out.ray_indices[:-1]).all())  # packed layout sorted by ray
     dense = render_rays(field_fn, o, d, t, num_samples=1024, aabb=AABB)
-    torch.testing.assert_close(out.depth, dense.depth, atol=5e-3, rtol=0)
+    torch.testing.assert_close(outs[0.0].depth, dense.depth, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="implementation='torch'"):
+        render_rays(field_fn, o.cpu(), d.cpu(), t.cpu(), num_samples=64,
+                    estimator=TimeOccupancyGrid(AABB, implementation="nerfacc"))

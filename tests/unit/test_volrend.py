@@ -144,3 +144,41 @@ def test_bad_inputs_raise_with_the_fix():
         render_rays(moving_sphere, torch.zeros(2, 4, 3), torch.ones(2, 4, 3), torch.zeros(2), num_samples=4)
     with pytest.raises(ValueError, match="aabb"):
         render_rays(moving_sphere, torch.zeros(4, 3), torch.ones(4, 3), torch.zeros(4), num_samples=4)
+
+
+def test_all_rays_empty_still_backpropagates_to_the_field():
+    w = torch.tensor(1.0, requires_grad=True)
+
+    def field(points, times, output_normal=False):
+        return {"density": w * torch.ones(points.shape[0], 1), "rgb": torch.ones(points.shape[0], 3)}
+
+    o = torch.tensor([[0.0, 5.0, -3.0]])  # misses the box: no samples
+    out = render_rays(field, o, torch.tensor([[0.0, 0, 1]]), torch.zeros(1), num_samples=8, aabb=AABB,
+                      bg_color=torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(out.comp_rgb, torch.tensor([[0.0, 1.0, 0.0]]))
+    assert out.opacity.item() == 0.0
+    out.comp_rgb.sum().backward()
+    assert w.grad is not None and w.grad.item() == 0.0
+
+
+@pytest.mark.gpu
+def test_dynamic_field_on_cuda_packed_matches_dense_and_trains():
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda.is_available() is False: the packed nerfacc path and Triton grids need CUDA")
+    from animate124.core.field import DynamicField
+    from animate124.core.occupancy import TimeOccupancyGrid
+
+    field = DynamicField(n_levels=8, log2_hashmap_size=16, generator=torch.Generator().manual_seed(0)).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grid = TimeOccupancyGrid(AABB, resolution=32, n_time_slices=4).cuda()
+    grid.update(0, field.forward_density, step_size=2 * math.sqrt(3) / 512, n=1, generator=g)
+    n = 4096
+    o = torch.nn.functional.normalize(torch.randn(n, 3, device="cuda", generator=g), dim=-1) * 2.5
+    d = torch.nn.functional.normalize(-o + 0.3 * torch.randn(n, 3, device="cuda", generator=g), dim=-1)
+    t = torch.rand(n, device="cuda", generator=g)
+    packed = render_rays(field, o, d, t, num_samples=512, estimator=grid, return_normal=True)
+    dense = render_rays(field, o, d, t, num_samples=512, aabb=AABB)
+    print("max |opacity packed - dense|", (packed.opacity - dense.opacity).abs().max().item())
+    torch.testing.assert_close(packed.opacity, dense.opacity, atol=2e-2, rtol=0)
+    (packed.comp_rgb.mean() + packed.comp_normal.mean()).backward()
+    assert field.encoding.embeddings.grad.abs().sum() > 0 and field.encoding_time.embeddings.grad.abs().sum() > 0
