@@ -192,14 +192,14 @@ def evaluate_runs(
 
     rows, frame_embeddings = [], []
     texts = scorer.texts([r.prompt for r in runs])
-    for spec, text in tqdm(list(zip(runs, texts)), desc="evaluate", unit="run", disable=not progress):
+    for spec, text in tqdm(list(zip(runs, texts, strict=True)), desc="evaluate", unit="run", disable=not progress):
         frames = scorer.images(read_frames(spec.frames, max_frames))
         reference = scorer.images([_load_rgb(spec.image)])
         rows.append({"run": spec.name, "frames": frames.shape[0], **run_metrics(frames, reference, text)})
         frame_embeddings.append(frames)
     if retrieval:
         similarity = torch.stack([(f @ texts.T).mean(0) for f in frame_embeddings])  # (R, R)
-        for row, hit in zip(rows, retrieval_hits(similarity, [r.prompt for r in runs])):
+        for row, hit in zip(rows, retrieval_hits(similarity, [r.prompt for r in runs]), strict=True):
             row["retrieval"] = hit
     return rows
 

@@ -181,7 +181,8 @@ def plan_case(case: Case, options: argparse.Namespace) -> list[Step]:
     else:
         embeds = out / "invert" / "learned_embeds.bin"
         command = py + ["invert", str(case.image), "--token", case.token, "--init", case.init, "--out",
-                        str(embeds.parent), "--steps", str(options.invert_steps), "--overwrite"]
+                        str(embeds.parent), "--steps", str(options.invert_steps), "--batch-size",
+                        str(options.invert_batch_size), "--resolution", str(options.invert_resolution), "--overwrite"]
         if options.sd_model:
             command += ["--model", options.sd_model]
         steps.append(Step(case.name, "invert", command, out, [embeds, embeds.with_suffix(".safetensors")]))
@@ -189,7 +190,8 @@ def plan_case(case: Case, options: argparse.Namespace) -> list[Step]:
     exp_root = out / "threestudio"
     values = {
         "image_path": str(rgba), "depth_path": str(depth), "prompt": case.caption,
-        "static_prompt": STATIC_PROMPT.format(init=case.init), "cn_prompt": _cn_prompt(case.caption, [case.init, case.name.split("-")[0]]),
+        "static_prompt": STATIC_PROMPT.format(init=case.init),
+        "cn_prompt": _cn_prompt(case.caption, [case.init, case.name.split("-")[0]]),
         "learned_embeds_path": str(embeds), "tag": case.name, "use_timestamp": "false", "exp_root_dir": str(exp_root),
     }
     overrides = [f"{key}={values[k]}" for k, key in TRAIN_KEYS.items() if key is not None]
@@ -242,7 +244,8 @@ def run_steps(steps: Sequence[Step], runner: Runner, env: dict, progress: Callab
             why = f"exit status {status}" if status != 0 else f"missing outputs {missing}"
             progress(f"[{step.case}] {step.name}: FAILED ({why}); see {log}")
             return False
-        _write_done(done, Step(step.case, step.name, step.command, step.cwd, outputs), step.command, time.time() - start)
+        finished = Step(step.case, step.name, step.command, step.cwd, outputs)
+        _write_done(done, finished, step.command, time.time() - start)
     return True
 
 
@@ -253,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threestudio", type=Path, default=None,
         help="threestudio root holding launch.py (default $THREESTUDIO_ROOT, else two folders above this extension)",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"config, relative to the root (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"relative to the root (default {DEFAULT_CONFIG})")
     parser.add_argument("--shard", default="0/1", help="i/n: run the cases whose index %% n == i (default 0/1 = all)")
     parser.add_argument("--cases", default=None, help="comma-separated case names to run (default all in the shard)")
     parser.add_argument("--dry-run", action="store_true", help="list the cases and exact commands; run nothing")
@@ -269,6 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth-model", default=None, help="preprocess --depth-model (default: its default)")
     parser.add_argument("--sd-model", default=None, help="invert --model (default: its default)")
     parser.add_argument("--invert-steps", type=int, default=3000, help="invert --steps (default 3000)")
+    parser.add_argument("--invert-batch-size", type=int, default=16, help="invert --batch-size (default 16)")
+    parser.add_argument("--invert-resolution", type=int, default=512, help="invert --resolution (default 512)")
     parser.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="evaluate --clip-model")
 
 
@@ -299,7 +304,7 @@ def execute(args: argparse.Namespace, runner: Runner) -> int:
     env = dict(os.environ)
     env.setdefault("CUDA_VISIBLE_DEVICES", str(args.gpu))
     failed = []
-    for case, steps in tqdm(list(zip(cases, plans)), desc=f"benchmark shard {args.shard}", unit="case"):
+    for case, steps in tqdm(list(zip(cases, plans, strict=True)), desc=f"benchmark shard {args.shard}", unit="case"):
         if not run_steps(steps, runner, env, progress=tqdm.write):
             failed.append(case.name)
     status = _summarize(args, runner, summary)
@@ -328,7 +333,7 @@ def _summary_command(args) -> list[str]:
 
 def _print_plan(cases, plans, summary, args) -> None:
     print(f"{len(cases)} case(s) in shard {args.shard} of {args.data_dir}:")
-    for case, steps in zip(cases, plans):
+    for case, steps in zip(cases, plans, strict=True):
         print(f"\n== {case.index:2d} {case.name}: {case.caption!r} (token {case.token}, init {case.init!r})")
         for step in steps:
             if step.reused:

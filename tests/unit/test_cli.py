@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from animate124.tools.cli import build_parser, main
+from animate124.tools.cli import main
 
 pytestmark = pytest.mark.unit
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,81 @@ def test_train_keys_live_in_one_dict(small_data, tmp_path, monkeypatch):
     train = steps[2].command
     assert any(c.startswith("data.image.image_path=") for c in train)
     assert not any(c.startswith("system.prompt_processor_cn.prompt=") for c in train)
+
+
+FAKE_LAUNCH = '''
+import os, sys
+import imageio.v3 as iio
+import numpy as np
+from PIL import Image
+
+args = sys.argv[1:]
+assert args[:2] == ["--config", "custom/threestudio-animate124/configs/animate124.yaml"], args
+assert "--train" in args and os.environ["CUDA_VISIBLE_DEVICES"] == "7", (args, os.environ.get("CUDA_VISIBLE_DEVICES"))
+kv = dict(a.split("=", 1) for a in args if "=" in a)
+rgba = np.asarray(Image.open(kv["data.image_path"]).convert("RGBA").resize((32, 32))).astype(np.float32)
+frame = (rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)).round().astype(np.uint8)
+save = os.path.join(kv["exp_root_dir"], "animate124", kv["tag"], "save")
+os.makedirs(save, exist_ok=True)
+iio.imwrite(os.path.join(save, "it5-test.mp4"), np.stack([frame] * 4), fps=4)
+'''
+
+
+@pytest.mark.slow
+def test_real_subprocesses_end_to_end(tmp_path, monkeypatch):
+    """The real step commands (python -m animate124.tools.cli ...) with tiny models and a stand-in launch.py."""
+    from animate124.core.tiny_models import make_tiny_models
+
+    example = SHARED / "examples" / "panda-dance"
+    if not example.exists():
+        pytest.skip(f"reference data {example} is missing")
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the step subprocesses: tiny models, no thread spin-waiting
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tiny = make_tiny_models(tmp_path / "tiny", kinds=["clip"])
+    finally:
+        torch.set_num_threads(threads)
+    data = tmp_path / "data"
+    (data / "panda-dance").mkdir(parents=True)
+    (data / "benchmark.json").write_text(json.dumps([{"name": "panda-dance", "caption": "a panda is dancing"}]))
+    for name in ("image.jpg", "rgba.png", "depth.png"):
+        Image.open(example / name).resize((64, 64)).save(data / "panda-dance" / name)
+    # the shipped embedding is reused (the invert command itself is checked by test_planned_commands_parse)
+    shutil.copy(example / "learned_embeds.bin", data / "panda-dance" / "learned_embeds.bin")
+    ts = tmp_path / "ts"
+    ts.mkdir()
+    (ts / "launch.py").write_text(FAKE_LAUNCH)
+    out = tmp_path / "out"
+    argv = ["run-benchmark", str(data), "--out", str(out), "--threestudio", str(ts), "--gpu", "7",
+            "--clip-model", str(tiny["clip"])]
+    assert main(argv) == 0, (out / "panda-dance" / "logs").glob("*.log")
+    train = json.loads((out / "panda-dance" / ".done" / "train.json").read_text())["command"]
+    assert f"system.prompt_processor_cn.learned_embeds_path={data / 'panda-dance' / 'learned_embeds.bin'}" in train
+    table = (out / "metrics.md").read_text().splitlines()
+    assert table[0] == "| run | frames | clip_t | clip_i | temporal | retrieval |"
+    assert table[2].startswith("| panda-dance | 4 | ") and table[2].endswith(" | 1 |")
+    done = sorted(p.name for p in (out / "panda-dance" / ".done").iterdir())
+    seconds = {p.stem: json.loads(p.read_text())["seconds"] for p in (out / "panda-dance" / ".done").iterdir()}
+    print(f"step seconds: {seconds}")
+    assert done == ["evaluate.json", "invert.json", "preprocess.json", "train.json"]
+
+
+def test_planned_commands_parse(small_data, tmp_path):
+    """Every step command we would run is accepted by our own parser, with the options we meant."""
+    argv = [str(small_data), "--out", str(tmp_path), "--threestudio", str(tmp_path), "--sd-model", "SD",
+            "--invert-steps", "7", "--invert-batch-size", "2", "--invert-resolution", "64", "--depth-model", "D"]
+    steps = rb.plan_case(rb.load_cases(small_data)[0], _args(*argv))
+    parser = build_parser()
+    prep, invert, evaluate = (parser.parse_args(s.command[3:]) for s in steps if s.name != "train")
+    assert (prep.command, prep.size, prep.border_ratio, prep.depth_model, prep.overwrite) == (
+        "preprocess", 512, 0.2, "D", True)
+    assert (invert.token, invert.init, invert.steps, invert.batch_size, invert.resolution, invert.model) == (
+        "_panda_dance_", "panda", 7, 2, 64, "SD")
+    assert (evaluate.prompt, evaluate.frames_glob, evaluate.run_dir) == (
+        "a panda is dancing", "threestudio/*/panda-dance/save/it*-test.mp4", tmp_path.resolve() / "panda-dance")
+    summary = parser.parse_args(rb._summary_command(_args(*argv))[3:])
+    assert summary.batch == tmp_path.resolve() and summary.out == tmp_path.resolve()
