@@ -16,7 +16,6 @@ State-dict keys: ``encoding.embeddings``, ``encoding_time.embeddings``, ``densit
 no ``encoding_time`` (a static-stage field) and leaves the 4-D grid as it is.
 """
 
-from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
@@ -297,7 +296,9 @@ def _check_config(radius, n_feature_dims, density_activation, density_bias, blob
 
 def _check_points_times(points: Tensor, times: Tensor) -> None:
     if points.dim() != 2 or points.shape[-1] != 3:
-        raise ValueError(f"points must be [N, 3] world coordinates; got {tuple(points.shape)}: use points.reshape(-1, 3).")
+        raise ValueError(
+            f"points must be [N, 3] world coordinates; got {tuple(points.shape)}: use points.reshape(-1, 3)."
+        )
     if times.shape != points.shape[:1]:
         raise ValueError(
             f"times must be [N] = [{points.shape[0]}], one frame time per point; got {tuple(times.shape)}: "

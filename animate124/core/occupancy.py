@@ -20,7 +20,6 @@ Sampling: with ``implementation="nerfacc"`` (the default on CUDA) rays are march
 dense stratified samples and drops those for which :meth:`TimeOccupancyGrid.occupied` is False.
 """
 
-from __future__ import annotations
 
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -60,7 +59,7 @@ class TimeOccupancyGrid(nn.Module):
         super().__init__()
         aabb_t = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         if aabb_t.numel() != 6 or not bool((aabb_t[3:] > aabb_t[:3]).all()):
-            raise ValueError(f"aabb must be (xmin, ymin, zmin, xmax, ymax, zmax) with max > min; got {aabb_t.tolist()}.")
+            raise ValueError(f"aabb must be (xmin, ymin, zmin, xmax, ymax, zmax) with max > min; got {aabb_t.tolist()}")
         for name, value in (("resolution", resolution), ("n_time_slices", n_time_slices),
                             ("n_times_per_update", n_times_per_update)):
             if int(value) < 1:
@@ -75,7 +74,8 @@ class TimeOccupancyGrid(nn.Module):
         self.register_buffer("aabb", aabb_t)  # [6]
         self.register_buffer("occs", torch.zeros(self.n_time_slices, cells))  # [T, res^3]
         res3 = [self.resolution] * 3
-        self.register_buffer("binaries", torch.ones([self.n_time_slices, *res3], dtype=torch.bool))  # [T, res, res, res]
+        binaries = torch.ones([self.n_time_slices, *res3], dtype=torch.bool)
+        self.register_buffer("binaries", binaries)  # [T, res, res, res]
         coords = torch.stack(torch.meshgrid(*[torch.arange(self.resolution)] * 3, indexing="ij"), dim=-1)
         self.register_buffer("grid_coords", coords.reshape(cells, 3), persistent=False)  # [res^3, 3]
 

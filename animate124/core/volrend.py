@@ -22,7 +22,6 @@ Per-sample outputs (``weights``, ``points``, ``ray_indices``, ...) are always re
 sample, like threestudio's NeRF renderer.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Union
@@ -101,7 +100,8 @@ def render_rays(
             ``|aabb diagonal| / num_samples`` (threestudio's ``render_step_size`` = 1.732 * 2r / num_samples).
         near, far: ray-parameter range, intersected with ``aabb`` when given (rays missing it render empty).
         aabb: ``(xmin, ymin, zmin, xmax, ymax, zmax)``; required with an estimator (taken from it when omitted).
-        color_fn: ``color_fn(field_out, points [N,3], dirs [N,3], ray_indices [N]) -> [N,C]``; default :func:`default_color_fn`.
+        color_fn: ``color_fn(field_out, points [N,3], dirs [N,3], ray_indices [N]) -> [N,C]``; default
+            :func:`default_color_fn`.
             Wrap a threestudio material here.
         estimator: optional :class:`~animate124.core.occupancy.TimeOccupancyGrid` (time-aware empty-space skipping).
         bg_color: background colour, ``[R, C]`` or broadcastable (e.g. ``[C]``); ``None`` means black.

@@ -1,4 +1,5 @@
-"""TimeOccupancyGrid (a Gaussian blob moving from A to B): space occupied at any time survives the updates; a single-time grid would prune it."""
+"""TimeOccupancyGrid (a Gaussian blob moving from A to B): space occupied at any time survives the updates; a
+single-time grid would prune it."""
 
 import math
 
