@@ -36,7 +36,7 @@ def images() -> dict[str, np.ndarray]:
         path = SHARED / "examples" / name / "image.jpg"
         if not path.exists():
             pytest.skip(f"reference data {path} is missing")
-        out[name] = np.asarray(Image.open(path).convert("RGB").resize((48, 48), Image.Resampling.BICUBIC))
+        out[name] = np.array(Image.open(path).convert("RGB").resize((48, 48), Image.Resampling.BICUBIC))
     return out
 
 

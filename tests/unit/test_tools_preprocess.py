@@ -155,3 +155,32 @@ def test_bad_border_ratio_is_a_clear_error(tmp_path, capsys):
     _need(PANDA)
     assert main(["preprocess", str(PANDA), "--out", str(tmp_path), "--no-depth", "--border-ratio", "1.5"]) == 1
     assert "--border-ratio" in capsys.readouterr().err
+
+
+def test_rembg_path_and_offline_error(tmp_path, monkeypatch, capsys):
+    """rembg's API as called (new_session, remove) via a stand-in module; offline download failure -> one line."""
+    import types
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (90, 60, 30)).save(photo)
+
+    def remove(image, session):
+        assert session == "session" and image.mode == "RGB"
+        out = image.convert("RGBA")
+        alpha = np.zeros((30, 40), np.uint8)
+        alpha[5:15, 10:30] = 255  # a 10 x 20 object
+        out.putalpha(Image.fromarray(alpha))
+        return out
+
+    monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(new_session=lambda: "session", remove=remove))
+    assert main(["preprocess", str(photo), "--out", str(tmp_path / "a"), "--size", "40", "--no-depth"]) == 0
+    alpha = np.asarray(Image.open(tmp_path / "a" / "rgba.png"))[..., 3]
+    assert _bbox(alpha) == (12, 28, 4, 36)  # 20 -> 32 px wide (border 0.2), 10 -> 16 px high, centred
+
+    def offline():
+        raise ConnectionError("Failed to download u2net.onnx")
+
+    monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(new_session=offline, remove=remove))
+    assert main(["preprocess", str(photo), "--out", str(tmp_path / "b"), "--no-depth"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "ConnectionError" in errors[0] and "supply an RGBA image" in errors[0]
