@@ -10,8 +10,9 @@ from animate124.core.tiny_models import ALL_KINDS, make_clip_tokenizer, make_tin
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_models(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_models):
+    """The session's tiny models (tests/conftest.py calls make_tiny_models once)."""
+    return tiny_models
 
 
 def test_clip_tokenizer_matches_openai_ids(tmp_path):
