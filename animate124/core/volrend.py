@@ -81,7 +81,7 @@ def render_rays(
     aabb: Optional[Union[Float[Tensor, " 6"], tuple]] = None,
     color_fn: Optional[ColorFn] = None,
     estimator=None,
-    bg_color: Optional[Float[Tensor, "*R C"]] = None,
+    bg_color: Optional[Float[Tensor, "..."]] = None,
     randomized: bool = False,
     generator: Optional[torch.Generator] = None,
     return_normal: bool = False,

@@ -25,9 +25,6 @@ CPU_CONFIG = dict(
 
 @pytest.mark.timeout(300)
 def test_small_cpu_fit_generalises_to_unseen_views_and_times():
-    import torch
-
-    torch.set_num_threads(2)
     result = run_fit(**CPU_CONFIG)
     print({k: result[k] for k in ("psnr_unseen_views", "psnr_unseen_times", "psnr_white_baseline_unseen_views",
                                   "steps_per_s", "train_seconds")})
