@@ -189,3 +189,11 @@ def test_load_pretrained_component_prefers_the_fp16_variant_when_present(tmp_pat
     torch.testing.assert_close(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
     assert sorted(p.name for p in (tmp_path / "only_fp16" / "vae").iterdir()) == [
         "config.json", "diffusion_pytorch_model.fp16.safetensors"]
+
+
+def test_missing_hub_model_offline_error_names_the_id():
+    from diffusers import UNet3DConditionModel
+
+    with pytest.raises(OSError, match=r"could not load UNet3DConditionModel from 'no-such-org/no-such-model/unet'.*"
+                                      r"huggingface-cli download no-such-org/no-such-model"):
+        sds.load_pretrained_component(UNet3DConditionModel, "no-such-org/no-such-model", "unet", local_files_only=True)
