@@ -19,12 +19,13 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 benchmarks/guidance_speed.py --out "$OUT/guidance.json" 2>&1 | tail -25 | tee "$OUT/guidance.log"
 fi
 if [ "$what" = integration ] || [ "$what" = all ]; then
-  THREESTUDIO_ROOT=${THREESTUDIO_ROOT:-$PWD/.deps/threestudio} python3 -m pytest tests/integration -q -x -p no:cacheprovider -W ignore 2>&1 | tail -8 | tee "$OUT/integration.log"
+  THREESTUDIO_ROOT=${THREESTUDIO_ROOT:-$PWD/.deps/threestudio} python3 -m pytest tests/integration -q -p no:cacheprovider -W ignore 2>&1 | tail -8 | tee "$OUT/integration.log"
+fi
+if [ "$what" = integration ] || [ "$what" = all ] || [ "$what" = smoke ]; then
   ts=${THREESTUDIO_ROOT:-$PWD/.deps/threestudio}; repo=$PWD
   mkdir -p "$ts/custom"; ln -sfn "$repo" "$ts/custom/threestudio-animate124"
   ( cd "$ts" && export PYTHONPATH=$PYTHONPATH:$repo/tests/stubs && start=$(date +%s) \
-    && python3 launch.py --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train --gpu 0 \
-         trainer.enable_progress_bar=false 2>&1 | grep -v Warning | tail -20 \
+    && python3 launch.py --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train --gpu 0 2>&1 | grep -v Warning | tail -20 \
     && echo "smoke train wall: $(( $(date +%s) - start )) s" \
     && ckpt=$(ls -d outputs/animate124-smoke/*/ckpts/last.ckpt | tail -1) && start=$(date +%s) \
     && python3 launch.py --config "$(dirname "$(dirname "$ckpt")")/configs/parsed.yaml" --export --gpu 0 resume="$ckpt" 2>&1 | grep -v Warning | tail -10 \

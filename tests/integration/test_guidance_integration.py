@@ -9,9 +9,12 @@ from test_system_integration import REF, StepRecorder, _config, _run
 T, H, W = 4, 16, 16
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the host puts its components
+
+
 def _cameras(n: int) -> dict:
-    return {"elevation": torch.full((n,), 10.0), "azimuth": torch.linspace(-30, 30, n),
-            "camera_distances": torch.full((n,), 2.5)}
+    return {"elevation": torch.full((n,), 10.0, device=DEVICE), "azimuth": torch.linspace(-30, 30, n, device=DEVICE),
+            "camera_distances": torch.full((n,), 2.5, device=DEVICE)}
 
 
 def _write_embeds(path) -> None:
@@ -44,8 +47,8 @@ def test_controlnet_tile_guidance_host_signature(threestudio, tiny_models, cwd):
     assert processor.cfg.prompt == "a _tiny_tok_ is dancing"
     prompt_utils = processor()
     torch.manual_seed(0)
-    rgb = torch.rand(T, H, W, 3, requires_grad=True)
-    frozen = torch.rand(T, H, W, 3)
+    rgb = torch.rand(T, H, W, 3, device=DEVICE, requires_grad=True)
+    frozen = torch.rand(T, H, W, 3, device=DEVICE)
 
     def call(cond_rgb):
         guidance.generator.manual_seed(0)
@@ -95,7 +98,7 @@ def test_video_guidance_beside_host_sd_guidance(threestudio, tiny_models, cwd):
         "pretrained_model_name_or_path": str(tiny_models["text-to-video"]), "prompt": "a panda is dancing"})
     video = threestudio.find("a124-video-sds-guidance")({
         "pretrained_model_name_or_path": str(tiny_models["text-to-video"]), "model_size": [64, 64], "seed": 0})
-    clip = torch.rand(T, H, W, 3, requires_grad=True)
+    clip = torch.rand(T, H, W, 3, device=DEVICE, requires_grad=True)
     out = video(clip, video_pp(), **_cameras(T))
     assert torch.isfinite(out["loss_sds_video"]) and out["loss_sds_video"] > 0
     out["loss_sds_video"].backward()
@@ -107,23 +110,24 @@ def test_video_guidance_beside_host_sd_guidance(threestudio, tiny_models, cwd):
     sd = threestudio.find("stable-diffusion-guidance")({
         "pretrained_model_name_or_path": str(tiny_models["sd"]), "guidance_scale": 100.0,
         "half_precision_weights": False})
-    image = torch.rand(1, H, W, 3, requires_grad=True)
+    image = torch.rand(1, H, W, 3, device=DEVICE, requires_grad=True)
     host = sd(image, sd_pp(), **_cameras(1), rgb_as_latents=False)
     assert torch.isfinite(host["loss_sds"]) and host["loss_sds"] > 0
     host["loss_sds"].backward()
     assert image.grad.abs().sum() > 0 and torch.isfinite(image.grad).all()
 
 
-class _StateAtStepStart(StepRecorder):
-    """Also keeps the geometry's parameters as they were when each step began."""
+def _StateAtStepStart():
+    """A StepRecorder that also keeps the geometry's parameters as they were when each step began."""
+    rec = StepRecorder()
+    rec.states = {}
 
-    def __init__(self):
-        super().__init__()
-        self.states = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.states[pl_module.true_global_step] = {
+    def on_train_batch_start(trainer, pl_module, batch, batch_idx):
+        rec.states[pl_module.true_global_step] = {
             k: v.detach().clone() for k, v in pl_module.geometry.state_dict().items()}
+
+    rec.on_train_batch_start = on_train_batch_start
+    return rec
 
 
 def test_system_refine_with_controlnet_slot(threestudio, tiny_models, shared_data, cwd):

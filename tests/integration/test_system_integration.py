@@ -120,26 +120,25 @@ checkpoint:
 """
 
 
-def _callback_base():
+def StepRecorder():
+    """A Lightning callback recording, per step, the stage, the guidances that ran and which parameters got gradient
+    (built on call: the integration tier may be collected where Lightning is not installed)."""
     import pytorch_lightning as pl
 
-    return pl.Callback
+    class _StepRecorder(pl.Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
 
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = {name: bool(p.grad is not None and p.grad.abs().sum() > 0)
+                     for name, p in pl_module.geometry.named_parameters()}
+            info = dict(pl_module.last_step_info)
+            info["step"] = pl_module.true_global_step
+            info["grads"] = grads
+            self.steps.append(info)
 
-class StepRecorder(_callback_base()):
-    """Lightning callback recording, per step, the stage, the guidances that ran and which parameters got gradient."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = {name: bool(p.grad is not None and p.grad.abs().sum() > 0)
-                 for name, p in pl_module.geometry.named_parameters()}
-        info = dict(pl_module.last_step_info)
-        info["step"] = pl_module.true_global_step
-        info["grads"] = grads
-        self.steps.append(info)
+    return _StepRecorder()
 
 
 def _run(threestudio, cfg_text: str, root: Path, resume=None, max_steps=None, callbacks=()):
