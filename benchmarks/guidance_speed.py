@@ -30,29 +30,54 @@ import torch
 
 # ModelScope text-to-video-ms-1.7b unet/config.json (also ZeroScope v2 576w)
 MODELSCOPE_UNET3D = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32, norm_eps=1e-5,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024, attention_head_dim=64,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=1024,
+    attention_head_dim=64,
     down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
 )
 # Stable Diffusion 1.5 unet/config.json
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 # Stable Diffusion 1.5 vae/config.json (ModelScope and ZeroScope ship the same VAE)
 SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=512,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.18215,
 )
 # control_v11f1e_sd15_tile config.json: the SD 1.5 U-Net's encoder half + conditioning embedding (16, 32, 96, 256)
 CONTROLNET_CONDITIONING = (16, 32, 96, 256)
 
-TINY_UNET3D = dict(MODELSCOPE_UNET3D, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32,
-                   attention_head_dim=8, layers_per_block=1)
+TINY_UNET3D = dict(
+    MODELSCOPE_UNET3D,
+    block_out_channels=(32, 64, 64, 64),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    layers_per_block=1,
+)
 TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, layers_per_block=1)
 TINY_VAE = dict(SD_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
 
@@ -75,7 +100,9 @@ def main():
         args.frames, args.cn_size, args.warmup, args.iters = 2, 64, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
-        raise SystemExit("guidance_speed: no CUDA device; full-size timings need a GPU (use --tiny for a CPU smoke run)")
+        raise SystemExit(
+            "guidance_speed: no CUDA device; full-size timings need a GPU (use --tiny for a CPU smoke run)"
+        )
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # casting random full-size models with .to(dtype) warns once per model
@@ -90,8 +117,14 @@ def main():
         rows += bench_controlnet(args, device, dtype)
     _print_table(rows, device, args)
     if args.out:
-        meta = {"device": _device_name(device), "torch": torch.__version__, "dtype": args.dtype,
-                "channels_last": args.channels_last, "compile": args.compile, "tiny": args.tiny}
+        meta = {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "dtype": args.dtype,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "tiny": args.tiny,
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
@@ -120,7 +153,9 @@ def bench_video(args, device, dtype) -> list[dict]:
     floor_ms = r_unet["ms"] + r_vae["ms"]
     rows.append(dict(guidance="video", piece=f"U-Net3D fwd, batch 2 (CFG), {t_frames}x{h}^2 latents", **r_unet))
     rows.append(dict(guidance="video", piece=f"VAE encoder fwd+bwd, {t_frames}x{size}^2", **r_vae))
-    rows.append(dict(guidance="video", piece="floor (sum)", ms=floor_ms, peak_gb=max(r_unet["peak_gb"], r_vae["peak_gb"])))
+    rows.append(
+        dict(guidance="video", piece="floor (sum)", ms=floor_ms, peak_gb=max(r_unet["peak_gb"], r_vae["peak_gb"]))
+    )
     model = VideoSDS(unet, vae, alphas, model_size=(size, size))
     frames = torch.rand(t_frames, size, size, 3, device=device, requires_grad=True)
 
@@ -132,8 +167,17 @@ def bench_video(args, device, dtype) -> list[dict]:
     r = _time(call, args, device)
     rows.append(dict(guidance="video", piece="VideoSDS call + backward", ratio_to_floor=r["ms"] / floor_ms, **r))
     if args.tiny_vae:
-        rows += _tiny_vae_rows("video", args, device, dtype, lambda v: VideoSDS(unet, v, alphas, model_size=(size, size)),
-                               lambda m: call(m), r_unet["ms"], t_frames, size)
+        rows += _tiny_vae_rows(
+            "video",
+            args,
+            device,
+            dtype,
+            lambda v: VideoSDS(unet, v, alphas, model_size=(size, size)),
+            lambda m: call(m),
+            r_unet["ms"],
+            t_frames,
+            size,
+        )
     return rows
 
 
@@ -176,17 +220,39 @@ def bench_controlnet(args, device, dtype) -> list[dict]:
     frames = torch.rand(args.frames, render, render, 3, device=device, requires_grad=True)
 
     def call(m=model):
-        out = m(frames, cond_embeddings=emb, uncond_embeddings=emb, controlnet_embeddings=emb, num_frames=k,
-                fixed_size=size, generator=gen)
+        out = m(
+            frames,
+            cond_embeddings=emb,
+            uncond_embeddings=emb,
+            controlnet_embeddings=emb,
+            num_frames=k,
+            fixed_size=size,
+            generator=gen,
+        )
         out["loss_sds_cn"].backward()
         frames.grad = None
 
     r = _time(call, args, device)
-    rows.append(dict(guidance="cn", piece=f"ControlNetTileSDS call + backward ({args.frames}x{render}^2 render)",
-                     ratio_to_floor=r["ms"] / floor_ms, **r))
+    rows.append(
+        dict(
+            guidance="cn",
+            piece=f"ControlNetTileSDS call + backward ({args.frames}x{render}^2 render)",
+            ratio_to_floor=r["ms"] / floor_ms,
+            **r,
+        )
+    )
     if args.tiny_vae:
-        rows += _tiny_vae_rows("cn", args, device, dtype, lambda v: ControlNetTileSDS(unet, controlnet, v, alphas),
-                               lambda m: call(m), r_unet["ms"], k, size)
+        rows += _tiny_vae_rows(
+            "cn",
+            args,
+            device,
+            dtype,
+            lambda v: ControlNetTileSDS(unet, controlnet, v, alphas),
+            lambda m: call(m),
+            r_unet["ms"],
+            k,
+            size,
+        )
     return rows
 
 

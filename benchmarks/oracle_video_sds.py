@@ -84,8 +84,16 @@ def psnr(x, y, peak: float = 1.0) -> float:
     return 10 * math.log10(peak**2 / max(mse, 1e-20))
 
 
-def run_oracle(model_dir, mode: str = "frames", vae: str = "linear", steps: int = 300, frames: int = 4, size: int = 64,
-               lr: float | None = None, seed: int = 0) -> dict:
+def run_oracle(
+    model_dir,
+    mode: str = "frames",
+    vae: str = "linear",
+    steps: int = 300,
+    frames: int = 4,
+    size: int = 64,
+    lr: float | None = None,
+    seed: int = 0,
+) -> dict:
     """Optimise one clip with video SDS against an exact denoiser; return PSNR before / after and timings."""
     from animate124.core.video_sds import VideoSDS
 
@@ -98,8 +106,14 @@ def run_oracle(model_dir, mode: str = "frames", vae: str = "linear", steps: int 
     render, params, target_frames = _parameterisation(mode, frames, size, gen)
     with torch.no_grad():
         target_latents = base.encode_frames(target_frames[None].permute(0, 1, 4, 2, 3), sample_posterior=False)
-    model = VideoSDS(ExactDenoiser(target_latents, base.alphas_cumprod), base.vae, base.alphas_cumprod,
-                     base.text_encoder, base.tokenizer, (size, size))
+    model = VideoSDS(
+        ExactDenoiser(target_latents, base.alphas_cumprod),
+        base.vae,
+        base.alphas_cumprod,
+        base.text_encoder,
+        base.tokenizer,
+        (size, size),
+    )
     if mode == "latents":
         params = [torch.zeros_like(target_latents, requires_grad=True)]
         render = lambda: params[0]  # noqa: E731
@@ -122,8 +136,16 @@ def run_oracle(model_dir, mode: str = "frames", vae: str = "linear", steps: int 
         opt.zero_grad()
         out["loss_sds_video"].backward()
         opt.step()
-    return {"mode": mode, "vae": vae, "steps": steps, "frames": frames, "size": size, "psnr_before": before,
-            "psnr_after": score(), "seconds": time.time() - t0}
+    return {
+        "mode": mode,
+        "vae": vae,
+        "steps": steps,
+        "frames": frames,
+        "size": size,
+        "psnr_before": before,
+        "psnr_after": score(),
+        "seconds": time.time() - t0,
+    }
 
 
 def _parameterisation(mode, frames, size, gen):
@@ -132,7 +154,9 @@ def _parameterisation(mode, frames, size, gen):
     if mode in ("frames", "latents"):
         # target: block-constant colours drifting smoothly over time
         base = torch.rand(1, 3, cells, cells, generator=gen)
-        drift = torch.linspace(0, 1, frames).view(frames, 1, 1, 1) * (torch.rand(1, 3, cells, cells, generator=gen) - 0.5)
+        drift = torch.linspace(0, 1, frames).view(frames, 1, 1, 1) * (
+            torch.rand(1, 3, cells, cells, generator=gen) - 0.5
+        )
         target = (base + 0.5 * drift).clamp(0, 1)
         up = lambda x: F.interpolate(x, scale_factor=8, mode="nearest").permute(0, 2, 3, 1)  # noqa: E731
         logits = torch.zeros(frames, 3, cells, cells, requires_grad=True)  # grey start
@@ -152,7 +176,9 @@ class _Field(torch.nn.Module):
     def __init__(self, gen, bands: int = 2, width: int = 32):
         super().__init__()
         self.freqs = torch.nn.Parameter(2 ** torch.arange(bands).float() * math.pi, requires_grad=False)
-        self.net = torch.nn.Sequential(torch.nn.Linear(3 * 2 * bands, width), torch.nn.SiLU(), torch.nn.Linear(width, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3 * 2 * bands, width), torch.nn.SiLU(), torch.nn.Linear(width, 3)
+        )
         with torch.no_grad():
             for p in self.net.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / math.sqrt(p.shape[-1])))
@@ -163,16 +189,21 @@ class _Field(torch.nn.Module):
 
 
 def _coords(frames, size):
-    t, y, x = torch.meshgrid(torch.linspace(0, 1, frames), torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
-                             indexing="ij")
+    t, y, x = torch.meshgrid(
+        torch.linspace(0, 1, frames), torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij"
+    )
     return torch.stack([x, y, t], -1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="text-to-video folder (default: tiny random model in a temp dir)")
-    parser.add_argument("--runs", nargs="+", default=["latents:tiny", "frames:linear", "field:linear", "frames:tiny"],
-                        help="mode:vae pairs")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["latents:tiny", "frames:linear", "field:linear", "frames:tiny"],
+        help="mode:vae pairs",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -185,8 +216,10 @@ def main():
     print(f"{'mode':8s} {'vae':6s} {'steps':>5s} {'PSNR before':>11s} {'PSNR after':>10s} {'gain dB':>8s} {'s':>6s}")
     for r in rows:
         gain = r["psnr_after"] - r["psnr_before"]
-        print(f"{r['mode']:8s} {r['vae']:6s} {r['steps']:5d} {r['psnr_before']:11.2f} {r['psnr_after']:10.2f} {gain:8.2f} "
-              f"{r['seconds']:6.1f}")
+        print(
+            f"{r['mode']:8s} {r['vae']:6s} {r['steps']:5d} {r['psnr_before']:11.2f} {r['psnr_after']:10.2f} {gain:8.2f} "
+            f"{r['seconds']:6.1f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -79,8 +79,9 @@ class ControlNetTileSDS:
         unet = sds.load_pretrained_component(UNet2DConditionModel, sd_path, "unet", **kw).to(device)
         vae = sds.load_pretrained_component(AutoencoderKL, sd_path, "vae", **kw).to(device)
         controlnet = sds.load_pretrained_component(ControlNetModel, cn_path, None, **kw).to(device)
-        scheduler = sds.load_pretrained_component(DDIMScheduler, sd_path, "scheduler",
-                                                  local_files_only=local_files_only)
+        scheduler = sds.load_pretrained_component(
+            DDIMScheduler, sd_path, "scheduler", local_files_only=local_files_only
+        )
         text_encoder = tokenizer = None
         if load_text_encoder:
             text_encoder, tokenizer = load_text_encoder_and_tokenizer(sd_path, device, dtype, local_files_only)
@@ -94,13 +95,15 @@ class ControlNetTileSDS:
     def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
         """CLIP embeddings ``[len(prompts), 77, D]``, cached per prompt string (``clear_text_cache`` empties it)."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("encode_prompt: this ControlNetTileSDS has no text encoder; load it with "
-                             "load_text_encoder=True or pass the embeddings to the call")
+            raise ValueError(
+                "encode_prompt: this ControlNetTileSDS has no text encoder; load it with "
+                "load_text_encoder=True or pass the embeddings to the call"
+            )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
-            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings)})
+            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings, strict=True)})
         return torch.cat([self._text_cache[p] for p in prompts])
 
     def clear_text_cache(self):
@@ -151,12 +154,14 @@ class ControlNetTileSDS:
         idx = self._frame_indices(frames, cond_rgb, frame_indices, num_frames, generator)
         k = idx.shape[0]
         cond_src = frames.detach() if cond_rgb is None else cond_rgb.detach().to(frames.device)
-        text = self._texts(prompt, negative_prompt, controlnet_prompt, cond_embeddings, uncond_embeddings,
-                           controlnet_embeddings, k)
+        text = self._texts(
+            prompt, negative_prompt, controlnet_prompt, cond_embeddings, uncond_embeddings, controlnet_embeddings, k
+        )
         # 2. square crop + resize (frames with gradient, condition without)
         images = sds.resize_to_model(frames[idx.to(frames.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size))
-        cond_image = sds.resize_to_model(cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2),
-                                         (fixed_size, fixed_size))
+        cond_image = sds.resize_to_model(
+            cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size)
+        )
         # 3. latents with gradient, one timestep per frame
         latents, std = sds.encode_moments(self.vae, images * 2 - 1)
         if sample_posterior:
@@ -171,11 +176,14 @@ class ControlNetTileSDS:
         eps_pred = sds.cfg_combine(eps_uncond, eps_cond, guidance_scale)
         weight = sds.sds_weight(self.alphas_cumprod, t, weighting)
         grad = sds.sds_gradient(eps_pred, noise, weight)
-        out = {"loss_sds_cn": sds.sds_loss(latents, grad, k), "grad_norm": grad.norm(), "timestep": t,
-               "frame_indices": idx}
+        out = {
+            "loss_sds_cn": sds.sds_loss(latents, grad, k),
+            "grad_norm": grad.norm(),
+            "timestep": t,
+            "frame_indices": idx,
+        }
         if return_intermediates:
-            out.update(latents=latents, noise=noise, eps_pred=eps_pred, grad=grad, weight=weight,
-                       cond_image=cond_image)
+            out.update(latents=latents, noise=noise, eps_pred=eps_pred, grad=grad, weight=weight, cond_image=cond_image)
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -187,20 +195,30 @@ class ControlNetTileSDS:
         x = torch.cat([noisy, noisy]).to(dtype)
         tt = torch.cat([t, t])
         down, mid = self.controlnet(
-            x, tt, encoder_hidden_states=cn_text.to(dtype),
+            x,
+            tt,
+            encoder_hidden_states=cn_text.to(dtype),
             controlnet_cond=torch.cat([cond_image, cond_image]).to(self.controlnet.dtype),
-            conditioning_scale=conditioning_scale, return_dict=False,
+            conditioning_scale=conditioning_scale,
+            return_dict=False,
         )
-        eps = self.unet(x, tt, encoder_hidden_states=unet_text.to(dtype), down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample.float()
+        eps = self.unet(
+            x,
+            tt,
+            encoder_hidden_states=unet_text.to(dtype),
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample.float()
         return eps.chunk(2)
 
     def _frame_indices(self, frames, cond_rgb, frame_indices, num_frames, generator) -> Tensor:
         if frames.dim() != 4 or frames.shape[-1] != 3:
             raise ValueError(f"ControlNetTileSDS: frames must be [T, H, W, 3] RGB in [0, 1], got {tuple(frames.shape)}")
         if cond_rgb is not None and cond_rgb.shape != frames.shape:
-            raise ValueError(f"ControlNetTileSDS: cond_rgb shape {tuple(cond_rgb.shape)} must equal frames shape "
-                             f"{tuple(frames.shape)}; render the condition with the same cameras and times")
+            raise ValueError(
+                f"ControlNetTileSDS: cond_rgb shape {tuple(cond_rgb.shape)} must equal frames shape "
+                f"{tuple(frames.shape)}; render the condition with the same cameras and times"
+            )
         n = frames.shape[0]
         if frame_indices is not None:
             idx = torch.as_tensor(frame_indices, dtype=torch.long).flatten().cpu()

@@ -85,7 +85,9 @@ def sample_timesteps(
 ) -> Int[Tensor, "B"]:
     """``batch`` integer timesteps drawn uniformly from ``{min_step, …, max_step}`` (both inclusive, as upstream)."""
     if not 0 <= min_step <= max_step:
-        raise ValueError(f"sample_timesteps: need 0 <= min_step <= max_step, got min_step={min_step}, max_step={max_step}")
+        raise ValueError(
+            f"sample_timesteps: need 0 <= min_step <= max_step, got min_step={min_step}, max_step={max_step}"
+        )
     gen_device = generator.device if generator is not None else "cpu"
     t = torch.randint(min_step, max_step + 1, (batch,), generator=generator, device=gen_device)
     return t.to(device if device is not None else gen_device)

@@ -84,8 +84,10 @@ def load_textual_inversion(
     added = set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
     for tok in tokens:
         if tok in vocab and tok not in added:
-            raise ValueError(f"textual inversion: token {tok!r} is already an ordinary word of the tokenizer; "
-                             f"pass token='<something-unique>'")
+            raise ValueError(
+                f"textual inversion: token {tok!r} is already an ordinary word of the tokenizer; "
+                f"pass token='<something-unique>'"
+            )
     tokenizer.add_tokens([t for t in tokens if t not in vocab])
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if len(tokenizer) > table.weight.shape[0]:
@@ -95,7 +97,7 @@ def load_textual_inversion(
             text_encoder.resize_token_embeddings(len(tokenizer))
         table = text_encoder.get_input_embeddings()
     with torch.no_grad():
-        for i, row in zip(ids, rows):
+        for i, row in zip(ids, rows, strict=True):
             table.weight[i] = row.to(table.weight.dtype)
     return " ".join(tokens)
 

@@ -127,7 +127,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def _seeded():
@@ -295,8 +295,10 @@ def _write_zero123(path: Path):
     proj_dir.mkdir(parents=True, exist_ok=True)
     _seeded()
     proj = torch.nn.Linear(TINY_HIDDEN + 4, TINY_HIDDEN)
-    save_file({"proj.weight": proj.weight.detach().contiguous(), "proj.bias": proj.bias.detach().contiguous()},
-              str(proj_dir / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {"proj.weight": proj.weight.detach().contiguous(), "proj.bias": proj.bias.detach().contiguous()},
+        str(proj_dir / "diffusion_pytorch_model.safetensors"),
+    )
     proj_config = {"_class_name": "CLIPCameraProjection", "embedding_dim": TINY_HIDDEN, "additional_embeddings": 4}
     (proj_dir / "config.json").write_text(json.dumps(proj_config, indent=2))
     model_index = {

@@ -41,8 +41,15 @@ class VideoSDS:
         model_size: ``(H, W)`` pixel size the model was trained at (256×256 ModelScope, 320×576 ZeroScope).
     """
 
-    def __init__(self, unet, vae, alphas_cumprod: Float[Tensor, "N"], text_encoder=None, tokenizer=None,
-                 model_size: tuple[int, int] = (256, 256)):
+    def __init__(
+        self,
+        unet,
+        vae,
+        alphas_cumprod: Float[Tensor, "N"],
+        text_encoder=None,
+        tokenizer=None,
+        model_size: tuple[int, int] = (256, 256),
+    ):
         self.unet, self.vae = unet, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.alphas_cumprod = alphas_cumprod.float()
@@ -96,13 +103,15 @@ class VideoSDS:
         """CLIP text embeddings ``[len(prompts), 77, D]`` (padded to 77 tokens, last hidden state), cached per prompt
         string for the life of this object (a prompt's embedding never changes; ``clear_text_cache`` empties it)."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("encode_prompt: this VideoSDS has no text encoder; load it with load_text_encoder=True "
-                             "or pass cond_embeddings / uncond_embeddings to the call")
+            raise ValueError(
+                "encode_prompt: this VideoSDS has no text encoder; load it with load_text_encoder=True "
+                "or pass cond_embeddings / uncond_embeddings to the call"
+            )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
-            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings)})
+            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings, strict=True)})
         return torch.cat([self._text_cache[p] for p in prompts])
 
     def clear_text_cache(self):
@@ -181,12 +190,25 @@ class VideoSDS:
         images = clips.permute(0, 1, 4, 2, 3).reshape(-1, 3, *clips.shape[2:4])  # [B*T, 3, H, W]
         images = sds.resize_to_model(images, self.model_size).reshape(b, clips.shape[1], 3, *self.model_size)
         # 2. latents with gradient
-        latents = self.encode_frames(images, low_ram_vae=low_ram_vae, vae_chunk_size=vae_chunk_size,
-                                     sample_posterior=sample_posterior, generator=generator)
+        latents = self.encode_frames(
+            images,
+            low_ram_vae=low_ram_vae,
+            vae_chunk_size=vae_chunk_size,
+            sample_posterior=sample_posterior,
+            generator=generator,
+        )
         # 3.-5. noise, frozen U-Net, guidance, loss
-        return self.sds_from_latents(latents, cond_embeddings=cond, uncond_embeddings=uncond,
-                                     guidance_scale=guidance_scale, weighting=weighting, min_step=min_step,
-                                     max_step=max_step, generator=generator, return_intermediates=return_intermediates)
+        return self.sds_from_latents(
+            latents,
+            cond_embeddings=cond,
+            uncond_embeddings=uncond,
+            guidance_scale=guidance_scale,
+            weighting=weighting,
+            min_step=min_step,
+            max_step=max_step,
+            generator=generator,
+            return_intermediates=return_intermediates,
+        )
 
     def sds_from_latents(
         self,
@@ -253,8 +275,9 @@ class VideoSDS:
 def encode_text(tokenizer, text_encoder, prompts: list[str]) -> Float[Tensor, "B 77 D"]:
     """CLIP last hidden state for prompts padded / truncated to the tokenizer's ``model_max_length`` (77), the
     conditioning of SD 1.5, ModelScope and ZeroScope. fp32 result."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     device = next(text_encoder.parameters()).device
     with torch.no_grad():
         return text_encoder(ids.to(device))[0].float()
@@ -267,8 +290,9 @@ def load_text_encoder_and_tokenizer(name_or_path: str, device, dtype, local_file
     kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype,
-                                                     **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            name_or_path, subfolder="text_encoder", torch_dtype=dtype, **kwargs
+        )
     except OSError as err:
         raise OSError(
             f"could not load the text encoder / tokenizer of {name_or_path!r}: download it once or point the id at a "
@@ -283,8 +307,10 @@ def load_text_encoder_and_tokenizer(name_or_path: str, device, dtype, local_file
 
 def _check_frames(frames: Tensor) -> Tensor:
     if frames.dim() not in (4, 5) or frames.shape[-1] != 3:
-        raise ValueError(f"VideoSDS: frames must be [T, H, W, 3] or [B, T, H, W, 3] RGB in [0, 1], got shape "
-                         f"{tuple(frames.shape)}; permute channels last")
+        raise ValueError(
+            f"VideoSDS: frames must be [T, H, W, 3] or [B, T, H, W, 3] RGB in [0, 1], got shape "
+            f"{tuple(frames.shape)}; permute channels last"
+        )
     return frames[None] if frames.dim() == 4 else frames
 
 

@@ -20,7 +20,9 @@ def _frames(shape, seed=0):
 
 def test_gradient_reaches_only_the_chosen_frames(cn_sds):
     frames = _frames((6, 40, 72, 3))  # ZeroScope-shaped render: centre-cropped to 40x40
-    out = cn_sds(frames, "a panda is dancing", num_frames=2, fixed_size=SIZE, generator=torch.Generator().manual_seed(0))
+    out = cn_sds(
+        frames, "a panda is dancing", num_frames=2, fixed_size=SIZE, generator=torch.Generator().manual_seed(0)
+    )
     out["loss_sds_cn"].backward()
     chosen = out["frame_indices"].tolist()
     assert len(chosen) == 2 and len(set(chosen)) == 2
@@ -35,8 +37,16 @@ def test_gradient_matches_a_direct_controlnet_unet_recomputation(cn_sds):
     """Wiring check: U-Net text = prompt | negative, ControlNet text = 'best quality' | negative, same condition."""
     frames = _frames((4, SIZE, SIZE, 3))
     s = 7.5
-    out = cn_sds(frames, "a panda", negative_prompt="ugly", frame_indices=[3, 1], fixed_size=SIZE, guidance_scale=s,
-                 generator=torch.Generator().manual_seed(1), return_intermediates=True)
+    out = cn_sds(
+        frames,
+        "a panda",
+        negative_prompt="ugly",
+        frame_indices=[3, 1],
+        fixed_size=SIZE,
+        guidance_scale=s,
+        generator=torch.Generator().manual_seed(1),
+        return_intermediates=True,
+    )
     assert out["frame_indices"].tolist() == [3, 1]
     z, eps, t = out["latents"].detach(), out["noise"], out["timestep"]
     a = cn_sds.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -48,10 +58,16 @@ def test_gradient_matches_a_direct_controlnet_unet_recomputation(cn_sds):
     unet_text = torch.cat([enc("a panda").expand(2, -1, -1), enc("ugly").expand(2, -1, -1)])
     cn_text = torch.cat([enc("best quality").expand(2, -1, -1), enc("ugly").expand(2, -1, -1)])
     with torch.no_grad():
-        down, mid = cn_sds.controlnet(z_t, tt, encoder_hidden_states=cn_text, controlnet_cond=torch.cat([cond, cond]),
-                                      return_dict=False)
-        e = cn_sds.unet(z_t, tt, encoder_hidden_states=unet_text, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample
+        down, mid = cn_sds.controlnet(
+            z_t, tt, encoder_hidden_states=cn_text, controlnet_cond=torch.cat([cond, cond]), return_dict=False
+        )
+        e = cn_sds.unet(
+            z_t,
+            tt,
+            encoder_hidden_states=unet_text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
     eps_c, eps_u = e.chunk(2)
     torch.testing.assert_close(out["grad"], (1 - a) * (eps_u + s * (eps_c - eps_u) - eps), rtol=1e-4, atol=1e-5)
 
@@ -72,8 +88,14 @@ def test_frozen_condition_is_what_gets_fed_and_changes_the_loss(cn_sds):
 
 def test_condition_is_resized_with_the_frames(cn_sds):
     frames = _frames((2, 40, 72, 3))
-    out = cn_sds(frames, "a panda", num_frames=1, fixed_size=32, generator=torch.Generator().manual_seed(0),
-                 return_intermediates=True)
+    out = cn_sds(
+        frames,
+        "a panda",
+        num_frames=1,
+        fixed_size=32,
+        generator=torch.Generator().manual_seed(0),
+        return_intermediates=True,
+    )
     assert out["cond_image"].shape == (1, 3, 32, 32) and out["latents"].shape == (1, 4, 4, 4)
     i = out["frame_indices"].item()
     expected = sds.resize_to_model(frames.detach()[i : i + 1].permute(0, 3, 1, 2), (32, 32))

@@ -152,8 +152,13 @@ def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+    ).eval()
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     mean, std = sds.encode_moments(vae, x)
     graded = torch.tensor([True, False, True, False])
@@ -167,8 +172,12 @@ def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
     except ImportError:  # diffusers < 0.20 has no AutoencoderTiny: the AutoencoderKL half above still ran
         print("AutoencoderTiny part skipped: not in this diffusers")
         return
-    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).eval()
+    taesd = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()
     m, s = sds.encode_moments(taesd, torch.rand(2, 3, 32, 32) * 2 - 1)
     assert m.shape == (2, 4, 4, 4) and s.abs().sum() == 0
 
@@ -177,23 +186,35 @@ def test_load_pretrained_component_prefers_the_fp16_variant_when_present(tmp_pat
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, layers_per_block=1)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
     vae.half().save_pretrained(tmp_path / "only_fp16" / "vae", variant="fp16", safe_serialization=True)
     vae.float().save_pretrained(tmp_path / "plain" / "vae", safe_serialization=True)
-    a = sds.load_pretrained_component(AutoencoderKL, str(tmp_path / "only_fp16"), "vae", torch_dtype=torch.float16,
-                                      prefer_fp16_variant=True)
-    b = sds.load_pretrained_component(AutoencoderKL, str(tmp_path / "plain"), "vae", torch_dtype=torch.float16,
-                                      prefer_fp16_variant=True)
+    a = sds.load_pretrained_component(
+        AutoencoderKL, str(tmp_path / "only_fp16"), "vae", torch_dtype=torch.float16, prefer_fp16_variant=True
+    )
+    b = sds.load_pretrained_component(
+        AutoencoderKL, str(tmp_path / "plain"), "vae", torch_dtype=torch.float16, prefer_fp16_variant=True
+    )
     assert a.dtype == b.dtype == torch.float16
     torch.testing.assert_close(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
     assert sorted(p.name for p in (tmp_path / "only_fp16" / "vae").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.fp16.safetensors"]
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
 
 
 def test_missing_hub_model_offline_error_names_the_id():
     from diffusers import UNet3DConditionModel
 
-    with pytest.raises(OSError, match=r"could not load UNet3DConditionModel from 'no-such-org/no-such-model/unet'.*"
-                                      r"huggingface-cli download no-such-org/no-such-model"):
+    with pytest.raises(
+        OSError,
+        match=r"could not load UNet3DConditionModel from 'no-such-org/no-such-model/unet'.*"
+        r"huggingface-cli download no-such-org/no-such-model",
+    ):
         sds.load_pretrained_component(UNet3DConditionModel, "no-such-org/no-such-model", "unet", local_files_only=True)

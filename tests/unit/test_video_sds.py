@@ -38,7 +38,9 @@ class LinearStandInVAE(torch.nn.Module):
             from diffusers.models.vae import DiagonalGaussianDistribution
 
         mean = F.avg_pool2d(torch.einsum("kc,nchw->nkhw", self.weight, x), 8)
-        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, -30)], 1)))
+        return SimpleNamespace(
+            latent_dist=DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, -30)], 1))
+        )
 
 
 def _frames(shape, seed=0):
@@ -63,8 +65,16 @@ def test_linear_vae_gradient_is_w_times_eps_difference_mapped_back(video_sds):
     model = VideoSDS(video_sds.unet, vae, video_sds.alphas_cumprod, video_sds.text_encoder, video_sds.tokenizer, SIZE)
     b, t, s = 2, 3, 7.5
     frames = _frames((b, t, *SIZE, 3))
-    out = model(frames, "a panda", negative_prompt="blurry", guidance_scale=s, weighting="sds",
-                sample_posterior=False, generator=torch.Generator().manual_seed(0), return_intermediates=True)
+    out = model(
+        frames,
+        "a panda",
+        negative_prompt="blurry",
+        guidance_scale=s,
+        weighting="sds",
+        sample_posterior=False,
+        generator=torch.Generator().manual_seed(0),
+        return_intermediates=True,
+    )
     out["loss_sds_video"].backward()
     # recompute eps_hat with a direct U-Net call on both halves and the standard CFG formula
     z, eps, ts = out["latents"].detach(), out["noise"], out["timestep"]
@@ -72,8 +82,11 @@ def test_linear_vae_gradient_is_w_times_eps_difference_mapped_back(video_sds):
     z_t = a.sqrt() * z + (1 - a).sqrt() * eps
     cond, uncond = model.encode_prompt("a panda"), model.encode_prompt("blurry")
     with torch.no_grad():
-        e = video_sds.unet(torch.cat([z_t, z_t]), torch.cat([ts, ts]),
-                           encoder_hidden_states=torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)])).sample
+        e = video_sds.unet(
+            torch.cat([z_t, z_t]),
+            torch.cat([ts, ts]),
+            encoder_hidden_states=torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)]),
+        ).sample
     eps_c, eps_u = e.chunk(2)
     g = (1 - a) * (eps_u + s * (eps_c - eps_u) - eps)
     torch.testing.assert_close(out["grad"], g, rtol=1e-4, atol=1e-5)
@@ -100,8 +113,12 @@ def test_chunked_encoding_and_embeddings_path_match_the_default(video_sds):
     ref = video_sds(frames, "a panda", generator=torch.Generator().manual_seed(2))["loss_sds_video"]
     chunked = video_sds(frames, "a panda", vae_chunk_size=1, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(chunked["loss_sds_video"], ref, rtol=1e-5, atol=1e-4)
-    emb = video_sds(frames, cond_embeddings=video_sds.encode_prompt("a panda"),
-                    uncond_embeddings=video_sds.encode_prompt(""), generator=torch.Generator().manual_seed(2))
+    emb = video_sds(
+        frames,
+        cond_embeddings=video_sds.encode_prompt("a panda"),
+        uncond_embeddings=video_sds.encode_prompt(""),
+        generator=torch.Generator().manual_seed(2),
+    )
     torch.testing.assert_close(emb["loss_sds_video"], ref, rtol=0, atol=0)
 
 
