@@ -3,12 +3,15 @@
 Run folder layout (one generated result):
   RUN_DIR/run.json   {"prompt": "a panda is dancing",        the motion text (CLIP-T, retrieval)
                       "image": "ref.png",                     reference image, relative to RUN_DIR or absolute
-                      "frames": "save/it*-test.mp4"}          optional glob, relative to RUN_DIR or absolute
+                      "frames": "save/it*-test.mp4",          optional glob, relative to RUN_DIR or absolute
+                      "panel": "0"}                           optional, see --panel
   RUN_DIR/frames/*.png | *.jpg   or   RUN_DIR/*.mp4 | *.gif   the frames, when run.json has no "frames"
---image / --prompt / --frames-glob override run.json (a run folder needs no run.json when both are given).
-Image frames are read in natural order (2.png before 10.png). A glob that matches videos uses the last video in
-natural order (e.g. the highest iteration's it15000-test.mp4); all of its frames are used. RGBA images (reference
-or frames) are composited on white.
+--image / --prompt / --frames-glob / --panel override run.json (no run.json is needed when image and prompt are given).
+Image frames are read in natural order (2.png before 10.png); if they lie in several folders only the last folder in
+natural order is used (e.g. it15000-test/ over it5000-test/). A glob that matches videos uses the last video in
+natural order (e.g. it15000-test.mp4); all of its frames are used. RGBA images (reference or frames) are composited
+on white. --panel K keeps the K-th (0-based) of the side-by-side panels of each frame, assuming square panels
+(threestudio's [rgb | normal | opacity] grids); --panel K/N splits the width into N equal panels.
 
 Metrics (image and text embeddings are L2-normalised CLIP projections):
   clip_t     mean over frames of cos(frame, prompt)
@@ -65,6 +68,7 @@ class RunSpec:
     prompt: str
     image: Path
     frames: list[Path]
+    panel: str | None = None
 
 
 class ClipScorer:
@@ -108,7 +112,11 @@ class ClipScorer:
 
 
 def load_run(
-    run_dir: Path, image: Path | None = None, prompt: str | None = None, frames_glob: str | None = None
+    run_dir: Path,
+    image: Path | None = None,
+    prompt: str | None = None,
+    frames_glob: str | None = None,
+    panel: str | None = None,
 ) -> RunSpec:
     """Read RUN_DIR/run.json (if any), apply the overrides and resolve the frame files."""
     run_dir = Path(run_dir)
@@ -129,11 +137,15 @@ def load_run(
     if not image.is_file():
         raise ToolError(f"reference image {str(image)!r} of run {run_dir.name!r} does not exist: fix --image/run.json")
     pattern = frames_glob or meta.get("frames")
-    return RunSpec(name=run_dir.name, prompt=str(prompt), image=image, frames=_find_frames(run_dir, pattern))
+    panel = panel if panel is not None else meta.get("panel")
+    if panel is not None:
+        panel = str(panel)
+        _parse_panel(panel)
+    return RunSpec(run_dir.name, str(prompt), image, _find_frames(run_dir, pattern), panel)
 
 
-def read_frames(paths: Sequence[Path], max_frames: int = 0) -> list:
-    """Frames as (H, W, 3) uint8 arrays: every image file, or every frame of one video (imageio)."""
+def read_frames(paths: Sequence[Path], max_frames: int = 0, panel: str | None = None) -> list:
+    """Frames as (H, W, 3) uint8 arrays: every image file, or every frame of one video (imageio); see --panel."""
     import numpy as np
 
     if len(paths) == 1 and paths[0].suffix.lower() in _VIDEO_EXT:
@@ -150,6 +162,8 @@ def read_frames(paths: Sequence[Path], max_frames: int = 0) -> list:
         frames = [_load_rgb(p) for p in paths]
     if not frames:
         raise ToolError(f"no frames could be read from {paths[0] if paths else 'nothing'}")
+    if panel is not None:
+        frames = [_crop_panel(f, *_parse_panel(panel)) for f in frames]
     if max_frames and len(frames) > max_frames:
         keep = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
         frames = [frames[i] for i in keep]
@@ -193,7 +207,7 @@ def evaluate_runs(
     rows, frame_embeddings = [], []
     texts = scorer.texts([r.prompt for r in runs])
     for spec, text in tqdm(list(zip(runs, texts, strict=True)), desc="evaluate", unit="run", disable=not progress):
-        frames = scorer.images(read_frames(spec.frames, max_frames))
+        frames = scorer.images(read_frames(spec.frames, max_frames, spec.panel))
         reference = scorer.images([_load_rgb(spec.image)])
         rows.append({"run": spec.name, "frames": frames.shape[0], **run_metrics(frames, reference, text)})
         frame_embeddings.append(frames)
@@ -232,6 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip-model", default=DEFAULT_CLIP_MODEL, help=f"CLIP hub id or local folder (default {DEFAULT_CLIP_MODEL})"
     )
+    parser.add_argument("--panel", help="K or K/N: keep one side-by-side panel of each frame (e.g. 0 = the RGB)")
     parser.add_argument("--max-frames", type=int, default=0, help="score at most N evenly spaced frames (0 = all)")
     parser.add_argument("--out", type=Path, help="folder for metrics.csv/metrics.md (default RUN_DIR or RUNS_DIR)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -253,9 +268,9 @@ def run(args: argparse.Namespace) -> int:
         folders = sorted((d for d in args.batch.iterdir() if (d / "run.json").is_file()), key=_natural_key)
         if not folders:
             raise ToolError(f"no run folder with run.json under {str(args.batch)!r}: see the layout in --help")
-        specs = [load_run(d, frames_glob=args.frames_glob) for d in folders]
+        specs = [load_run(d, frames_glob=args.frames_glob, panel=args.panel) for d in folders]
     else:
-        specs = [load_run(args.run_dir, args.image, args.prompt, args.frames_glob)]
+        specs = [load_run(args.run_dir, args.image, args.prompt, args.frames_glob, args.panel)]
     out = args.out or (args.batch if args.batch is not None else args.run_dir)
     check_writable([out / "metrics.csv", out / "metrics.md"], args.overwrite)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,11 +295,27 @@ def _find_frames(run_dir: Path, pattern: str | None) -> list[Path]:
         if videos:
             return [videos[-1]]
         if images:
-            return images
+            last = max((m.parent for m in images), key=_natural_key)
+            return [m for m in images if m.parent == last]
     raise ToolError(
         f"no frames in run {str(run_dir)!r} (looked for {', '.join(patterns)}): pass --frames-glob or set \"frames\" "
         "in run.json"
     )
+
+
+def _parse_panel(spec: str) -> tuple[int, int | None]:
+    match = re.fullmatch(r"(\d+)(?:/(\d+))?", spec.strip())
+    if not match or (match.group(2) and int(match.group(1)) >= int(match.group(2))):
+        raise ToolError(f"--panel {spec!r} is not valid: use K (square panels) or K/N with 0 <= K < N, e.g. --panel 0")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+def _crop_panel(frame, k: int, n: int | None):
+    height, width = frame.shape[:2]
+    panel_width = width // n if n else height
+    if (k + 1) * panel_width > width:
+        raise ToolError(f"--panel {k}: a {width}x{height} frame has only {width // panel_width} panel(s)")
+    return frame[:, k * panel_width : (k + 1) * panel_width]
 
 
 def _natural_key(path) -> list:

@@ -12,7 +12,7 @@ the others go on and the exit status is 1 at the end.
   OUT/<case>/prep/        rgba.png, depth.png, preview.png          (animate124 preprocess)
   OUT/<case>/invert/      learned_embeds.{safetensors,bin}          (animate124 invert)
   OUT/<case>/threestudio/ threestudio's exp_root_dir for this case  (launch.py --train, which also runs the test)
-  OUT/<case>/run.json     prompt, reference image, test video glob  (written before evaluate)
+  OUT/<case>/run.json     prompt, reference image, test frames glob (written when evaluate succeeds)
   OUT/<case>/metrics.*    this case's CLIP metrics                  (animate124 evaluate)
   OUT/metrics.{csv,md}    the table over every finished case, with retrieval accuracy
 
@@ -54,23 +54,25 @@ __all__ = [
     "run",
 ]
 
-# The ONE place that names threestudio config keys. The train step passes `TRAIN_KEYS[k]=<value of k>` for each k
-# whose key is not None. The lead fixes these to match configs/animate124.yaml.
+# The ONE place that names threestudio config keys (those of configs/animate124.yaml). The train step passes
+# `TRAIN_KEYS[k]=<value of k>` for each k whose key is not None.
 TRAIN_KEYS: dict[str, str | None] = {
-    "image_path": "data.image_path",  # the recentred RGBA (depth.png lies beside it)
-    "depth_path": None,  # e.g. "data.depth_path" if the data module does not derive it from image_path
-    "prompt": "system.prompt_processor.prompt",  # the motion caption (text-to-video guidance)
-    "static_prompt": None,  # e.g. "system.prompt_processor_static.prompt": "a high resolution DSLR image of <init>"
-    "cn_prompt": "system.prompt_processor_cn.prompt",  # caption with the subject replaced by "<token>"
-    "learned_embeds_path": "system.prompt_processor_cn.learned_embeds_path",
+    "image_path": "data.image_path",  # the recentred RGBA
+    "depth_path": "data.depth_path",  # its depth.png (enables the depth loss)
+    "prompt": "system.motion_prompt",  # the benchmark caption (text-to-video guidance)
+    "static_prompt": "system.prompt",  # STATIC_PROMPT below (SD guidance of the static stage)
+    "cn_prompt": "system.refine_prompt",  # caption with the subject replaced by "<token>" (ControlNet-Tile stage)
+    "learned_embeds_path": "system.learned_embeds_path",
     "tag": "tag",  # threestudio's own ExperimentConfig keys: a fixed trial folder per case, for resuming
     "use_timestamp": "use_timestamp",
     "exp_root_dir": "exp_root_dir",
 }
 DEFAULT_CONFIG = "custom/threestudio-animate124/configs/animate124.yaml"
-# Where launch.py's test writes its RGB video, relative to exp_root_dir (<name>/<tag>/save/it<step>-test.mp4).
-TEST_VIDEO_GLOB = "*/{tag}/save/it*-test.mp4"
-STATIC_PROMPT = "a high resolution DSLR image of {init}"
+STATIC_PROMPT = "a high-resolution DSLR image of {article} {init}"
+# What evaluate scores, relative to exp_root_dir: the test's fixed front view over time, written by a124-system as
+# <name>/<tag>/save/it<step>-test/front-over-time/<i>.png grids [rgb | normal | opacity]; panel 0 is the RGB.
+TEST_FRAMES_GLOB = "*/{tag}/save/it*-test/front-over-time/*.png"
+TEST_FRAMES_PANEL = "0"
 
 # One-token subject words for the 24 benchmark cases (checked against the CLIP tokenizer in the tests);
 # benchmark.json's "init" wins, then this table, then the case name's first word.
@@ -190,20 +192,20 @@ def plan_case(case: Case, options: argparse.Namespace) -> list[Step]:
     exp_root = out / "threestudio"
     values = {
         "image_path": str(rgba), "depth_path": str(depth), "prompt": case.caption,
-        "static_prompt": STATIC_PROMPT.format(init=case.init),
+        "static_prompt": STATIC_PROMPT.format(init=case.init, article="an" if case.init[0] in "aeiou" else "a"),
         "cn_prompt": _cn_prompt(case.caption, [case.init, case.name.split("-")[0]]),
         "learned_embeds_path": str(embeds), "tag": case.name, "use_timestamp": "false", "exp_root_dir": str(exp_root),
     }
     overrides = [f"{key}={values[k]}" for k, key in TRAIN_KEYS.items() if key is not None]
     command = [sys.executable, "launch.py", "--config", options.config, "--train", "--gpu", options.gpu]
     command += overrides + list(options.extra or [])
-    video_glob = str(exp_root / TEST_VIDEO_GLOB.format(tag=case.name))
-    steps.append(Step(case.name, "train", command, Path(options.threestudio), [], extra={"video_glob": video_glob}))
+    frames_glob = str(exp_root / TEST_FRAMES_GLOB.format(tag=case.name))
+    steps.append(Step(case.name, "train", command, Path(options.threestudio), [], extra={"frames_glob": frames_glob}))
     # 4. evaluate this case; run.json (which marks the folder as a run for the batch table) is written on success
-    frames = str(Path("threestudio") / TEST_VIDEO_GLOB.format(tag=case.name))
+    frames = str(Path("threestudio") / TEST_FRAMES_GLOB.format(tag=case.name))
     command = py + ["evaluate", str(out), "--image", str(rgba), "--prompt", case.caption, "--frames-glob", frames,
-                    "--clip-model", options.clip_model, "--overwrite"]
-    run_json = {"prompt": case.caption, "image": str(rgba), "frames": frames}
+                    "--panel", TEST_FRAMES_PANEL, "--clip-model", options.clip_model, "--overwrite"]
+    run_json = {"prompt": case.caption, "image": str(rgba), "frames": frames, "panel": TEST_FRAMES_PANEL}
     steps.append(Step(case.name, "evaluate", command, out, [out / "metrics.csv", out / "metrics.md"],
                       extra={"run_json": run_json}))
     return steps
@@ -230,11 +232,11 @@ def run_steps(steps: Sequence[Step], runner: Runner, env: dict, progress: Callab
         start = time.time()
         status = runner(step.command, step.cwd, env, log)
         outputs = list(step.outputs)
-        if "video_glob" in step.extra:
-            videos = sorted(_abs_glob(step.extra["video_glob"]), key=_natural_key)
-            outputs += videos[-1:]
-            if not videos and status == 0:
-                progress(f"[{step.case}] {step.name}: finished but no test video matches {step.extra['video_glob']}")
+        if "frames_glob" in step.extra:
+            frames = sorted(_abs_glob(step.extra["frames_glob"]), key=_natural_key)
+            outputs += frames[-1:]
+            if not frames and status == 0:
+                progress(f"[{step.case}] {step.name}: finished but no test frame matches {step.extra['frames_glob']}")
                 return False
         if status == 0 and "run_json" in step.extra:
             (step.cwd / "run.json").write_text(json.dumps(step.extra["run_json"], indent=1))

@@ -72,9 +72,10 @@ class FakeRunner:
             for name in ("learned_embeds.bin", "learned_embeds.safetensors"):
                 (out / name).write_bytes(b"x")
         elif step == "train":
-            save = Path(_override(command, "exp_root_dir")) / "animate124" / case / "save"
-            save.mkdir(parents=True, exist_ok=True)
-            (save / "it10-test.mp4").write_bytes(b"x")
+            frames = Path(_override(command, "exp_root_dir")) / "animate124" / case / "save" / "it10-test"
+            frames = frames / "front-over-time"
+            frames.mkdir(parents=True, exist_ok=True)
+            (frames / "0.png").write_bytes(b"x")
         else:  # evaluate: one run or the --batch table
             out = Path(command[command.index("--out") + 1]) if "--out" in command else Path(command[4])
             for name in ("metrics.csv", "metrics.md"):
@@ -105,8 +106,10 @@ def test_dry_run_lists_all_24_cases_and_commands(benchmark_dir, tmp_path, capsys
     assert sum(line.startswith("  invert: (cd") for line in lines) == 19
     train = next(line for line in lines if line.startswith("  train: ") and "cat-wave" in line)
     assert "launch.py --config custom/threestudio-animate124/configs/animate124.yaml --train --gpu 3" in train
-    assert "'system.prompt_processor.prompt=a full-bodied cat is waving its paw'" in train
-    assert "'system.prompt_processor_cn.prompt=a full-bodied <token> is waving its paw'" in train
+    assert "'system.motion_prompt=a full-bodied cat is waving its paw'" in train
+    assert "'system.refine_prompt=a full-bodied <token> is waving its paw'" in train
+    assert "'system.prompt=a high-resolution DSLR image of a cat'" in train
+    assert f"data.depth_path={out.resolve() / 'cat-wave' / 'prep' / 'depth.png'}" in train
     assert f"exp_root_dir={out.resolve() / 'cat-wave' / 'threestudio'}" in train and "tag=cat-wave" in train
     invert = next(line for line in lines if line.startswith("  invert: (cd") and "cat-wave" in line)
     assert "--token _cat_wave_ --init cat" in invert
@@ -156,12 +159,12 @@ def test_run_resume_and_reuse(small_data, tmp_path):
     steps += [("odd-case", s) for s in ("preprocess", "invert", "train", "evaluate")] + [("<table>", "evaluate")]
     assert runner.calls == steps
     done = json.loads((out / "panda-dance" / ".done" / "train.json").read_text())
-    assert "launch.py" in done["command"] and done["outputs"][0].endswith("save/it10-test.mp4")
+    assert "launch.py" in done["command"] and done["outputs"][0].endswith("save/it10-test/front-over-time/0.png")
     reused = json.loads((out / "fox-game" / ".done" / "preprocess.json").read_text())
     assert reused["reused"] and reused["outputs"][0] == str((small_data / "fox-game" / "rgba.png").resolve())
     run_json = json.loads((out / "odd-case" / "run.json").read_text())
     assert run_json == {"prompt": "a thing spinning", "image": str(out.resolve() / "odd-case" / "prep" / "rgba.png"),
-                        "frames": "threestudio/*/odd-case/save/it*-test.mp4"}
+                        "frames": "threestudio/*/odd-case/save/it*-test/front-over-time/*.png", "panel": "0"}
     # 1. the same command again: every step is skipped, only the table is rebuilt
     again = FakeRunner()
     assert rb.execute(_args(*argv), again) == 0
@@ -201,12 +204,11 @@ def test_train_keys_live_in_one_dict(small_data, tmp_path, monkeypatch):
     steps = rb.plan_case(case, _args(str(small_data), "--out", str(tmp_path), "--threestudio", str(tmp_path)))
     train = steps[2].command
     assert any(c.startswith("data.image.image_path=") for c in train)
-    assert not any(c.startswith("system.prompt_processor_cn.prompt=") for c in train)
+    assert not any(c.startswith("system.refine_prompt=") for c in train)
 
 
 FAKE_LAUNCH = '''
 import os, sys
-import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
@@ -216,9 +218,11 @@ assert "--train" in args and os.environ["CUDA_VISIBLE_DEVICES"] == "7", (args, o
 kv = dict(a.split("=", 1) for a in args if "=" in a)
 rgba = np.asarray(Image.open(kv["data.image_path"]).convert("RGBA").resize((32, 32))).astype(np.float32)
 frame = (rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)).round().astype(np.uint8)
-save = os.path.join(kv["exp_root_dir"], "animate124", kv["tag"], "save")
+grid = np.concatenate([frame, 255 - frame, np.zeros_like(frame)], axis=1)  # [rgb | normal | opacity]
+save = os.path.join(kv["exp_root_dir"], "animate124", kv["tag"], "save", "it5-test", "front-over-time")
 os.makedirs(save, exist_ok=True)
-iio.imwrite(os.path.join(save, "it5-test.mp4"), np.stack([frame] * 4), fps=4)
+for i in range(4):
+    Image.fromarray(grid).save(os.path.join(save, f"{i}.png"))
 '''
 
 
@@ -255,7 +259,7 @@ def test_real_subprocesses_end_to_end(tmp_path, monkeypatch):
             "--clip-model", str(tiny["clip"])]
     assert main(argv) == 0, (out / "panda-dance" / "logs").glob("*.log")
     train = json.loads((out / "panda-dance" / ".done" / "train.json").read_text())["command"]
-    assert f"system.prompt_processor_cn.learned_embeds_path={data / 'panda-dance' / 'learned_embeds.bin'}" in train
+    assert f"system.learned_embeds_path={data / 'panda-dance' / 'learned_embeds.bin'}" in train
     table = (out / "metrics.md").read_text().splitlines()
     assert table[0] == "| run | frames | clip_t | clip_i | temporal | retrieval |"
     assert table[2].startswith("| panda-dance | 4 | ") and table[2].endswith(" | 1 |")
@@ -276,7 +280,8 @@ def test_planned_commands_parse(small_data, tmp_path):
         "preprocess", 512, 0.2, "D", True)
     assert (invert.token, invert.init, invert.steps, invert.batch_size, invert.resolution, invert.model) == (
         "_panda_dance_", "panda", 7, 2, 64, "SD")
-    assert (evaluate.prompt, evaluate.frames_glob, evaluate.run_dir) == (
-        "a panda is dancing", "threestudio/*/panda-dance/save/it*-test.mp4", tmp_path.resolve() / "panda-dance")
+    assert (evaluate.prompt, evaluate.frames_glob, evaluate.panel, evaluate.run_dir) == (
+        "a panda is dancing", "threestudio/*/panda-dance/save/it*-test/front-over-time/*.png", "0",
+        tmp_path.resolve() / "panda-dance")
     summary = parser.parse_args(rb._summary_command(_args(*argv))[3:])
     assert summary.batch == tmp_path.resolve() and summary.out == tmp_path.resolve()

@@ -165,3 +165,27 @@ def test_frame_discovery_and_errors(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["evaluate", "--batch", str(tmp_path)]) == 1
     assert "no run folder with run.json" in capsys.readouterr().err
+
+
+def test_panel_crop_keeps_the_rgb_of_a_grid(tiny_clip, images, tmp_path):
+    # threestudio-style test frames: [rgb | normal | opacity] side by side, in it<step>-test/<trajectory>/<i>.png
+    picture = images["panda-dance"]
+    rng = np.random.default_rng(0)
+    run = tmp_path / "grid_run"
+    for step in ("it5-test", "it20-test"):
+        (run / step / "front").mkdir(parents=True)
+        for i in range(2):
+            noise = rng.integers(0, 255, (48, 96, 3), dtype=np.uint8)
+            Image.fromarray(np.concatenate([picture, noise], axis=1)).save(run / step / "front" / f"{i}.png")
+    Image.fromarray(picture).save(run / "ref.png")
+    spec = evaluate.load_run(run, Path("ref.png"), "a panda", "it*-test/front/*.png", panel="0")
+    assert [p.parent.parent.name for p in spec.frames] == ["it20-test", "it20-test"]  # only the last folder
+    assert main(["evaluate", str(run), "--image", "ref.png", "--prompt", "a panda", "--frames-glob",
+                 "it*-test/front/*.png", "--panel", "0", "--clip-model", str(tiny_clip), "--device", "cpu"]) == 0
+    assert abs(float(_read_csv(run / "metrics.csv")[0]["clip_i"]) - 1.0) < 1e-5
+    crops = evaluate.read_frames(spec.frames, panel="1/3")
+    assert crops[0].shape == (48, 48, 3) and not np.array_equal(crops[0], picture)
+    with pytest.raises(ToolError, match="--panel '3/3' is not valid"):
+        evaluate.load_run(run, Path("ref.png"), "a panda", "it*-test/front/*.png", panel="3/3")
+    with pytest.raises(ToolError, match="has only 3 panel"):
+        evaluate.read_frames(spec.frames, panel="3")

@@ -86,8 +86,9 @@ def test_loss_goes_down_against_a_frozen_twin(tiny_sd, photo):
     after = _fixed_batch_loss(parts, photo)
     embeddings = parts["text_encoder"].get_input_embeddings().weight
     tokenizer = parts["tokenizer"]
+    token_id, init_id = tokenizer.convert_tokens_to_ids("_panda_"), tokenizer.convert_tokens_to_ids("panda</w>")
     with torch.no_grad():
-        embeddings[tokenizer.convert_tokens_to_ids("_panda_")] = embeddings[tokenizer.convert_tokens_to_ids("panda</w>")]
+        embeddings[token_id] = embeddings[init_id]
     before = _fixed_batch_loss(parts, photo)
     print(f"fixed 32-sample loss: init row {before:.4f} -> learned row {after:.4f}")
     assert after < before - 0.01
