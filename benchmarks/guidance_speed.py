@@ -99,6 +99,8 @@ def main():
     if args.tiny:
         args.frames, args.cn_size, args.warmup, args.iters = 2, 64, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        args.dtype = "fp32"  # CPU half-precision kernels are slow emulations: time the smoke run in fp32
     if device.type == "cpu" and not args.tiny:
         raise SystemExit(
             "guidance_speed: no CUDA device; full-size timings need a GPU (use --tiny for a CPU smoke run)"
@@ -279,8 +281,10 @@ def _tiny_vae_rows(guidance, args, device, dtype, make_model, call, unet_ms, n, 
 
 def _prepare(module, device, dtype, args, compile_it: bool = True):
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if args.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    if args.channels_last:  # 2-D convolutions only: U-Net3D's temporal Conv3d weights cannot be channels_last
+        for conv in module.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.to(memory_format=torch.channels_last)
     if args.compile and compile_it:
         module.forward = torch.compile(module.forward)
     return module
