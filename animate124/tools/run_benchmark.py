@@ -265,7 +265,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summarize", action="store_true", help="only write OUT/metrics.{csv,md} over finished cases")
     parser.add_argument("--gpu", default="0", help="GPU index(es) for this process (default 0)")
     parser.add_argument(
-        "--extra", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides for launch.py"
+        "--extra", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="more config overrides for launch.py, e.g. --extra trainer.max_steps=100 (repeatable; after DATA_DIR)",
     )
     parser.add_argument("--reuse-from", type=Path, action="append", default=[], metavar="DIR",
                         help="also look for <case>/rgba.png, depth.png, learned_embeds.bin under DIR (repeatable)")
@@ -364,10 +365,11 @@ def _find_reusable(case: Case, roots: Sequence[Path], names: Sequence[str]) -> l
 
 
 def _cn_prompt(caption: str, subjects: Sequence[str]) -> str:
-    """The caption with its first whole-word subject (init word, else the case name's first word) replaced by
-    "<token>"; "a <token>, <caption>" when neither occurs."""
+    """The caption with its first word containing a subject (the init word, else the case name's first word; so
+    "chimp" finds "chimpanzee" and "fish" "Clownfish") replaced by "<token>"; "a <token>, <caption>" if none does."""
     for subject in subjects:
-        replaced, count = re.subn(rf"\b{re.escape(subject)}\b", "<token>", caption, count=1, flags=re.IGNORECASE)
+        pattern = rf"\b\w*{re.escape(subject)}\w*\b"
+        replaced, count = re.subn(pattern, "<token>", caption, count=1, flags=re.IGNORECASE)
         if count:
             return replaced
     return f"a <token>, {caption}"
