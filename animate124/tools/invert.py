@@ -194,6 +194,7 @@ def train_token(
     seed: int | None = 0,
     mixed_precision: bool = False,
     progress: bool = True,
+    overfit_one_batch: bool = False,
 ) -> InversionResult:
     """Textual inversion: train the embedding row of ``token`` and nothing else.
 
@@ -202,10 +203,14 @@ def train_token(
             and the text encoder's embedding matrix are modified in place (one row added).
         image: (3, H, W) in [0, 1], on CPU.
         mixed_precision: fp16 autocast for the U-Net/VAE forward (CUDA only) with loss scaling.
+        overfit_one_batch: debugging aid: every step reuses the first step's crops, prompts, noise and timesteps,
+            so the loss curve shows the optimisation alone (it must fall); needs ``seed``.
     """
     import torch
     from tqdm import tqdm
 
+    if overfit_one_batch and seed is None:
+        raise ValueError("train_token: overfit_one_batch=True needs a seed (it replays the first step's draws)")
     tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
     device = next(text_encoder.parameters()).device
     token_id = add_placeholder_token(tokenizer, text_encoder, token, init_word)
@@ -223,13 +228,15 @@ def train_token(
     dev_gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     losses: list[float] = []
     # 2. the loop: a fresh augmented batch and template prompts each step, constant learning rate
-    for _ in tqdm(range(steps), desc="invert", unit="step", disable=not progress):
-        pixels = torch.stack([augment_image(image, resolution, cpu_gen) for _ in range(batch_size)]).to(device)
-        templates = torch.randint(len(OBJECT_TEMPLATES), (batch_size,), generator=cpu_gen).tolist()
-        prompts = [OBJECT_TEMPLATES[i].format(token) for i in templates]
-        input_ids = tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(device)
+    for step in tqdm(range(steps), desc="invert", unit="step", disable=not progress):
+        if step == 0 or not overfit_one_batch:
+            pixels = torch.stack([augment_image(image, resolution, cpu_gen) for _ in range(batch_size)]).to(device)
+            templates = torch.randint(len(OBJECT_TEMPLATES), (batch_size,), generator=cpu_gen).tolist()
+            prompts = [OBJECT_TEMPLATES[i].format(token) for i in templates]
+            input_ids = tokenizer(prompts, padding="max_length", truncation=True,
+                                  max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+        if overfit_one_batch:
+            dev_gen.manual_seed(seed)  # the same VAE sample, noise and timesteps as step 0
         with torch.autocast(device.type, dtype=torch.float16, enabled=mixed_precision):
             loss = inversion_loss(parts, pixels, input_ids, dev_gen)
         optimizer.zero_grad(set_to_none=True)

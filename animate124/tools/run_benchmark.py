@@ -304,7 +304,7 @@ def execute(args: argparse.Namespace, runner: Runner) -> int:
         return _summarize(args, runner, summary)
     if not (args.threestudio / "launch.py").is_file():
         raise ToolError(f"no launch.py in --threestudio {str(args.threestudio)!r}: give the threestudio root folder")
-    env = dict(os.environ)
+    env = _step_env()
     env.setdefault("CUDA_VISIBLE_DEVICES", str(args.gpu))
     failed = []
     for case, steps in tqdm(list(zip(cases, plans, strict=True)), desc=f"benchmark shard {args.shard}", unit="case"):
@@ -322,7 +322,7 @@ def _summarize(args, runner: Runner, command: list[str]) -> int:
     if not finished:
         print("no finished case yet: no table written")
         return 0
-    status = runner(command, Path(args.out).resolve(), dict(os.environ), Path(args.out) / "logs" / "summary.log")
+    status = runner(command, Path(args.out).resolve(), _step_env(), Path(args.out) / "logs" / "summary.log")
     if status == 0 and (Path(args.out) / "metrics.md").is_file():
         print((Path(args.out) / "metrics.md").read_text(), end="")
     return 0 if status == 0 else 1
@@ -355,6 +355,15 @@ def _subprocess_runner(command: Sequence[str], cwd: Path, env: dict, log: Path) 
         handle.write(f"\n$ (cd {cwd} && {shlex.join(command)})\n")
         handle.flush()
         return subprocess.run(list(command), cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+
+
+def _step_env() -> dict:
+    """This process's environment, with the folder that holds this animate124 package first on PYTHONPATH, so the
+    `python -m animate124.tools.cli` steps import the same code even when the package is not pip-installed."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
 
 
 def _find_reusable(case: Case, roots: Sequence[Path], names: Sequence[str]) -> list[Path] | None:

@@ -1,10 +1,8 @@
 """`animate124 invert`: textual inversion on a tiny SD 1.5 (real classes, real CLIP tokenizer, random weights).
 
-A random tiny U-Net barely listens to its prompt (moving the token row changes a fixed batch's loss by < 0.001), so
-the loss test uses a text-sensitive variant of the tiny SD: the text encoder's final LayerNorm gain and the U-Net's
-cross-attention output projections are scaled by 30 (a fixed 32-sample loss then moves by ~0.04 with the row).
-Even so the per-step loss is dominated by the random timesteps and noise, so the test compares paired runs: the
-same seed (hence the same crops, prompts, noise and timesteps) with lr = 0 (control) and lr = 5e-2.
+A random tiny U-Net barely listens to its prompt: the per-step loss of the real loop is dominated by the random
+timesteps and noise (a spread of ~0.1 against a possible gain of ~0.01), so "the loss goes down" is tested on a
+replayed batch (train_token's overfit_one_batch: step 0's draws every step), where only the learned row changes.
 """
 
 from __future__ import annotations
@@ -48,50 +46,26 @@ def photo() -> torch.Tensor:
     return torch.nn.functional.interpolate(image[None], size=(40, 40), mode="area")[0]
 
 
-def _parts(folder: Path, text_gain: float = 1.0) -> dict:
-    parts = invert.load_sd_parts(str(folder), "cpu", fp16=False)
-    if text_gain != 1.0:
-        with torch.no_grad():
-            parts["text_encoder"].final_layer_norm.weight.mul_(text_gain)
-            for name, module in parts["unet"].named_modules():
-                if name.endswith("attn2.to_out.0"):
-                    module.weight.mul_(text_gain)
-    return parts
+def _parts(folder: Path) -> dict:
+    return invert.load_sd_parts(str(folder), "cpu", fp16=False)
 
 
-def _fixed_batch_loss(parts: dict, image: torch.Tensor, n: int = 32) -> float:
-    """Loss on one fixed set of n crops / prompts / noises / timesteps (seeded), for before/after comparisons."""
-    generator = torch.Generator().manual_seed(123)
-    pixels = torch.stack([invert.augment_image(image, 32, generator) for _ in range(n)])
-    prompts = [invert.OBJECT_TEMPLATES[i % len(invert.OBJECT_TEMPLATES)].format("_panda_") for i in range(n)]
-    tokenizer = parts["tokenizer"]
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        return float(invert.inversion_loss(parts, pixels, ids, generator))
-
-
-def test_loss_goes_down_against_a_frozen_twin(tiny_sd, photo):
-    kwargs = dict(steps=40, batch_size=2, resolution=32, seed=0, progress=False)
-    control = invert.train_token(_parts(tiny_sd, 30.0), photo, "_panda_", "panda", lr=0.0, **kwargs)
-    parts = _parts(tiny_sd, 30.0)
-    trained = invert.train_token(parts, photo, "_panda_", "panda", lr=5e-2, **kwargs)
-    # same draws in both runs: the difference is the effect of the learned row alone
-    diff = np.array(trained.losses) - np.array(control.losses)
-    assert diff[0] == 0.0  # step 1 sees the initial row in both runs
-    print(f"paired loss difference: first 10 steps {diff[:10].mean():+.4f}, last 10 steps {diff[-10:].mean():+.4f}")
-    assert diff[-10:].mean() < 0.0
-    assert diff[-10:].mean() < diff[:10].mean()
-    # and on a fixed held-out batch: the learned row beats the init word's row
-    after = _fixed_batch_loss(parts, photo)
-    embeddings = parts["text_encoder"].get_input_embeddings().weight
-    tokenizer = parts["tokenizer"]
-    token_id, init_id = tokenizer.convert_tokens_to_ids("_panda_"), tokenizer.convert_tokens_to_ids("panda</w>")
-    with torch.no_grad():
-        embeddings[token_id] = embeddings[init_id]
-    before = _fixed_batch_loss(parts, photo)
-    print(f"fixed 32-sample loss: init row {before:.4f} -> learned row {after:.4f}")
-    assert after < before - 0.01
+def test_loss_goes_down_on_a_replayed_batch(tiny_sd, photo):
+    # fixed seed, small batch, every step replays step 0's crops/prompts/noise/timesteps: only the row changes
+    parts = _parts(tiny_sd)
+    result = invert.train_token(parts, photo, "_panda_", "panda", steps=30, batch_size=2, lr=1e-2, resolution=32,
+                                seed=0, progress=False, overfit_one_batch=True)
+    losses = np.array(result.losses)
+    first, last = losses[:5].mean(), losses[-5:].mean()
+    print(f"replayed-batch loss: first 5 steps {first:.4f}, last 5 steps {last:.4f} ({(last - first) / first:+.2%})")
+    assert last < first * (1 - 1e-3)
+    assert losses[-1] < losses[0]
+    # fresh draws every step (the real loop): same seed -> same losses, and the draws differ from step to step
+    twice = [invert.train_token(_parts(tiny_sd), photo, "_panda_", "panda", steps=3, batch_size=1, lr=1e-2,
+                                resolution=32, seed=7, progress=False).losses for _ in range(2)]
+    assert twice[0] == twice[1] and len(set(twice[0])) == 3
+    with pytest.raises(ValueError, match="needs a seed"):
+        invert.train_token(_parts(tiny_sd), photo, "_q_", "panda", steps=1, seed=None, overfit_one_batch=True)
 
 
 def test_only_the_new_row_changes(tiny_sd, photo):
