@@ -3,8 +3,9 @@
 Run folder layout (one generated result):
   RUN_DIR/run.json   {"prompt": "a panda is dancing",        the motion text (CLIP-T, retrieval)
                       "image": "ref.png",                     reference image, relative to RUN_DIR or absolute
-                      "frames": "save/it*-test.mp4",          optional glob, relative to RUN_DIR or absolute
+                      "frames": "out/*/save/it*-test/front-over-time/*.png",   optional glob (RUN_DIR-relative)
                       "panel": "0"}                           optional, see --panel
+  (relative paths in run.json and --frames-glob are relative to RUN_DIR; --image to the current folder)
   RUN_DIR/frames/*.png | *.jpg   or   RUN_DIR/*.mp4 | *.gif   the frames, when run.json has no "frames"
 --image / --prompt / --frames-glob / --panel override run.json (no run.json is needed when image and prompt are given).
 Image frames are read in natural order (2.png before 10.png); if they lie in several folders only the last folder in
@@ -270,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
             raise ToolError(f"no run folder with run.json under {str(args.batch)!r}: see the layout in --help")
         specs = [load_run(d, frames_glob=args.frames_glob, panel=args.panel) for d in folders]
     else:
-        specs = [load_run(args.run_dir, args.image, args.prompt, args.frames_glob, args.panel)]
+        image = args.image.resolve() if args.image is not None else None  # the user's path: relative to the cwd
+        specs = [load_run(args.run_dir, image, args.prompt, args.frames_glob, args.panel)]
     out = args.out or (args.batch if args.batch is not None else args.run_dir)
     check_writable([out / "metrics.csv", out / "metrics.md"], args.overwrite)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

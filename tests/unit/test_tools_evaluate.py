@@ -180,7 +180,7 @@ def test_panel_crop_keeps_the_rgb_of_a_grid(tiny_clip, images, tmp_path):
     Image.fromarray(picture).save(run / "ref.png")
     spec = evaluate.load_run(run, Path("ref.png"), "a panda", "it*-test/front/*.png", panel="0")
     assert [p.parent.parent.name for p in spec.frames] == ["it20-test", "it20-test"]  # only the last folder
-    assert main(["evaluate", str(run), "--image", "ref.png", "--prompt", "a panda", "--frames-glob",
+    assert main(["evaluate", str(run), "--image", str(run / "ref.png"), "--prompt", "a panda", "--frames-glob",
                  "it*-test/front/*.png", "--panel", "0", "--clip-model", str(tiny_clip), "--device", "cpu"]) == 0
     assert abs(float(_read_csv(run / "metrics.csv")[0]["clip_i"]) - 1.0) < 1e-5
     crops = evaluate.read_frames(spec.frames, panel="1/3")
