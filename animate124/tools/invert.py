@@ -295,9 +295,9 @@ def load_image(path: Path) -> "torch.Tensor":
     """An image file as (3, H, W) float in [0, 1]; RGBA is composited on white (the photo is what upstream used)."""
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    image = Image.open(path)
+    image = ImageOps.exif_transpose(Image.open(path))  # phone photos: apply the EXIF rotation
     if image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -204,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
+    from PIL import Image, ImageOps
     from tqdm import tqdm
 
     if not args.image.is_file():
@@ -212,8 +212,7 @@ def run(args: argparse.Namespace) -> int:
     names = ["rgba.png", "preview.png"] + ([] if args.no_depth else ["depth.png"])
     check_writable([args.out / n for n in names], args.overwrite)
     with tqdm(total=3, desc="preprocess", unit="step") as bar:
-        image = Image.open(args.image)
-        image.load()
+        image = ImageOps.exif_transpose(Image.open(args.image))  # phone photos: apply the EXIF rotation
         depth_fn = None
         if not args.no_depth:
             depth_fn = estimate_depth(args.depth_model, device=args.device or _default_device())

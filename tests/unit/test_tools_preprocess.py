@@ -184,3 +184,16 @@ def test_rembg_path_and_offline_error(tmp_path, monkeypatch, capsys):
     assert main(["preprocess", str(photo), "--out", str(tmp_path / "b"), "--no-depth"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "ConnectionError" in errors[0] and "supply an RGBA image" in errors[0]
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    # a 60 x 20 (wide) opaque bar, stored with EXIF orientation 6 (rotate 90 degrees): the output bar is tall
+    image = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (10, 30, 70, 50))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.png", exif=exif)
+    assert main(["preprocess", str(tmp_path / "rotated.png"), "--out", str(tmp_path / "o"), "--size", "64",
+                 "--border-ratio", "0", "--no-depth"]) == 0
+    y0, y1, x0, x1 = _bbox(np.asarray(Image.open(tmp_path / "o" / "rgba.png"))[..., 3])
+    assert (y1 - y0, x1 - x0) == (64, 21)  # 60 x 20 scaled by 64/60, standing up
