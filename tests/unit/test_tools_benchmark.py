@@ -174,6 +174,10 @@ def test_run_resume_and_reuse(small_data, tmp_path):
     third = FakeRunner()
     assert rb.execute(_args(*argv), third) == 0
     assert third.calls == [("odd-case", "invert"), ("<table>", "evaluate")]
+    # 3. --summarize (after all shards): only the table over the finished cases
+    table = FakeRunner()
+    assert rb.execute(_args(*argv, "--summarize"), table) == 0
+    assert table.calls == [("<table>", "evaluate")]
 
 
 def test_failed_step_stops_its_case_only(small_data, tmp_path, capsys):
