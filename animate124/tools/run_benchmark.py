@@ -133,7 +133,7 @@ def load_cases(data_dir: Path) -> list[Case]:
             raise ToolError(f"{listing} entry {index} needs 'name' and 'caption', got {entry!r}")
         name = str(entry["name"])
         init = entry.get("init") or INIT_WORDS.get(name) or re.split(r"[-_ ]", name)[0]
-        folder = Path(data_dir) / name
+        folder = Path(data_dir).resolve() / name  # absolute: the steps run in other folders
         cases.append(Case(index, name, str(entry["caption"]), folder / "image.jpg", init, folder))
     return cases
 
@@ -172,7 +172,7 @@ def plan_case(case: Case, options: argparse.Namespace) -> list[Step]:
         command = py + ["preprocess", str(case.image), "--out", str(prep), "--size", str(options.size),
                         "--border-ratio", str(options.border_ratio), "--overwrite"]
         if options.depth_model:
-            command += ["--depth-model", options.depth_model]
+            command += ["--depth-model", _local_or_id(options.depth_model)]
         steps.append(Step(case.name, "preprocess", command, out, [rgba, depth]))
     # 2. invert (or reuse learned_embeds.bin)
     reuse = _find_reusable(case, options.reuse_from, ("learned_embeds.bin",)) or _find_reusable(
@@ -186,7 +186,7 @@ def plan_case(case: Case, options: argparse.Namespace) -> list[Step]:
                         str(embeds.parent), "--steps", str(options.invert_steps), "--batch-size",
                         str(options.invert_batch_size), "--resolution", str(options.invert_resolution), "--overwrite"]
         if options.sd_model:
-            command += ["--model", options.sd_model]
+            command += ["--model", _local_or_id(options.sd_model)]
         steps.append(Step(case.name, "invert", command, out, [embeds, embeds.with_suffix(".safetensors")]))
     # 3. train: launch.py from the threestudio root; its --train also runs the test renders
     exp_root = out / "threestudio"
@@ -200,11 +200,12 @@ def plan_case(case: Case, options: argparse.Namespace) -> list[Step]:
     command = [sys.executable, "launch.py", "--config", options.config, "--train", "--gpu", options.gpu]
     command += overrides + list(options.extra or [])
     frames_glob = str(exp_root / TEST_FRAMES_GLOB.format(tag=case.name))
-    steps.append(Step(case.name, "train", command, Path(options.threestudio), [], extra={"frames_glob": frames_glob}))
+    root = Path(options.threestudio or _default_threestudio())
+    steps.append(Step(case.name, "train", command, root, [], extra={"frames_glob": frames_glob}))
     # 4. evaluate this case; run.json (which marks the folder as a run for the batch table) is written on success
     frames = str(Path("threestudio") / TEST_FRAMES_GLOB.format(tag=case.name))
     command = py + ["evaluate", str(out), "--image", str(rgba), "--prompt", case.caption, "--frames-glob", frames,
-                    "--panel", TEST_FRAMES_PANEL, "--clip-model", options.clip_model, "--overwrite"]
+                    "--panel", TEST_FRAMES_PANEL, "--clip-model", _local_or_id(options.clip_model), "--overwrite"]
     run_json = {"prompt": case.caption, "image": str(rgba), "frames": frames, "panel": TEST_FRAMES_PANEL}
     steps.append(Step(case.name, "evaluate", command, out, [out / "metrics.csv", out / "metrics.md"],
                       extra={"run_json": run_json}))
@@ -331,7 +332,7 @@ def _summarize(args, runner: Runner, command: list[str]) -> int:
 def _summary_command(args) -> list[str]:
     out = str(Path(args.out).resolve())
     return [sys.executable, "-m", "animate124.tools.cli", "evaluate", "--batch", out, "--out", out,
-            "--clip-model", args.clip_model, "--overwrite"]
+            "--clip-model", _local_or_id(args.clip_model), "--overwrite"]
 
 
 def _print_plan(cases, plans, summary, args) -> None:
@@ -355,6 +356,11 @@ def _subprocess_runner(command: Sequence[str], cwd: Path, env: dict, log: Path) 
         handle.write(f"\n$ (cd {cwd} && {shlex.join(command)})\n")
         handle.flush()
         return subprocess.run(list(command), cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+
+
+def _local_or_id(model: str) -> str:
+    """A model folder given relative to the cwd, made absolute (steps run elsewhere); hub ids unchanged."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def _step_env() -> dict:

@@ -273,6 +273,18 @@ def test_real_subprocesses_end_to_end(tmp_path, monkeypatch):
     assert done == ["evaluate.json", "invert.json", "preprocess.json", "train.json"]
 
 
+def test_relative_data_dir_gives_absolute_paths(small_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(small_data.parent)
+    steps = rb.plan_case(rb.load_cases(Path("data"))[0], _args("data", "--out", "out", "--threestudio", "ts"))
+    invert = steps[1].command
+    assert invert[4] == str(small_data / "panda-dance" / "image.jpg")  # the steps run with cwd = OUT/<case>
+    assert steps[1].cwd == small_data.parent / "out" / "panda-dance"
+    (small_data.parent / "sd").mkdir()
+    steps = rb.plan_case(rb.load_cases(Path("data"))[0], _args("data", "--sd-model", "sd", "--clip-model", "org/clip"))
+    assert steps[1].command[-1] == str(small_data.parent / "sd")  # a local folder: absolute
+    assert steps[3].command[steps[3].command.index("--clip-model") + 1] == "org/clip"  # a hub id: unchanged
+
+
 def test_planned_commands_parse(small_data, tmp_path):
     """Every step command we would run is accepted by our own parser, with the options we meant."""
     argv = [str(small_data), "--out", str(tmp_path), "--threestudio", str(tmp_path), "--sd-model", "SD",
