@@ -8,7 +8,6 @@ Everything else (U-Net, VAE, every other embedding row) stays bit-identical.
 Defaults follow the upstream recipe: 3000 steps, batch 16, lr 1e-4 constant, AdamW (0.9, 0.999, weight decay 1e-2),
 fp16 autocast on GPU, the RealFusion augmentations. Writes learned_embeds.safetensors and learned_embeds.bin
 (the same {token: float32 tensor[dim]}; load the .bin with torch.load(path, weights_only=True)) and invert.json.
-On one H100 the default run takes roughly 10-20 minutes.
 """
 
 from __future__ import annotations
