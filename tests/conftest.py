@@ -13,7 +13,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("A124_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(TESTS))
 
 from threestudio_env import why_unavailable  # noqa: E402

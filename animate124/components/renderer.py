@@ -145,6 +145,9 @@ class TimeVolumeRenderer(VolumeRenderer):
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         if self.estimator is None or not self.training or on_load_weights:
             return
+        # seeded by the step: every DDP rank makes the same draws on the same (synchronised) field, so the
+        # occupancy grids stay identical across ranks without communication
+        generator = torch.Generator(device=self.bbox.device).manual_seed(int(global_step))
         self.estimator.update(
             global_step,
             lambda points, t: self.geometry.forward_density(points, times=t),
@@ -153,6 +156,7 @@ class TimeVolumeRenderer(VolumeRenderer):
             ema_decay=self.cfg.occ_ema_decay,
             warmup_steps=self.cfg.occ_warmup_steps,
             n=self.cfg.occ_update_every,
+            generator=generator,
         )
 
     def train(self, mode: bool = True):

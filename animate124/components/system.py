@@ -274,6 +274,18 @@ class Animate124System(BaseLift3DSystem):
             json.dump({"stages": self.stage_records, "total_steps": total_steps(self.stages),
                        "stage_starts": stage_starts(self.stages)}, f, indent=2)
 
+    def on_predict_epoch_end(self) -> None:
+        """As the host's, but written once under DDP."""
+        if not self._rank_zero_after_barrier():
+            return
+        if self.exporter.cfg.save_video:
+            self._write_test_videos()
+        for out in self.exporter():
+            save = getattr(self, f"save_{out.save_type}", None)
+            if save is None:
+                raise ValueError(f"exporter output type {out.save_type!r} has no save_{out.save_type} in SaverMixin")
+            save(f"it{self.true_global_step}-export/{out.save_name}", **out.params)
+
     def on_train_end(self) -> None:
         self._close_stage_record()
 
@@ -416,7 +428,16 @@ class Animate124System(BaseLift3DSystem):
         out = self(batch)
         self._save_views(f"it{self.true_global_step}-val/{int(batch['index'][0])}", out, batch)
 
+    def _rank_zero_after_barrier(self) -> bool:
+        """Under DDP every rank renders its share of the views; one rank assembles the videos once all are on disk."""
+        trainer = getattr(self, "_trainer", None)  # None when called outside a Trainer (e.g. an export script)
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier()
+        return self.global_rank == 0
+
     def on_validation_epoch_end(self):
+        if not self._rank_zero_after_barrier():
+            return
         step = self.true_global_step
         self.save_img_sequence(f"it{step}-val", f"it{step}-val", r"(\d+)\.png", save_format=_video_format(), fps=16,
                                name="validation_video", step=step)
@@ -427,6 +448,10 @@ class Animate124System(BaseLift3DSystem):
         self._save_views(f"it{self.true_global_step}-test/{name}/{int(batch['index'][0])}", out, batch)
 
     def on_test_epoch_end(self):
+        if self._rank_zero_after_barrier():
+            self._write_test_videos()
+
+    def _write_test_videos(self) -> None:
         step = self.true_global_step
         root = os.path.join(self.get_save_dir(), f"it{step}-test")
         if not os.path.isdir(root):

@@ -141,6 +141,13 @@ def StepRecorder():
     return _StepRecorder()
 
 
+def _datamodule(threestudio, cfg_text: str):
+    from threestudio.utils.config import load_config
+
+    cfg = load_config(cfg_text, from_string=True)
+    return threestudio.find(cfg.data_type)(cfg.data)
+
+
 def _run(threestudio, cfg_text: str, root: Path, resume=None, max_steps=None, callbacks=()):
     import pytorch_lightning as pl
     from threestudio.utils.config import load_config
@@ -153,7 +160,9 @@ def _run(threestudio, cfg_text: str, root: Path, resume=None, max_steps=None, ca
     system = threestudio.find(cfg.system_type)(cfg.system, resumed=resume is not None)
     system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(cfg.trial_dir, "ckpts"), **cfg.checkpoint)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[ckpt, *callbacks],
+    # the host puts every component on cuda:0 when CUDA exists (on CPU the harness points it at the CPU)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[ckpt, *callbacks],
                          inference_mode=False, **cfg.trainer)
     trainer.fit(system, datamodule=dm, ckpt_path=resume)
     return cfg, system, trainer
@@ -191,7 +200,12 @@ def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, s
     assert [r["stage"] for r in record["stages"]] == ["static", "dynamic", "refine"]
     assert [r["steps"] for r in record["stages"]] == [2, 3, 2]
     assert all(r["wall_time_s"] > 0 for r in record["stages"])
-    assert list((trial / "save").glob("it7-val.mp4")), sorted(p.name for p in (trial / "save").iterdir())
+    assert list((trial / "save").glob("it7-val.*")), sorted(p.name for p in (trial / "save").iterdir())
+    # test renders: three turntables (t = 0, 0.5, 1), the front view over time and the orbit while animating
+    trainer.test(system, datamodule=_datamodule(threestudio, cfg_text))
+    videos = sorted(p.name.rsplit(".", 1)[0] for p in (trial / "save").glob("it7-test-*.*"))
+    assert videos == ["it7-test-front-over-time", "it7-test-orbit", "it7-test-turntable-t0",
+                                                 "it7-test-turntable-t0.5", "it7-test-turntable-t1"], videos
 
     # resume from the checkpoint at step 3 (mid dynamic): it continues in 'dynamic' at step 3
     ckpts = sorted((trial / "ckpts").glob("epoch=*step=3*.ckpt"))
@@ -199,3 +213,36 @@ def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, s
     rec2 = StepRecorder()
     _run(threestudio, cfg_text, run_dir, resume=str(ckpts[0]), max_steps=5, callbacks=[rec2])
     assert [(s["step"], s["stage"]) for s in rec2.steps] == [(3, "dynamic"), (4, "dynamic")]
+
+
+def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, tiny_models, shared_data, run_dir):
+    """Per-stage configs chain through system.weights; unlike the host's silent strict=False, every missing or
+    unexpected key is reported, and strict_weights turns that into an error."""
+    from threestudio.utils.config import load_config
+
+    rgba = shared_data / "examples" / REF / "rgba.png"
+    cfg, system, trainer = _run(threestudio, _config(tiny_models, rgba, run_dir, steps=(2, 1, 1)), run_dir, max_steps=2)
+    ckpt = Path(cfg.trial_dir) / "ckpts" / "last.ckpt"
+    assert ckpt.is_file()
+
+    def build(weights, strict=False):
+        c = load_config(_config(tiny_models, rgba, run_dir / "next", steps=(2, 1, 1)), from_string=True)
+        c.system.weights = str(weights)
+        c.system.strict_weights = strict
+        return threestudio.find(c.system_type)(c.system)
+
+    clean = build(ckpt)
+    assert clean.weights_report == {"missing": [], "unexpected": []}
+    for key, value in system.geometry.state_dict().items():
+        torch.testing.assert_close(clean.geometry.state_dict()[key], value)
+    # a checkpoint with one renamed key: the missing and the unexpected name are both reported
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    sd = state["state_dict"]
+    sd["geometry.field.renamed"] = sd.pop("geometry.field.density_network.layers.0.weight")
+    broken = run_dir / "broken.ckpt"
+    torch.save(state, broken)
+    report = build(broken).weights_report
+    assert report == {"missing": ["geometry.field.density_network.layers.0.weight"],
+                      "unexpected": ["geometry.field.renamed"]}
+    with pytest.raises(ValueError, match="strict_weights"):
+        build(broken, strict=True)
