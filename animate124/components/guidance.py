@@ -7,7 +7,7 @@ they never enter a checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -32,8 +32,9 @@ class VideoSDSGuidance(BaseObject):
         """Standard CFG scale. Upstream writes eps_c + s (eps_c - eps_u) with s = 100, which is standard 101."""
         weighting_strategy: Literal["sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"] = "sds"
         """w(t): sds = 1 - alpha_bar (upstream video); see animate124.core.sds.sds_weight for the others."""
-        min_step_percent: float = 0.02
-        max_step_percent: float = 0.98
+        min_step_percent: Any = 0.02
+        """A number or a host C() schedule ([start_step, start, end, end_step])."""
+        max_step_percent: Any = 0.98
         max_step_percent_annealed: Optional[float] = None
         anneal_start_step: Optional[int] = None
         anneal_end_step: Optional[int] = None

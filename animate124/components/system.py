@@ -144,6 +144,7 @@ class Animate124System(BaseLift3DSystem):
         self._stage_clock: Optional[dict] = None
         self.stage_records: List[dict] = []
         self.frozen_geometry = None
+        self._ddp_grad_masking = False
 
     def load_weights(self, weights: str, ignore_modules: Optional[List[str]] = None) -> None:
         """Like the host's, but every missing / unexpected key is reported (or raises with strict_weights)."""
@@ -207,12 +208,10 @@ class Animate124System(BaseLift3DSystem):
             self._free_slot(name)
         for name in stage.guidances:
             self._load_slot(name)
-        for group, path in PARAM_GROUPS.items():
-            module = self
-            for part in path.split("."):
-                module = getattr(module, part, None)
-            if module is not None:
-                module.requires_grad_(stage.trains(group))
+        for group, module in self._param_group_modules().items():
+            # DDP builds its gradient hooks once, for the parameters that require grad then: under DDP every group
+            # keeps requires_grad and frozen groups get their gradients dropped before the step instead
+            module.requires_grad_(stage.trains(group) or self._ddp_grad_masking)
         if self.trainer is not None and self.trainer.optimizers:
             for pg in self.trainer.optimizers[0].param_groups:
                 pg["lr"] = stage.learning_rates.get(pg.get("name"), 0.0) if stage.trains(pg.get("name")) else 0.0
@@ -225,6 +224,33 @@ class Animate124System(BaseLift3DSystem):
         threestudio.info(f"stage {pos.index + 1}/{len(self.stages)} '{stage.name}' from step {self.true_global_step}: "
                          f"guidances {list(stage.guidances)}")
         return stage
+
+    def _param_group_modules(self) -> Dict[str, torch.nn.Module]:
+        modules = {}
+        for group, path in PARAM_GROUPS.items():
+            module = self
+            for part in path.split("."):
+                module = getattr(module, part, None)
+            if module is not None:
+                modules[group] = module
+        return modules
+
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps the model: under DDP freeze by dropping gradients, never by requires_grad
+        trainer = getattr(self, "_trainer", None)
+        self._ddp_grad_masking = trainer is not None and trainer.world_size > 1
+        if self._ddp_grad_masking:
+            for module in self._param_group_modules().values():
+                module.requires_grad_(True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._ddp_grad_masking:
+            return
+        stage = self.current_stage()
+        for group, module in self._param_group_modules().items():
+            if not stage.trains(group):
+                for p in module.parameters():
+                    p.grad = None
 
     def _load_slot(self, name: str) -> None:
         if name in self._guidances:

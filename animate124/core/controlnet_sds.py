@@ -31,7 +31,7 @@ from torch import Tensor
 from animate124.core import sds
 from animate124.core.video_sds import encode_text, load_text_encoder_and_tokenizer
 
-SD15_ID = "runwayml/stable-diffusion-v1-5"
+SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ repository was withdrawn
 CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
 
 
