@@ -2,8 +2,8 @@
 
 Needs threestudio importable (launch.py does that); ``animate124.core`` never does.
 """
-from animate124.components import data, geometry, guidance, prompt_processors, renderer, system  # noqa: F401  (register a124-* names)
-from animate124.components import controlnet_guidance, exporter  # noqa: F401  (register a124-* names)
+# importing the modules registers their a124-* names
+from animate124.components import data, exporter, geometry, guidance, prompt_processors, renderer, system  # noqa: F401
 
 REGISTERED_NAMES = (
     "a124-4d-volume",

@@ -19,14 +19,13 @@ from typing import List, Literal, Optional, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
+import threestudio
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset
-
-import threestudio
 from threestudio.utils.base import Updateable
 from threestudio.utils.ops import get_mvp_matrix, get_projection_matrix, get_ray_directions, get_rays
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from animate124.core import cameras as cams
 from animate124.core.frame_times import sample_frame_times

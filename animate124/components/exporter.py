@@ -20,9 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-import torch
-
 import threestudio
+import torch
 from threestudio.models.exporters.base import Exporter, ExporterOutput
 from threestudio.utils.typing import List
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-import torch
-
 import threestudio
+import torch
 from threestudio.models.geometry.base import BaseGeometry, BaseImplicitGeometry
 from threestudio.utils.typing import Any, Dict, Float, Tensor, Tuple
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import threestudio
+import torch
 from threestudio.models.prompt_processors.stable_diffusion_prompt_processor import StableDiffusionPromptProcessor
 
 from animate124.core.textual_inversion import PLACEHOLDER, load_textual_inversion, replace_placeholder

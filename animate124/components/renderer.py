@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch
-import torch.nn.functional as F
-
 import threestudio
+import torch
 from threestudio.models.renderers.base import VolumeRenderer
 from threestudio.utils.typing import Dict, Float, Tensor
 

@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
+import threestudio
 import torch
 import torch.nn.functional as F
-
-import threestudio
 from threestudio.systems.base import BaseLift3DSystem
 from threestudio.utils.misc import cleanup
 from threestudio.utils.ops import binary_cross_entropy
@@ -369,7 +368,7 @@ class Animate124System(BaseLift3DSystem):
         for name, (value, weight) in terms.items():
             self.log(f"train/loss_{name}", value)
             loss = loss + value * weight
-        for name, w in stage.loss_weights.items():
+        for name in stage.loss_weights:
             self.log(f"train_params/lambda_{name}", self._weight(stage, name))
         self.log("train/stage", float(self._stage_index))
         self.log("train/loss", loss if torch.is_tensor(loss) else torch.tensor(loss), prog_bar=True)

@@ -29,13 +29,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from animate124.core import sds
-from animate124.core.video_sds import encode_text, load_text_encoder_and_tokenizer
+from animate124.core.video_sds import CachedPromptEncoder, load_text_encoder_and_tokenizer
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ repository was withdrawn
 CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
 
 
-class ControlNetTileSDS:
+class ControlNetTileSDS(CachedPromptEncoder):
     """Frozen SD 1.5 U-Net + ControlNet-Tile + VAE (+ CLIP text encoder) used as an SDS prior on single frames.
 
     Not an ``nn.Module``: frozen weights stay out of trainable parameters and checkpoints.
@@ -90,24 +90,6 @@ class ControlNetTileSDS:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
-        """CLIP embeddings ``[len(prompts), 77, D]``, cached per prompt string (``clear_text_cache`` empties it)."""
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError(
-                "encode_prompt: this ControlNetTileSDS has no text encoder; load it with "
-                "load_text_encoder=True or pass the embeddings to the call"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
-            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings, strict=True)})
-        return torch.cat([self._text_cache[p] for p in prompts])
-
-    def clear_text_cache(self):
-        self._text_cache.clear()
 
     def __call__(
         self,

@@ -27,7 +27,34 @@ MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
 ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
 
 
-class VideoSDS:
+class CachedPromptEncoder:
+    """``encode_prompt`` for objects holding ``text_encoder``, ``tokenizer`` and a ``_text_cache`` dict: CLIP embeddings
+    ``[len(prompts), 77, D]`` (padded to 77 tokens, last hidden state), cached per prompt string for the life of the
+    object (a prompt's embedding never changes; ``clear_text_cache`` empties the cache)."""
+
+    text_encoder: object
+    tokenizer: object
+    _text_cache: dict
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                f"encode_prompt: this {type(self).__name__} has no text encoder; load it with load_text_encoder=True "
+                "or pass the embeddings (cond_embeddings / uncond_embeddings) to the call"
+            )
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
+            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings, strict=True)})
+        return torch.cat([self._text_cache[p] for p in prompts])
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+
+class VideoSDS(CachedPromptEncoder):
     """Frozen text-to-video diffusion model (U-Net3D, VAE, DDIM schedule, CLIP text encoder) used as an SDS prior.
 
     Not an ``nn.Module`` on purpose: its weights are frozen and must not appear in a trainable model's parameters or
@@ -97,25 +124,6 @@ class VideoSDS:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
-        """CLIP text embeddings ``[len(prompts), 77, D]`` (padded to 77 tokens, last hidden state), cached per prompt
-        string for the life of this object (a prompt's embedding never changes; ``clear_text_cache`` empties it)."""
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError(
-                "encode_prompt: this VideoSDS has no text encoder; load it with load_text_encoder=True "
-                "or pass cond_embeddings / uncond_embeddings to the call"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
-            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings, strict=True)})
-        return torch.cat([self._text_cache[p] for p in prompts])
-
-    def clear_text_cache(self):
-        self._text_cache.clear()
 
     def encode_frames(
         self,

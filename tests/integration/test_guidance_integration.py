@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_system_integration import REF, StepRecorder, _config, _run
 
 T, H, W = 4, 16, 16

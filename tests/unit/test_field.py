@@ -1,26 +1,15 @@
 """DynamicField: time independence at init, density bias/activation values, normals, freezing, smoothness loss."""
 
-import contextlib
 import math
-import re
 
-import jaxtyping
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import bad_input
 
 from animate124.core.field import DENSITY_ACTIVATIONS, DynamicField, features_to_rgb, trunc_exp
 
 SMALL = dict(n_levels=4, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0, implementation="torch")
-
-
-@contextlib.contextmanager
-def bad_input(match):
-    """Our ValueError naming the problem, or (in the runtime shape-checking tier) the checker's TypeError first."""
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)) as info:
-        yield
-    if info.type is ValueError:
-        assert re.search(match, str(info.value)), str(info.value)
 
 
 def make_field(seed=0, **kw):

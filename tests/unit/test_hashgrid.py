@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from animate124.core.hashgrid import HashGridEncoding, hash_grid_levels
+from animate124.core.hashgrid import HashGridEncoding
 
 REPO = Path(__file__).resolve().parents[2]
 PRIMES = (1, 2654435761, 805459861, 3674653429)

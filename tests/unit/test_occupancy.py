@@ -1,13 +1,11 @@
 """TimeOccupancyGrid (a Gaussian blob moving from A to B): space occupied at any time survives the updates; a
 single-time grid would prune it."""
 
-import contextlib
 import math
-import re
 
-import jaxtyping
 import pytest
 import torch
+from checks import bad_input
 
 from animate124.core.occupancy import TimeOccupancyGrid
 from animate124.core.volrend import render_rays
@@ -16,15 +14,6 @@ AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
 SIGMA, STD = 10.0, 0.08  # Gaussian blob: sigma(x, t) = SIGMA exp(-|x - c(t)|^2 / (2 STD^2))
 A, B = -0.5, 0.5  # sphere centre x at t = 0 (place A) and t = 1 (place B)
 STEP = 2 * math.sqrt(3) / 256  # threestudio's render_step_size for 256 samples, radius 1
-
-
-@contextlib.contextmanager
-def bad_input(match):
-    """Our ValueError naming the problem, or (in the runtime shape-checking tier) the checker's TypeError first."""
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)) as info:
-        yield
-    if info.type is ValueError:
-        assert re.search(match, str(info.value)), str(info.value)
 
 
 def centre_x(t):

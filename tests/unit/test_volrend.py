@@ -1,27 +1,16 @@
 """render_rays against closed forms: hand-computed quadrature, an analytic moving sphere at several times."""
 
-import contextlib
 import math
-import re
 
-import jaxtyping
 import pytest
 import torch
+from checks import bad_input
 
 from animate124.core.volrend import RenderOutput, ray_aabb_intersect, render_rays, stratified_samples
 
 AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
 SIGMA, RADIUS = 3.0, 0.3  # density inside the sphere, sphere radius (world units)
 COLOUR = torch.tensor([0.2, 0.5, 0.9])
-
-
-@contextlib.contextmanager
-def bad_input(match):
-    """Our ValueError naming the problem, or (in the runtime shape-checking tier) the checker's TypeError first."""
-    with pytest.raises((ValueError, jaxtyping.TypeCheckError)) as info:
-        yield
-    if info.type is ValueError:
-        assert re.search(match, str(info.value)), str(info.value)
 
 
 def centre(t: torch.Tensor) -> torch.Tensor:
