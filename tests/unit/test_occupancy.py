@@ -26,7 +26,7 @@ def sphere_density(points, times):
 
 
 def field_fn(points, times, output_normal=False):
-    return {"density": sphere_density(points, times)[:, None], "rgb": torch.ones(points.shape[0], 3)}
+    return {"density": sphere_density(points, times)[:, None], "rgb": torch.ones(points.shape[0], 3, device=points.device)}
 
 
 def closed_opacity(offset):

@@ -108,7 +108,7 @@ def test_gradients_flow_to_the_field():
 
     def field(points, times, output_normal=False):
         inside = (points.norm(dim=-1, keepdim=True) < 0.5).float()
-        return {"density": w * inside, "rgb": torch.ones(points.shape[0], 3)}
+        return {"density": w * inside, "rgb": torch.ones(points.shape[0], 3, device=points.device)}
 
     o = torch.tensor([[0.0, 0.0, -3.0]])
     out = render_rays(field, o, torch.tensor([[0.0, 0, 1]]), torch.zeros(1), num_samples=1000, aabb=AABB)
@@ -151,7 +151,7 @@ def test_all_rays_empty_still_backpropagates_to_the_field():
     w = torch.tensor(1.0, requires_grad=True)
 
     def field(points, times, output_normal=False):
-        return {"density": w * torch.ones(points.shape[0], 1), "rgb": torch.ones(points.shape[0], 3)}
+        return {"density": w * torch.ones(points.shape[0], 1), "rgb": torch.ones(points.shape[0], 3, device=points.device)}
 
     o = torch.tensor([[0.0, 5.0, -3.0]])  # misses the box: no samples
     out = render_rays(field, o, torch.tensor([[0.0, 0, 1]]), torch.zeros(1), num_samples=8, aabb=AABB,
