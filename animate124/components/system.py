@@ -333,11 +333,13 @@ class Animate124System(BaseLift3DSystem):
 
     def training_step(self, batch, batch_idx):
         stage = self._sync_stage()
-        terms: Dict[str, torch.Tensor] = {}
+        terms: Dict[str, tuple] = {}  # name -> (value, weight)
         video_slots = [g for g in stage.guidances if self.slots[g].input in ("video", "controlnet")]
         image_slots = [g for g in stage.guidances if self.slots[g].input == "image"]
         need_normal = self._weight(stage, "normal_smoothness_2d") > 0
         step = self.true_global_step
+        # 1. Video stages: the clip feeds the video / ControlNet slots; image slots and the reference view only run
+        #    on anchoring steps (clips that start at t = 0, and every anchor_interval steps).
         if video_slots:
             video = batch["video"]
             out = self.renderer(**video, return_normal=need_normal)
@@ -346,15 +348,15 @@ class Animate124System(BaseLift3DSystem):
             self._normal_smoothness(out, stage, terms)
             anchor = bool(video.get("start_from_zero", False)) or (
                 self.cfg.anchor_interval > 0 and step % self.cfg.anchor_interval == 0)
+            view_slots = image_slots if anchor else []
+        # 2. Image stages: a random view at t = 0 feeds the image slots every step and carries the regularisers.
         else:
             anchor = self.cfg.static_ref_interval > 0 and step % self.cfg.static_ref_interval == 0
-            image_slots_now = image_slots
-        if video_slots:
-            image_slots_now = image_slots if anchor else []
-        if image_slots_now or (not video_slots and (need_normal or self._has_density_terms(stage))):
+            view_slots = image_slots
+        if view_slots or not video_slots:
             rnd = batch["random"]
-            out_rnd = self.renderer(**rnd, return_normal=need_normal)
-            for name in image_slots_now:
+            out_rnd = self.renderer(**rnd, return_normal=need_normal and not video_slots)
+            for name in view_slots:
                 self._apply_slot(name, stage, out_rnd["comp_rgb"], rnd, terms)
             if not video_slots:
                 self._normal_smoothness(out_rnd, stage, terms)
@@ -420,7 +422,10 @@ class Animate124System(BaseLift3DSystem):
         if "mask" in names:
             terms["mask"] = (F.binary_cross_entropy(out["opacity"].clamp(1e-5, 1 - 1e-5).float(), mask),
                              self._weight(stage, "mask"))
-        if "depth" in names and "ref_depth" in ref:
+        if "depth" in names:
+            if "ref_depth" not in ref:
+                raise ValueError(f"stage {stage.name!r} weighs the depth loss but there is no reference depth: set "
+                                 "data.depth_path (animate124 preprocess writes depth.png) or drop the weight")
             terms["depth"] = (pearson_depth_loss(out["depth"], ref["ref_depth"], ref["mask"]), self._weight(stage, "depth"))
 
     def _normal_smoothness(self, out: dict, stage: Stage, terms: dict) -> None:
@@ -429,9 +434,6 @@ class Animate124System(BaseLift3DSystem):
             n = out["comp_normal"]
             value = (n[:, 1:] - n[:, :-1]).square().mean() + (n[:, :, 1:] - n[:, :, :-1]).square().mean()
             terms["normal_smoothness_2d"] = (value, w)
-
-    def _has_density_terms(self, stage: Stage) -> bool:
-        return self._weight(stage, "sparsity") > 0 or self._weight(stage, "opaque") > 0
 
     def _density_terms(self, out: dict, stage: Stage, terms: dict) -> None:
         if self._weight(stage, "sparsity") > 0:

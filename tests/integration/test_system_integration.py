@@ -246,3 +246,17 @@ def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, 
                       "unexpected": ["geometry.field.renamed"]}
     with pytest.raises(ValueError, match="strict_weights"):
         build(broken, strict=True)
+
+
+def test_pearson_depth_loss_values(threestudio):
+    from animate124.components.system import pearson_depth_loss
+
+    ref = torch.rand(1, 8, 8, 1)  # relative depth, larger = nearer
+    mask = torch.ones(1, 8, 8, 1, dtype=torch.bool)
+    far = 2.0 + 3.0 * (1.0 - ref)  # rendered depth grows where the reference says "far": perfect agreement
+    assert pearson_depth_loss(far, ref, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert pearson_depth_loss(2.0 + ref, ref, mask).item() == pytest.approx(1.0, abs=1e-6)
+    mask[:, :4] = False  # only the masked pixels count: the first 4 rows are ignored
+    noise = far.clone()
+    noise[:, :4] = torch.rand(1, 4, 8, 1)
+    assert pearson_depth_loss(noise, ref, mask).item() == pytest.approx(0.0, abs=1e-6)
