@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_system_integration import REF, _config
+from test_system_integration import REF, StepRecorder, _config, _run
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,3 +36,10 @@ def test_two_rank_ddp_on_cpu(threestudio, tiny_models, shared_data, tmp_path):
     assert len(videos) == 1, videos
     frames = sorted(int(p.stem) for p in (save / "it6-val").glob("*.png"))
     assert frames == [0, 1, 2, 3], frames  # 4 validation frames, rendered 2 per rank
+
+    # a 2-rank checkpoint resumes in one process, in the right stage at the right step
+    ckpt = sorted((trial / "ckpts").glob("epoch=*step=3*.ckpt"))
+    assert ckpt, sorted(p.name for p in (trial / "ckpts").iterdir())
+    rec = StepRecorder()
+    _run(threestudio, config.read_text(), tmp_path, resume=str(ckpt[0]), max_steps=5, callbacks=[rec])
+    assert [(s["step"], s["stage"]) for s in rec.steps] == [(3, "dynamic"), (4, "refine")]
