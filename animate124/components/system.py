@@ -128,8 +128,8 @@ class Animate124System(BaseLift3DSystem):
             if missing:
                 raise ValueError(f"stage {stage.name!r} uses guidances {missing} not declared under system.guidances")
             for key in stage.loss_weights:
-                base = key.split("_")[0]
-                if key not in OWN_LOSSES and key not in self.slots and base not in self.slots:
+                of_slot = key in self.slots or any(key.startswith(f"{slot}_") for slot in self.slots)
+                if key not in OWN_LOSSES and not of_slot:
                     raise ValueError(
                         f"stage {stage.name!r}: loss weight {key!r} names neither a slot ({list(self.slots)}) nor a "
                         f"system loss ({list(OWN_LOSSES)})"
@@ -143,6 +143,8 @@ class Animate124System(BaseLift3DSystem):
         self._stage_clock: Optional[dict] = None
         self.stage_records: List[dict] = []
         self.frozen_geometry = None
+        self.frozen_estimator = None
+        self._resumed_clock: Optional[dict] = None
         self._ddp_grad_masking = False
 
     def load_weights(self, weights: str, ignore_modules: Optional[List[str]] = None) -> None:
@@ -151,7 +153,7 @@ class Animate124System(BaseLift3DSystem):
 
         state_dict, _, _ = load_module_weights(weights, ignore_modules=ignore_modules, map_location="cpu")
         result = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("frozen_geometry.")]
+        missing = [k for k in result.missing_keys if not k.startswith(("frozen_geometry.", "frozen_estimator."))]
         msg = (f"loaded {weights}: {len(state_dict)} tensors; missing keys {missing or 'none'}; "
                f"unexpected keys {list(result.unexpected_keys) or 'none'}")
         if (missing or result.unexpected_keys) and self.cfg.strict_weights:
@@ -173,24 +175,41 @@ class Animate124System(BaseLift3DSystem):
         opt = self.cfg.optimizer
         name = opt.get("name", "Adam") if opt else "Adam"
         args = dict(opt.get("args", {})) if opt else {}
-        args.pop("lr", None)
-        return getattr(torch.optim, name)(groups, lr=0.0, **args)
+        args.pop("lr", None)  # learning rates come from the stages
+        if not hasattr(torch.optim, name):
+            raise ValueError(f"system.optimizer.name={name!r}: a124-system builds torch.optim optimizers only "
+                             "(Adam, AdamW, ...); learning rates are set per stage")
+        optimizer = getattr(torch.optim, name)(groups, lr=0.0, **args)
+        if self.cfg.scheduler is not None:
+            raise ValueError("system.scheduler is not supported by a124-system: learning rates are set per stage "
+                             "(stages[i].learning_rates); remove the scheduler")
+        return optimizer
 
     # ---- stages ------------------------------------------------------------------------------------------------
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # a run resumed mid-refine needs the frozen copy before its weights load
-        if any(k.startswith("frozen_geometry.") for k in checkpoint.get("state_dict", {})):
+        if any(k.startswith(("frozen_geometry.", "frozen_estimator.")) for k in checkpoint.get("state_dict", {})):
             self._make_frozen_copy()
         self.stage_records = list(checkpoint.get("a124_stage_records", []))
+        self._resumed_clock = checkpoint.get("a124_stage_clock")
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["a124_stage_records"] = self.stage_records
+        if self._stage_clock is not None:  # the stage in progress: continued after a resume
+            clock = self._stage_clock
+            checkpoint["a124_stage_clock"] = {"name": clock["name"], "start_step": clock["start_step"],
+                                              "elapsed_s": time.time() - clock["t0"]}
 
     def _make_frozen_copy(self) -> None:
+        """The model as the ControlNet stage starts: geometry and its occupancy grid (so the condition render is not
+        pruned by the live model's grid as it drifts)."""
         if self.frozen_geometry is None:
             self.frozen_geometry = copy.deepcopy(self.geometry)
             self.frozen_geometry.requires_grad_(False).eval()
+            estimator = getattr(self.renderer, "estimator", None)
+            if estimator is not None:
+                self.frozen_estimator = copy.deepcopy(estimator)
 
     def current_stage(self) -> Stage:
         return stage_at(self.stages, self.true_global_step).stage
@@ -218,6 +237,9 @@ class Animate124System(BaseLift3DSystem):
             if self.cfg.controlnet_condition == "frozen" and self.frozen_geometry is None:
                 self._make_frozen_copy()
         self._stage_clock = {"name": stage.name, "start_step": self.true_global_step, "t0": time.time()}
+        resumed, self._resumed_clock = self._resumed_clock, None
+        if resumed is not None and resumed["name"] == stage.name:  # a resume inside this stage: keep its record whole
+            self._stage_clock.update(start_step=resumed["start_step"], t0=time.time() - resumed["elapsed_s"])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         threestudio.info(f"stage {pos.index + 1}/{len(self.stages)} '{stage.name}' from step {self.true_global_step}: "
@@ -256,9 +278,11 @@ class Animate124System(BaseLift3DSystem):
             return
         slot = self.slots[name]
         _host_zero123_alias()
-        self._guidances[name] = threestudio.find(slot.guidance_type)(slot.guidance)
-        if slot.prompt_processor_type:
-            self._prompt_processors[name] = threestudio.find(slot.prompt_processor_type)(slot.prompt_processor)
+        # loaded inside training_step: keep 16-mixed autocast away from the frozen models and cached embeddings
+        with torch.autocast(self.device.type, enabled=False):
+            self._guidances[name] = threestudio.find(slot.guidance_type)(slot.guidance)
+            if slot.prompt_processor_type:
+                self._prompt_processors[name] = threestudio.find(slot.prompt_processor_type)(slot.prompt_processor)
         # loaded after this step's update_step ran: schedule it now (timestep ranges etc.)
         for obj in (self._guidances[name], self._prompt_processors.get(name)):
             if hasattr(obj, "do_update_step"):
@@ -403,12 +427,16 @@ class Animate124System(BaseLift3DSystem):
 
     def _render_frozen(self, batch: dict):
         """Render the clip with the geometry frozen at stage start (the ControlNet condition)."""
-        live = self.renderer.geometry
+        live, live_estimator = self.renderer.geometry, getattr(self.renderer, "estimator", None)
         self.renderer.set_geometry(self.frozen_geometry)
+        if self.frozen_estimator is not None:
+            self.renderer.estimator = self.frozen_estimator
         try:
             return self.renderer(**batch)["comp_rgb"]
         finally:
             self.renderer.set_geometry(live)
+            if self.frozen_estimator is not None:
+                self.renderer.estimator = live_estimator
 
     def _reference_terms(self, ref: dict, stage: Stage, terms: dict) -> None:
         names = [n for n in ("rgb", "mask", "depth") if self._weight(stage, n) > 0]
@@ -420,7 +448,8 @@ class Animate124System(BaseLift3DSystem):
             target = ref["rgb"] * mask + out["comp_rgb_bg"] * (1 - mask)
             terms["rgb"] = (F.mse_loss(out["comp_rgb"], target), self._weight(stage, "rgb"))
         if "mask" in names:
-            terms["mask"] = (F.binary_cross_entropy(out["opacity"].clamp(1e-5, 1 - 1e-5).float(), mask),
+            # the host's BCE: F.binary_cross_entropy is refused under CUDA autocast (16-mixed)
+            terms["mask"] = (binary_cross_entropy(out["opacity"].clamp(1e-5, 1 - 1e-5).float(), mask),
                              self._weight(stage, "mask"))
         if "depth" in names:
             if "ref_depth" not in ref:

@@ -254,6 +254,12 @@ class HashGridEncoding(torch.nn.Module):
             return "triton"
         return "triton" if fits and x.device.type == "cuda" and _triton_available() else "torch"
 
+    def __getstate__(self) -> dict:
+        # tinycudann modules hold native handles that cannot be pickled or deep-copied; they are rebuilt lazily
+        state = self.__dict__.copy()
+        state["_tcnn_modules"] = {}
+        return state
+
     def _forward_tcnn(self, x: Tensor) -> Tensor:
         spec = importlib.util.find_spec("tinycudann")
         if spec is None:

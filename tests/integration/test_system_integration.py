@@ -213,6 +213,10 @@ def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, s
     rec2 = StepRecorder()
     _run(threestudio, cfg_text, run_dir, resume=str(ckpts[0]), max_steps=5, callbacks=[rec2])
     assert [(s["step"], s["stage"]) for s in rec2.steps] == [(3, "dynamic"), (4, "dynamic")]
+    # stages.json keeps the interrupted stage whole: dynamic counted from its start (step 2), not from the resume
+    record = json.loads((trial / "stages.json").read_text())
+    assert [(r["stage"], r["start_step"], r["end_step"]) for r in record["stages"]] == [("static", 0, 2),
+                                                                                       ("dynamic", 2, 5)]
 
 
 def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, tiny_models, shared_data, run_dir):

@@ -217,3 +217,17 @@ def test_exports_exist():
     assert all(hasattr(hashgrid, name) for name in hashgrid.__all__)
     # hashgrid_triton's exports are checked in the interpreted subprocess: importing it here, without
     # TRITON_INTERPRET, would leave compiled-mode kernels cached for any later test of this process.
+
+
+def test_deepcopy_drops_cached_tcnn_modules():
+    """The system deep-copies the geometry (frozen ControlNet condition); tinycudann modules cannot be copied, so the
+    per-device cache is dropped from the copy and rebuilt lazily."""
+    import copy
+    import threading
+
+    enc = HashGridEncoding(3, **SMALL)
+    enc._tcnn_modules["cuda:0"] = threading.Lock()  # stands in for an object that refuses to be copied
+    twin = copy.deepcopy(enc)
+    assert twin._tcnn_modules == {} and "cuda:0" in enc._tcnn_modules
+    x = torch.rand(16, 3)
+    torch.testing.assert_close(twin(x), enc(x), rtol=0, atol=0)
