@@ -264,3 +264,36 @@ def test_pearson_depth_loss_values(threestudio):
     noise = far.clone()
     noise[:, :4] = torch.rand(1, 4, 8, 1)
     assert pearson_depth_loss(noise, ref, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_smoke_config_file_trains_tests_and_exports(threestudio, run_dir):
+    """configs/animate124-smoke.yaml itself: tiny models made on first use, all stages, test videos, export."""
+    import pytorch_lightning as pl
+    import pygltflib
+    from threestudio.utils.config import load_config
+
+    tiny = run_dir / "tiny"
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "animate124-smoke.yaml"),
+                      cli_args=[f"system.tiny_models_dir={tiny}", f"exp_root_dir={run_dir / 'outputs'}",
+                                "trainer.enable_progress_bar=false"])
+    pl.seed_everything(cfg.seed)
+    dm = threestudio.find(cfg.data_type)(cfg.data)
+    system = threestudio.find(cfg.system_type)(cfg.system)
+    assert (tiny / ".complete").is_file() and (tiny / "smoke_rgba.png").is_file()
+    system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, inference_mode=False, **cfg.trainer)
+    trainer.fit(system, datamodule=dm)
+    trainer.test(system, datamodule=dm)
+    trial = Path(cfg.trial_dir)
+    stages = json.loads((trial / "stages.json").read_text())["stages"]
+    assert [(r["stage"], r["steps"]) for r in stages] == [("static", 4), ("dynamic", 4), ("refine", 4)]
+    save = trial / "save"
+    assert len(list(save.glob("it12-val.*"))) == 1
+    assert len(list(save.glob("it12-test-*.*"))) == 5  # 3 turntables, front view over time, orbit
+    trainer.predict(system, datamodule=dm)  # what launch.py --export runs
+    export = save / "it12-export"
+    meshes = sorted((export / "mesh").glob("*.obj"))
+    assert len(meshes) == cfg.system.exporter.n_times
+    glb = pygltflib.GLTF2().load(str(export / "mesh.glb"))
+    assert len(glb.meshes[0].primitives[0].targets) == cfg.system.exporter.n_times - 1
