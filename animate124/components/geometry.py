@@ -55,6 +55,9 @@ class TimeVolume(BaseImplicitGeometry):
         """Build with the 4-D grid frozen (static stage); the system unfreezes it per stage."""
         export_time: float = 0.0
         """Frame time seen by time-unaware host code (isosurface, host exporters)."""
+        coarse_to_fine: Optional[list] = None
+        """[n_levels_at_start, until_step]: only the coarsest levels are active (finer ones output 0) until that
+        global step (upstream main masks the 8 finest of 16 levels for 3000 steps). None: all levels always."""
 
     cfg: Config
 
@@ -80,6 +83,12 @@ class TimeVolume(BaseImplicitGeometry):
             temporal_frozen=self.cfg.temporal_frozen,
             **grid,
         )
+
+    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
+        if self.cfg.coarse_to_fine is not None:
+            start_levels, until_step = (int(v) for v in self.cfg.coarse_to_fine)
+            full = self.field.encoding.n_levels
+            self.field.n_active_levels = min(start_levels, full) if global_step < until_step else full
 
     # the parameter groups the system's stages refer to
     @property

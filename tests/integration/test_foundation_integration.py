@@ -115,3 +115,16 @@ def test_create_from_itself_and_time_for_host_export(threestudio, tmp_path):
     assert not torch.allclose(geometry.forward_density(pts, times=1.0), at0)
     with pytest.raises(TypeError, match="cannot be created from"):
         cls.create_from(object(), cfg.system.geometry)
+
+
+def test_coarse_to_fine_levels_follow_the_step(threestudio, tmp_path):
+    cfg, geometry, renderer, dm = _build_from_yaml(threestudio, tmp_path)
+    cls = threestudio.find("a124-4d-volume")
+    c2f = cls({**cfg.system.geometry, "coarse_to_fine": [2, 100]})
+    pts = torch.rand(32, 3) * 2 - 1
+    c2f.do_update_step(0, 99)
+    assert c2f.field.n_active_levels == 2
+    h = c2f.field.encode(pts, torch.zeros(32))
+    assert h[:, 2 * 2:].abs().max() == 0 and h[:, :4].abs().max() > 0  # levels 2..3 (2 features each) are off
+    c2f.do_update_step(0, 100)
+    assert c2f.field.n_active_levels == 4
