@@ -268,8 +268,8 @@ def test_pearson_depth_loss_values(threestudio):
 
 def test_smoke_config_file_trains_tests_and_exports(threestudio, run_dir):
     """configs/animate124-smoke.yaml itself: tiny models made on first use, all stages, test videos, export."""
-    import pytorch_lightning as pl
     import pygltflib
+    import pytorch_lightning as pl
     from threestudio.utils.config import load_config
 
     tiny = run_dir / "tiny"
