@@ -140,19 +140,15 @@ def _tiny_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _seeded()
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=TINY_HIDDEN,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    config = CLIPTextConfig(**_tiny_clip_text_kwargs(), projection_dim=TINY_HIDDEN)
     return CLIPTextModel(config).eval()
+
+
+def _tiny_clip_text_kwargs() -> dict:
+    """The tiny CLIP text transformer shared by every text encoder here (real vocabulary and special-token ids)."""
+    return dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=TINY_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=49407)
 
 
 def _tiny_vae():
@@ -321,17 +317,7 @@ def _write_clip(path: Path):
 
     _seeded()
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
+        text_config=_tiny_clip_text_kwargs(),
         vision_config=dict(
             hidden_size=TINY_HIDDEN,
             intermediate_size=37,
