@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from animate124.core import cameras as cams
 from animate124.core.frame_times import sample_frame_times
+from animate124.components.choices import check_choice
 
 
 @dataclass
@@ -62,9 +63,13 @@ class VideoClipConfig:
     azimuth_delta_range: Tuple[float, float] = (-5.625, 5.625)
     """Per-frame (or total) azimuth change in degrees (upstream threestudio: +-180/32 per frame)."""
     distance_delta_range: Tuple[float, float] = (0.0, 0.0)
-    delta_mode: Literal["per_frame", "total"] = "per_frame"
+    delta_mode: str = "per_frame"
+    """per_frame | total: whether the delta ranges are per frame or for the whole clip."""
     fixed_camera_prob: float = 0.0
     """Probability of a still camera for the whole clip (upstream main: 0.1)."""
+
+    def __post_init__(self) -> None:
+        check_choice("a124-image-video-datamodule", "video.delta_mode", self.delta_mode, ("per_frame", "total"))
 
 
 @dataclass
@@ -198,7 +203,7 @@ class ClipIterableDataset(IterableDataset, Updateable):
 class TrajectoryDataset(Dataset):
     """Evaluation views: one item per (trajectory, index), host-style keys plus ``trajectory`` and ``index``."""
 
-    def __init__(self, cfg: ImageVideoDataModuleConfig, split: Literal["val", "test"]) -> None:
+    def __init__(self, cfg: ImageVideoDataModuleConfig, split: str) -> None:
         super().__init__()
         self.cfg = cfg
         common = dict(elevation_deg=cfg.eval_elevation_deg, distance=cfg.eval_camera_distance, fovy_deg=cfg.eval_fovy_deg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import threestudio
 import torch
@@ -26,6 +26,7 @@ from threestudio.models.exporters.base import Exporter, ExporterOutput
 from threestudio.utils.typing import List
 
 from animate124.core.mesh_export import build_mesh_animation, write_mesh_sequence, write_morph_glb
+from animate124.components.choices import check_choice
 
 
 @threestudio.register("a124-mesh-sequence-exporter")
@@ -40,12 +41,14 @@ class MeshSequenceExporter(Exporter):
         threshold: Optional[Union[float, str]] = None
         """Density level of the surface, a number or "auto"; default the geometry's ``isosurface_threshold``."""
         save_name: str = "mesh"
-        fmt: Literal["obj", "ply"] = "obj"
+        fmt: str = "obj"
+        """obj | ply."""
         glb: bool = True
         """Also write the animated ``{save_name}.glb`` (when the t = 0 topology can follow every frame)."""
         duration_s: float = 2.0
         """Seconds the glTF animation takes from t = 0 to t = 1 (keyframe k sits at times[k] * duration_s)."""
-        interpolation: Literal["LINEAR", "STEP"] = "LINEAR"
+        interpolation: str = "LINEAR"
+        """LINEAR | STEP (glTF sampler interpolation)."""
         min_component_fraction: float = 0.01
         """Drop connected components with fewer faces than this fraction (the host's outlier removal)."""
         chunk_size: int = 2**18
@@ -54,6 +57,10 @@ class MeshSequenceExporter(Exporter):
         tolerance_voxels: float = 1.5
         """Largest distance (voxels) between a tracked frame and that frame's marching-cubes mesh."""
         check_topology: bool = True
+
+        def __post_init__(self) -> None:
+            check_choice("a124-mesh-sequence-exporter", "fmt", self.fmt, ("obj", "ply"))
+            check_choice("a124-mesh-sequence-exporter", "interpolation", self.interpolation, ("LINEAR", "STEP"))
 
     cfg: Config
 

@@ -7,7 +7,7 @@ are our own (torch / Triton), with tiny-cuda-nn's parameter layout so host check
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import threestudio
 import torch
@@ -15,6 +15,7 @@ from threestudio.models.geometry.base import BaseGeometry, BaseImplicitGeometry
 from threestudio.utils.typing import Any, Dict, Float, Tensor, Tuple
 
 from animate124.core.field import DynamicField
+from animate124.components.choices import check_choice
 
 
 def _default_grid() -> dict:
@@ -43,12 +44,14 @@ class TimeVolume(BaseImplicitGeometry):
         time_init_scale: float = 1e-4
         """The 4-D grid starts as U(-s, s): the dynamic model starts as the static one."""
         mlp_network_config: dict = field(default_factory=lambda: {"n_neurons": 64, "n_hidden_layers": 1})
-        density_activation: Literal["softplus", "exp", "trunc_exp"] = "softplus"
+        density_activation: str = "softplus"
+        """softplus | exp | trunc_exp."""
         density_bias: Union[float, str] = "blob_magic3d"
         """blob_magic3d | blob_dreamfusion | none | a float added before the activation."""
         density_blob_scale: float = 10.0
         density_blob_std: float = 0.5
-        normal_type: Literal["finite_difference"] = "finite_difference"
+        normal_type: str = "finite_difference"
+        """finite_difference (the only one)."""
         finite_difference_normal_eps: float = 0.01
         isosurface_threshold: Union[float, str] = 25.0
         temporal_frozen: bool = False
@@ -58,6 +61,10 @@ class TimeVolume(BaseImplicitGeometry):
         coarse_to_fine: Optional[list] = None
         """[n_levels_at_start, until_step]: only the coarsest levels are active (finer ones output 0) until that
         global step (upstream main masks the 8 finest of 16 levels for 3000 steps). None: all levels always."""
+
+        def __post_init__(self) -> None:
+            check_choice("a124-4d-volume", "density_activation", self.density_activation, ("softplus", "exp", "trunc_exp"))
+            check_choice("a124-4d-volume", "normal_type", self.normal_type, ("finite_difference",))
 
     cfg: Config
 

@@ -7,7 +7,7 @@ they never enter a checkpoint. Text comes from ``prompt_utils`` (host order: con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import threestudio
 import torch
@@ -17,6 +17,7 @@ from threestudio.utils.misc import C
 from animate124.core import sds
 from animate124.core.controlnet_sds import CONTROLNET_TILE_ID, SD15_ID, ControlNetTileSDS
 from animate124.core.video_sds import MODELSCOPE_ID, VideoSDS
+from animate124.components.choices import check_choice
 
 
 class _SDSGuidance(BaseObject):
@@ -26,7 +27,7 @@ class _SDSGuidance(BaseObject):
     class Config(BaseObject.Config):
         half_precision_weights: bool = True
         """fp16 weights on CUDA (always fp32 on CPU); losses are computed in fp32."""
-        weighting_strategy: Literal["sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"] = "sds"
+        weighting_strategy: str = "sds"
         """w(t): sds = 1 - alpha_bar (upstream); see animate124.core.sds.sds_weight for the others."""
         min_step_percent: Any = 0.02
         """A number or a host C() schedule ([start_step, start, end, end_step])."""
@@ -38,6 +39,9 @@ class _SDSGuidance(BaseObject):
         """Off by default: a moving-camera clip has no single view."""
         seed: Optional[int] = None
         """Seeds timesteps, noise and frame choice (None: torch's global RNG)."""
+
+        def __post_init__(self) -> None:
+            check_choice(type(self).__qualname__.split(".")[0], "weighting_strategy", self.weighting_strategy, sds.WEIGHTINGS)
 
     cfg: Config
     num_train_timesteps: int

@@ -7,7 +7,7 @@ occupied at another time (upstream's single grid does).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import threestudio
 import torch
@@ -16,6 +16,7 @@ from threestudio.utils.typing import Dict, Float, Tensor
 
 from animate124.core.occupancy import TimeOccupancyGrid
 from animate124.core.volrend import render_rays
+from animate124.components.choices import check_choice
 
 
 @threestudio.register("a124-time-volume-renderer")
@@ -32,7 +33,7 @@ class TimeVolumeRenderer(VolumeRenderer):
         far_plane: float = 1e10
         return_comp_normal: bool = False
         """Also return ``comp_normal`` in training (needed by the 2-D normal-smoothness loss)."""
-        estimator: Literal["occgrid", "none"] = "occgrid"
+        estimator: str = "occgrid"
         """``occgrid``: time-sliced occupancy grid; ``none``: dense stratified samples only."""
         occ_grid_res: int = 32
         occ_n_time_slices: int = 16
@@ -45,8 +46,12 @@ class TimeVolumeRenderer(VolumeRenderer):
         occ_ema_decay: float = 0.95
         alpha_thre: float = 0.0
         """Drop marched samples whose alpha is below this (CUDA occupancy path only)."""
-        implementation: Literal["auto", "torch", "nerfacc"] = "auto"
+        implementation: str = "auto"
         """Occupancy marching backend: nerfacc on CUDA, torch elsewhere (``auto``)."""
+
+        def __post_init__(self) -> None:
+            check_choice("a124-time-volume-renderer", "estimator", self.estimator, ("occgrid", "none"))
+            check_choice("a124-time-volume-renderer", "implementation", self.implementation, ("auto", "torch", "nerfacc"))
 
     cfg: Config
 

@@ -30,7 +30,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Optional
 
 import threestudio
 import torch
@@ -39,7 +39,9 @@ from threestudio.systems.base import BaseLift3DSystem
 from threestudio.utils.misc import cleanup
 from threestudio.utils.ops import binary_cross_entropy
 
+from animate124.components.choices import check_choice
 from animate124.core.stages import Stage, parse_stages, stage_at, stage_starts, total_steps
+from animate124.components.choices import check_choice
 
 PARAM_GROUPS = {
     "field_3d": "geometry.encoding",
@@ -91,7 +93,7 @@ class Animate124System(BaseLift3DSystem):
         """The stage schedule (module docstring); the sum of steps should equal trainer.max_steps."""
         guidances: dict = field(default_factory=dict)
         """Guidance slots: name -> {guidance_type, guidance, prompt_processor_type, prompt_processor, input}."""
-        controlnet_condition: Literal["frozen", "current"] = "frozen"
+        controlnet_condition: str = "frozen"
         """ControlNet condition image: render of a copy frozen at stage start (upstream main), or current render."""
         anchor_interval: int = 4
         """In video stages, also anchor (reference-view losses + image slots at t = 0) every this many steps
@@ -112,6 +114,9 @@ class Animate124System(BaseLift3DSystem):
         """Textual-inversion embedding (``animate124 invert``), for the ControlNet slot's prompt processor."""
         tiny_models_dir: Optional[str] = None
         """Smoke runs: make the tiny random models (``animate124 make-tiny-models``) here when missing."""
+
+        def __post_init__(self) -> None:
+            check_choice("a124-system", "controlnet_condition", self.controlnet_condition, ("frozen", "current"))
 
     cfg: Config
 
