@@ -28,6 +28,31 @@ def test_clip_tokenizer_matches_openai_ids(tmp_path):
     assert len(padded) == 77 and padded[:3] == [49406, 320, 49407]
 
 
+# Pinned from the hand-written byte table and vocabulary builder this module had before it used transformers' table
+# (issue 15): the same 256 characters in the same order, the same 49,408 tokens in id order, the same 48,894 merges.
+BYTE_TABLE_SHA256 = "6f4b22994511341556e0afed07c5c1642aff87bc6fdf4ff2a611f5c1f33f7865"
+VOCAB_SHA256 = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"
+MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"
+
+
+def _sha256(lines) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def test_byte_table_and_vocabulary_are_pinned(tmp_path):
+    from transformers import CLIPTokenizer
+
+    table = tiny_models._bytes_to_unicode()
+    assert len(table) == 256 and table[ord("!")] == "!" and table[0] == "\u0100" and table[32] == "\u0120"  # Ā, Ġ
+    assert _sha256([table[b] for b in range(256)]) == BYTE_TABLE_SHA256
+    merges = tiny_models._read_bpe_merges()
+    assert len(merges) == 48894 and _sha256(merges) == MERGES_SHA256
+    vocab = CLIPTokenizer.from_pretrained(make_clip_tokenizer(tmp_path)).get_vocab()
+    assert len(vocab) == 49408 and _sha256(sorted(vocab, key=vocab.get)) == VOCAB_SHA256
+
+
 def test_all_kinds_written_with_real_layouts(tiny):
     assert tuple(tiny) == ALL_KINDS
     for kind in ("text-to-video", "zeroscope"):
