@@ -209,7 +209,7 @@ def main():
     args = parser.parse_args()
     model = args.model
     if model is None:
-        from animate124.core.tiny_models import make_tiny_models
+        from animate124.testing.tiny_models import make_tiny_models
 
         model = make_tiny_models(tempfile.mkdtemp(), kinds=("text-to-video",))["text-to-video"]
     rows = [run_oracle(model, *run.split(":"), steps=args.steps) for run in args.runs]

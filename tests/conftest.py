@@ -65,7 +65,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """Tiny random diffusion/CLIP models in the real folder layouts, made once per session."""
-    from animate124.core.tiny_models import make_tiny_models
+    from animate124.testing.tiny_models import make_tiny_models
 
     cache = os.environ.get("A124_TINY_MODELS")  # reuse across runs when set
     out = Path(cache) if cache else tmp_path_factory.mktemp("tiny-models")

@@ -524,7 +524,7 @@ class Animate124System(BaseLift3DSystem):
 
 def _ensure_tiny_models(out_dir: str) -> None:
     """Write the tiny random models once (rank 0 first; others wait for its marker file)."""
-    from animate124.core.tiny_models import ALL_KINDS, make_tiny_models
+    from animate124.testing.tiny_models import ALL_KINDS, make_tiny_models
 
     marker = os.path.join(out_dir, ".complete")
     if os.path.exists(marker):

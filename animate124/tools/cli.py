@@ -92,7 +92,8 @@ def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write tiny randomly initialised models, each in its own folder under DIR, saved with save_pretrained so\n"
             "they load with the real from_pretrained. They share a real CLIP tokenizer built offline from\n"
-            "open_clip's merges file. For tests and smoke runs only: their outputs are noise."
+            "open_clip's merges file (needs: pip install open_clip_torch). For tests and smoke runs only: their\n"
+            "outputs are noise."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -107,14 +108,12 @@ def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_make_tiny_models(args: argparse.Namespace) -> int:
-    try:
-        from animate124.core.tiny_models import make_tiny_models
-    except ImportError as error:
-        raise ToolError(f"animate124.core.tiny_models is not available ({error}): update the package") from error
+    from animate124.testing.tiny_models import make_tiny_models
+
     kwargs = {"kinds": [k.strip() for k in args.kinds.split(",") if k.strip()]} if args.kinds else {}
     try:
         written = make_tiny_models(args.dir, **kwargs)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ImportError) as error:  # unknown kind, or open_clip_torch missing
         raise ToolError(str(error)) from error
     for kind, path in written.items():
         print(f"{kind}\t{path}")

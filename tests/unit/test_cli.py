@@ -81,3 +81,15 @@ def test_make_tiny_models(tmp_path, capsys):
     assert (tmp_path / "clip" / "config.json").is_file()
     assert main(["make-tiny-models", str(tmp_path), "--kinds", "nope"]) == 1
     assert "unknown kinds ['nope']" in capsys.readouterr().err
+
+
+def test_make_tiny_models_without_open_clip_names_the_package_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else find_spec(name, *a))
+    out = tmp_path / "models"
+    assert main(["make-tiny-models", str(out), "--kinds", "controlnet-tile,sd"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "pip install open_clip_torch" in errors[0]
+    assert not out.exists()  # checked before the first folder is made

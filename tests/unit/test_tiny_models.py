@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from animate124.core import tiny_models
-from animate124.core.tiny_models import ALL_KINDS, make_clip_tokenizer, make_tiny_models
+from animate124.testing import tiny_models
+from animate124.testing.tiny_models import ALL_KINDS, make_clip_tokenizer, make_tiny_models
 
 
 @pytest.fixture(scope="module")

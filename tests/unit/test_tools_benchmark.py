@@ -138,7 +138,7 @@ def test_bad_shard_is_a_clear_error(bad, small_data, capsys):
 def test_init_words_are_single_clip_tokens(tmp_path):
     from transformers import CLIPTokenizer
 
-    from animate124.core.tiny_models import make_clip_tokenizer
+    from animate124.testing.tiny_models import make_clip_tokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(make_clip_tokenizer(tmp_path / "tok"))
     for name, word in rb.INIT_WORDS.items():
@@ -233,7 +233,7 @@ for i in range(4):
 @pytest.mark.slow
 def test_real_subprocesses_end_to_end(tmp_path, monkeypatch):
     """The real step commands (python -m animate124.tools.cli ...) with tiny models and a stand-in launch.py."""
-    from animate124.core.tiny_models import make_tiny_models
+    from animate124.testing.tiny_models import make_tiny_models
 
     example = SHARED / "examples" / "panda-dance"
     if not example.exists():

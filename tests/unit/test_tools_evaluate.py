@@ -23,7 +23,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    from animate124.core.tiny_models import make_tiny_models
+    from animate124.testing.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny"), kinds=["clip"])["clip"]
 

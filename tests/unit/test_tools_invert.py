@@ -33,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
-    from animate124.core.tiny_models import make_tiny_models
+    from animate124.testing.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny"), kinds=["sd"])["sd"]
 

@@ -7,7 +7,8 @@ ordinary ``from_pretrained`` code paths (ours and threestudio's) load them exact
 
 The tokenizer is real: CLIP's byte-pair vocabulary ships inside the ``open_clip_torch`` wheel
 (``open_clip/bpe_simple_vocab_16e6.txt.gz``) and gives the same token ids as OpenAI CLIP, which SD 1.5, ModelScope
-and ZeroScope all use. Only the weights are random.
+and ZeroScope all use. Only the weights are random. ``open_clip_torch`` is therefore a runtime dependency of this
+module (the ``testing`` extra: ``pip install open_clip_torch``); only that file is read, the package is not imported.
 
 Sizes: every VAE keeps four resolution levels, so its spatial factor is ``2 ** (4 - 1) = 8`` like the real one
 (a 256² frame gives 32² latents). Text encoders and cross-attention are 32-d.
@@ -16,6 +17,7 @@ Sizes: every VAE keeps four resolution levels, so its spatial factor is ``2 ** (
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +30,7 @@ TINY_HIDDEN = 32
 """Text hidden size and U-Net cross-attention size of every tiny model."""
 
 _SEED = 0
+_KINDS_WITH_TOKENIZER = ("text-to-video", "zeroscope", "sd", "clip")
 
 
 def make_clip_tokenizer(out_dir: str | Path) -> Path:
@@ -42,9 +45,9 @@ def make_clip_tokenizer(out_dir: str | Path) -> Path:
     """
     from transformers import CLIPTokenizer
 
+    merges = _read_bpe_merges()  # before mkdir: a missing open_clip_torch leaves no folder behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merges = _read_bpe_merges()
     byte_chars = list(_bytes_to_unicode().values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
@@ -83,10 +86,13 @@ def make_tiny_models(out_dir: str | Path, kinds: tuple[str, ...] | list[str] = A
 
     Raises:
         ValueError: an unknown kind.
+        ImportError: ``open_clip_torch`` (the vocabulary file) is missing; raised before anything is written.
     """
     unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown:
         raise ValueError(f"make_tiny_models: unknown kinds {unknown}; allowed {list(ALL_KINDS)}")
+    if any(k in _KINDS_WITH_TOKENIZER for k in kinds):
+        _bpe_vocab_file()  # fail before anything is written when open_clip_torch is missing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     builders = {
@@ -109,25 +115,30 @@ def make_tiny_models(out_dir: str | Path, kinds: tuple[str, ...] | list[str] = A
 # helpers
 
 
-def _read_bpe_merges() -> list[str]:
-    import open_clip
+def _bpe_vocab_file() -> Path:
+    """open_clip's copy of OpenAI CLIP's merges file, found without importing open_clip (it pulls in timm)."""
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ImportError(
+            "tiny models need CLIP's vocabulary file from open_clip_torch: pip install open_clip_torch "
+            "(or pip install 'threestudio-animate124[testing]')"
+        )
+    return path
 
-    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+
+def _read_bpe_merges() -> list[str]:
+    lines = gzip.open(_bpe_vocab_file()).read().decode("utf-8").split("\n")
     return lines[1 : 49152 - 256 - 2 + 1]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode table (the order defines CLIP's first 256 ids)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+    try:  # transformers < 5 keeps it in the CLIP tokenizer module, 5.x in convert_slow_tokenizer
+        from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    except ImportError:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return bytes_to_unicode()
 
 
 def _seeded():
