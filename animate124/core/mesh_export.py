@@ -159,16 +159,11 @@ def extract_mesh(
 
 
 def topology_signature(mesh: Mesh) -> tuple[int, int]:
-    """(number of connected components, Euler characteristic V - E + F) of the mesh."""
-    from scipy.sparse.csgraph import connected_components
+    """(number of connected components, Euler characteristic V - E + F) of the mesh (unreferenced vertices ignored)."""
+    import trimesh
 
-    faces = mesh.faces.numpy()
-    n_vertices = mesh.vertices.shape[0]
-    used = np.unique(faces)
-    n_components = connected_components(_adjacency(faces, n_vertices), directed=False)[0] - (n_vertices - used.size)
-    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-    n_edges = np.unique(edges, axis=0).shape[0]
-    return int(n_components), int(used.size - n_edges + faces.shape[0])
+    tm = _trimesh(mesh.vertices, mesh.faces)
+    return len(trimesh.graph.connected_components(tm.edges)), int(tm.euler_number)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,6 +284,8 @@ def write_morph_glb(
     with_normals: bool = True,
 ) -> None:
     """Write ONE binary glTF (.glb): a single mesh with the base topology, N - 1 morph targets, one animation.
+
+    Written with pygltflib, not trimesh: trimesh's glTF exporter cannot write morph targets or weight animations.
 
     Morph target i (i = 1..N-1) holds the displacement frame_vertices[i] - base_vertices; keyframe k at ``times[k]``
     seconds has one-hot weights (all zero at k = 0, target k at 1 otherwise). ``COLOR_0`` holds the vertex colours.
@@ -418,27 +415,23 @@ def _resolve_threshold(field: Tensor, threshold) -> float:
     return float(threshold)
 
 
-def _adjacency(faces: np.ndarray, n_vertices: int):
-    from scipy.sparse import coo_matrix
+def _trimesh(vertices: Tensor | np.ndarray, faces: Tensor | np.ndarray):
+    import trimesh
 
-    rows = faces[:, [0, 1, 2]].reshape(-1)
-    cols = faces[:, [1, 2, 0]].reshape(-1)
-    return coo_matrix((np.ones_like(rows), (rows, cols)), shape=(n_vertices, n_vertices))
+    to_numpy = lambda x: x.numpy() if isinstance(x, Tensor) else x  # noqa: E731
+    return trimesh.Trimesh(to_numpy(vertices), to_numpy(faces).astype(np.int64), process=False)
 
 
 def _drop_small_components(vertices: Tensor, faces: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
-    from scipy.sparse.csgraph import connected_components
+    """Keep the faces of vertex-connected components holding at least ``fraction`` of all faces (order kept)."""
+    import trimesh
 
-    f = faces.numpy()
-    _, labels = connected_components(_adjacency(f, vertices.shape[0]), directed=False)
-    face_label = labels[f[:, 0]]
-    counts = np.bincount(face_label)
-    keep = counts[face_label] >= fraction * f.shape[0]
-    f = f[keep]
-    used = np.unique(f)
-    remap = np.full(vertices.shape[0], -1, dtype=np.int64)
-    remap[used] = np.arange(used.size)
-    return vertices[torch.from_numpy(used)], torch.from_numpy(remap[f])
+    tm = _trimesh(vertices, faces)
+    labels = trimesh.graph.connected_component_labels(tm.edges, node_count=len(tm.vertices))
+    face_label = labels[tm.faces[:, 0]]
+    tm.update_faces(np.bincount(face_label)[face_label] >= fraction * len(tm.faces))
+    tm.remove_unreferenced_vertices()
+    return torch.from_numpy(tm.vertices.astype(np.float32)), torch.from_numpy(tm.faces.astype(np.int64))
 
 
 def _newton_step(density_fn, x: Tensor, t: float, tau: float, eps: float, max_step: float) -> Tensor:
@@ -527,13 +520,11 @@ def _check_glb_inputs(base_vertices, faces, frame_vertices, vertex_colors, times
 
 
 def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals (float32), outward for counter-clockwise faces."""
-    corners = vertices[faces.astype(np.int64)]
-    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    normals = np.zeros_like(vertices)
-    for i in range(3):
-        np.add.at(normals, faces[:, i].astype(np.int64), face_normals)
-    return (normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    """Area-weighted unit vertex normals (float32), outward for counter-clockwise faces; zero where no face is."""
+    import trimesh
+
+    tm = _trimesh(vertices, faces)  # the un-normalised face cross products weigh each face by twice its area
+    return trimesh.geometry.mean_vertex_normals(len(vertices), tm.faces, tm.triangles_cross).astype(np.float32)
 
 
 class _Blob:
