@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["ToolError", "build_parser", "main", "check_writable"]
+__all__ = ["ToolError", "build_parser", "main", "check_writable", "natural_key"]
 
 # sub-command -> module under animate124.tools that defines add_arguments(parser) and run(args)
 _TOOLS = {
@@ -83,6 +84,13 @@ def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise ToolError(f"{', '.join(existing)} already exist(s): pass --overwrite to replace, or choose another --out")
+
+
+def natural_key(path) -> list:
+    """Sort key that orders digit runs by value: "it2000-test" before "it15000-test", "2.png" before "10.png".
+
+    Ours rather than the natsort package: two lines do not warrant a dependency."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
 def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from animate124.tools.cli import ToolError, check_writable
+from animate124.tools.cli import ToolError, check_writable, natural_key
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
             raise ToolError(f"--batch {str(args.batch)!r} is not a folder: give the folder that holds the run folders")
         if args.image or args.prompt:
             raise ToolError("--image/--prompt apply to one run: in --batch mode put them in each run's run.json")
-        folders = sorted((d for d in args.batch.iterdir() if (d / "run.json").is_file()), key=_natural_key)
+        folders = sorted((d for d in args.batch.iterdir() if (d / "run.json").is_file()), key=natural_key)
         if not folders:
             raise ToolError(f"no run folder with run.json under {str(args.batch)!r}: see the layout in --help")
         specs = [load_run(d, frames_glob=args.frames_glob, panel=args.panel) for d in folders]
@@ -291,13 +291,13 @@ def _find_frames(run_dir: Path, pattern: str | None) -> list[Path]:
     patterns = [pattern] if pattern else list(_DEFAULT_GLOBS)
     for p in patterns:
         full = p if Path(p).is_absolute() else str(run_dir / p)
-        matches = sorted((Path(m) for m in glob.glob(full) if Path(m).is_file()), key=_natural_key)
+        matches = sorted((Path(m) for m in glob.glob(full) if Path(m).is_file()), key=natural_key)
         videos = [m for m in matches if m.suffix.lower() in _VIDEO_EXT]
         images = [m for m in matches if m.suffix.lower() in _IMAGE_EXT]
         if videos:
             return [videos[-1]]
         if images:
-            last = max((m.parent for m in images), key=_natural_key)
+            last = max((m.parent for m in images), key=natural_key)
             return [m for m in images if m.parent == last]
     raise ToolError(
         f"no frames in run {str(run_dir)!r} (looked for {', '.join(patterns)}): pass --frames-glob or set \"frames\" "
@@ -318,10 +318,6 @@ def _crop_panel(frame, k: int, n: int | None):
     if (k + 1) * panel_width > width:
         raise ToolError(f"--panel {k}: a {width}x{height} frame has only {width // panel_width} panel(s)")
     return frame[:, k * panel_width : (k + 1) * panel_width]
-
-
-def _natural_key(path) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
 def _load_rgb(path: Path):

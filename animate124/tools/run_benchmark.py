@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from animate124.tools.cli import ToolError
+from animate124.tools.cli import ToolError, natural_key
 
 __all__ = [
     "TRAIN_KEYS",
@@ -234,7 +234,7 @@ def run_steps(steps: Sequence[Step], runner: Runner, env: dict, progress: Callab
         status = runner(step.command, step.cwd, env, log)
         outputs = list(step.outputs)
         if "frames_glob" in step.extra:
-            frames = sorted(_abs_glob(step.extra["frames_glob"]), key=_natural_key)
+            frames = sorted(_abs_glob(step.extra["frames_glob"]), key=natural_key)
             outputs += frames[-1:]
             if not frames and status == 0:
                 progress(f"[{step.case}] {step.name}: finished but no test frame matches {step.extra['frames_glob']}")
@@ -420,7 +420,3 @@ def _abs_glob(pattern: str) -> list[Path]:
     import glob
 
     return [Path(p) for p in glob.glob(pattern)]
-
-
-def _natural_key(path) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]

@@ -93,3 +93,11 @@ def test_make_tiny_models_without_open_clip_names_the_package_and_writes_nothing
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and "pip install open_clip_torch" in errors[0]
     assert not out.exists()  # checked before the first folder is made
+
+
+def test_natural_key_orders_digit_runs_by_value():
+    from animate124.tools.cli import natural_key
+
+    names = ["it15000-test", "10.png", "it2000-test", "2.png", "B1.png", "a10.png", "a9.png"]
+    assert sorted(names, key=natural_key) == ["2.png", "10.png", "a9.png", "a10.png", "B1.png", "it2000-test",
+                                              "it15000-test"]

@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from animate124.tools import run_benchmark as rb
 from animate124.tools.cli import ToolError, build_parser, main
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = SHARED_DATA  # conftest: ../shared/data or $A124_SHARED_DATA
 BENCHMARK = SHARED / "benchmark"
 pytestmark = pytest.mark.unit
 

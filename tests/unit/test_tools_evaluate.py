@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 import torch
 from PIL import Image
 
 from animate124.tools import evaluate
 from animate124.tools.cli import ToolError, main
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = SHARED_DATA  # conftest: ../shared/data or $A124_SHARED_DATA
 pytestmark = pytest.mark.unit
 
 
@@ -189,3 +190,32 @@ def test_panel_crop_keeps_the_rgb_of_a_grid(tiny_clip, images, tmp_path):
         evaluate.load_run(run, Path("ref.png"), "a panda", "it*-test/front/*.png", panel="3/3")
     with pytest.raises(ToolError, match="has only 3 panel"):
         evaluate.read_frames(spec.frames, panel="3")
+
+
+def test_clip_scores_agree_with_torchmetrics_clipscore(tiny_clip, images):
+    """Kept ours (issue 15): torchmetrics' CLIPScore returns only max(100 * mean cos, 0) over matched pairs, so it
+    re-encodes the prompt / reference once per frame, cannot give the frame x prompt matrix retrieval needs, loads a
+    local folder only through a callable, and (1.9) breaks on transformers 5. On the same inputs its numbers are ours
+    x 100 (clamped at 0)."""
+    tm_clip = pytest.importorskip("torchmetrics.multimodal.clip_score")
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    # torchmetrics 1.9 expects the tensors transformers < 5 returned; 5.x returns model outputs (another reason)
+    for name in ("get_image_features", "get_text_features"):
+        setattr(model, name, lambda *a, _get=getattr(model, name), **k: evaluate._features(_get(*a, **k)))
+    metric = tm_clip.CLIPScore(model_name_or_path=lambda: (model, processor))
+    scorer = evaluate.ClipScorer(str(tiny_clip), "cpu")
+    frames = [images["panda-dance"], images["fox-game"], images["panda-dance"][::-1].copy()]
+    prompt = "a panda is dancing"
+    ours = evaluate.run_metrics(scorer.images(frames), scorer.images([images["fox-game"]]), scorer.texts([prompt]))
+    tensors = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]
+    reference = torch.from_numpy(images["fox-game"]).permute(2, 0, 1)
+    pairs = {"clip_t": (tensors, [prompt] * 3), "clip_i": (tensors, [reference] * 3),
+             "temporal": (tensors[:-1], tensors[1:])}
+    for name, (source, target) in pairs.items():
+        theirs = float(clip_score(source, target, model_name_or_path=lambda: (model, processor)))
+        assert theirs == pytest.approx(max(100 * ours[name], 0.0), abs=1e-3), name
+    metric.update(tensors, [prompt] * 3)
+    assert float(metric.compute()) == pytest.approx(max(100 * ours["clip_t"], 0.0), abs=1e-3)

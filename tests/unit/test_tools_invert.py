@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 import torch
 
 from animate124.tools import invert
 from animate124.tools.cli import ToolError, main
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "examples"
+EXAMPLES = SHARED_DATA / "examples"  # conftest: ../shared/data or $A124_SHARED_DATA
 PHOTO = EXAMPLES / "panda-dance" / "image.jpg"
 
 pytestmark = pytest.mark.unit
