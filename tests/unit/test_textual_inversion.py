@@ -107,3 +107,56 @@ def test_token_colliding_with_an_ordinary_word_is_rejected(sd_text, tmp_path):
     path = _save(tmp_path / "a.bin", {"a": torch.zeros(32)})  # "a" is a byte-level vocabulary entry
     with pytest.raises(ValueError, match="already an ordinary word"):
         load_textual_inversion(path, tok, enc)
+
+
+# --- one path: ours against diffusers' TextualInversionLoaderMixin.load_textual_inversion, one test per format -------
+
+
+def _diffusers_load(tiny_models, state_dict, token=None):
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    class Holder(TextualInversionLoaderMixin):  # the pipeline-shaped object diffusers' loader needs
+        hf_device_map, components = None, {}
+
+    holder = Holder()
+    holder.tokenizer = CLIPTokenizer.from_pretrained(tiny_models["sd"], subfolder="tokenizer")
+    holder.text_encoder = CLIPTextModel.from_pretrained(tiny_models["sd"], subfolder="text_encoder").eval()
+    holder.load_textual_inversion(state_dict, token=token)
+    with pytest.raises(ValueError, match="already in tokenizer vocabulary"):  # diffusers refuses a second load
+        holder.load_textual_inversion(state_dict, token=token)
+    return holder.tokenizer, holder.text_encoder
+
+
+def _same_as_diffusers(tiny_models, sd_text, path, state_dict, expected_tokens, token=None):
+    tok, enc = sd_text
+    ours = load_textual_inversion(path, tok, enc, token=token).split()
+    d_tok, d_enc = _diffusers_load(tiny_models, state_dict, token)
+    assert ours == expected_tokens
+    ids = tok.convert_tokens_to_ids(ours)
+    assert ids == d_tok.convert_tokens_to_ids(ours) == list(range(49408, 49408 + len(ours)))
+    torch.testing.assert_close(enc.get_input_embeddings().weight[ids], d_enc.get_input_embeddings().weight[ids],
+                               rtol=0, atol=0)
+    assert enc.get_input_embeddings().weight.shape[0] == 49408 + len(ours)
+    prompt = replace_placeholder("a <token> is dancing", " ".join(ours))
+    assert tok(prompt).input_ids == d_tok(prompt).input_ids
+
+
+def test_diffusers_format_same_as_diffusers_loader(tiny_models, sd_text, tmp_path):
+    state = {"_panda_dance_": torch.randn(32, generator=torch.Generator().manual_seed(2))}
+    path = _save(tmp_path / "learned_embeds.safetensors", state)
+    _same_as_diffusers(tiny_models, sd_text, path, state, ["_panda_dance_"])
+
+
+def test_multi_vector_format_same_as_diffusers_loader(tiny_models, sd_text, tmp_path):
+    state = {"<cat-toy>": torch.randn(3, 32, generator=torch.Generator().manual_seed(3))}
+    path = _save(tmp_path / "multi.bin", state)
+    _same_as_diffusers(tiny_models, sd_text, path, state, ["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"])
+
+
+def test_automatic1111_format_same_as_diffusers_loader(tiny_models, sd_text, tmp_path):
+    # A1111 prompts use the file name; diffusers uses the "name" field: equal here, as A1111 writes them
+    state = {"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(4))},
+             "string_to_token": {"*": 265}, "name": "mytoken", "step": 3000}
+    path = _save(tmp_path / "mytoken.bin", state)
+    _same_as_diffusers(tiny_models, sd_text, path, state, ["mytoken", "mytoken_1"])
