@@ -17,6 +17,7 @@ import argparse
 import importlib
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -80,10 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
-    """Raise :class:`ToolError` if any of ``paths`` exists and ``overwrite`` is False (never clobber a user's file)."""
+    """Raise :class:`ToolError` before any work when ``paths`` could not be written at the end.
+
+    Refused: a path that exists while ``overwrite`` is False (never clobber a user's file), and a folder that cannot
+    be made or written (a file in the way, no permission, a read-only disk), probed with a temporary file in its
+    nearest existing ancestor, so nothing is left behind.
+    """
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise ToolError(f"{', '.join(existing)} already exist(s): pass --overwrite to replace, or choose another --out")
+    for folder in sorted({Path(p).parent for p in paths}):
+        ancestor = folder
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        try:
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"{ancestor} is a file")
+            with tempfile.TemporaryFile(dir=ancestor):
+                pass
+        except OSError as error:
+            raise ToolError(f"cannot write into {folder} ({error}): choose another --out") from error
 
 
 def natural_key(path) -> list:
