@@ -162,6 +162,12 @@ def _tiny_clip_text_kwargs() -> dict:
                 eos_token_id=49407, pad_token_id=49407)
 
 
+def _tiny_clip_vision_kwargs() -> dict:
+    """The tiny CLIP image transformer of Zero-1-to-3's image encoder and of the CLIP model (32 px, 8 px patches)."""
+    return dict(hidden_size=TINY_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                image_size=32, patch_size=8)
+
+
 def _tiny_vae():
     """Four levels (factor 8 like SD's VAE), 8-16-32-32 channels, GroupNorm of 8 groups."""
     from diffusers import AutoencoderKL
@@ -286,15 +292,7 @@ def _write_zero123(path: Path):
     DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False).save_pretrained(path / "scheduler")
     _seeded()
     vision = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=TINY_HIDDEN,
-        )
+        CLIPVisionConfig(**_tiny_clip_vision_kwargs(), projection_dim=TINY_HIDDEN)
     ).eval()
     vision.save_pretrained(path / "image_encoder", safe_serialization=True)
     _tiny_image_processor().save_pretrained(path / "feature_extractor")
@@ -329,14 +327,7 @@ def _write_clip(path: Path):
     _seeded()
     config = CLIPConfig(
         text_config=_tiny_clip_text_kwargs(),
-        vision_config=dict(
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=_tiny_clip_vision_kwargs(),
         projection_dim=TINY_HIDDEN,
     )
     CLIPModel(config).eval().save_pretrained(path, safe_serialization=True)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from checks import one_thread  # noqa: F401  (module fixture: one torch thread)
+
 from animate124.core import textual_inversion as ti
 from animate124.core.textual_inversion import (
     PLACEHOLDER,
@@ -171,15 +173,6 @@ def test_automatic1111_format_same_as_diffusers_loader(tiny_models, sd_text, tmp
 
 
 # --- learning the token (train_token and its parts) -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two threads on a busy 2-core machine spin-wait: the tiny convolutions get ~40x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

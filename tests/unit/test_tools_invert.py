@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import one_thread  # noqa: F401  (module fixture: one torch thread)
 from conftest import SHARED_DATA
 
 from animate124.tools.cli import main
@@ -15,15 +16,6 @@ EXAMPLES = SHARED_DATA / "examples"  # conftest: ../shared/data or $A124_SHARED_
 PHOTO = EXAMPLES / "panda-dance" / "image.jpg"
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two threads on a busy 2-core machine spin-wait: the tiny convolutions get ~40x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
