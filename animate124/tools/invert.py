@@ -15,6 +15,7 @@ loads the models and the photo, and checks --out is writable before the first st
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
             raise ToolError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ToolError(f"--lr {args.lr} must be a positive number, e.g. 1e-4")
+    if importlib.util.find_spec("torchvision") is None:
+        raise ToolError("invert needs torchvision for its image augmentations: pip install -e '.[tools]'")
     outputs = [args.out / "learned_embeds.safetensors", args.out / "learned_embeds.bin", args.out / "invert.json"]
     check_writable(outputs, args.overwrite)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

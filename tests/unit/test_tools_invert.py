@@ -64,3 +64,16 @@ def test_unwritable_out_is_refused_before_loading_anything(tmp_path, capsys):
         assert "cannot write into" in err[0] and "a-file is a file" in err[0] and "choose another --out" in err[0]
     assert (tmp_path / "a-file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
         "a-file", "photo.png"]
+
+
+def test_missing_torchvision_is_one_line_before_anything(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else find_spec(name, *a))
+    (tmp_path / "photo.png").write_bytes(b"")
+    status = main(["invert", str(tmp_path / "photo.png"), "--token", "_x_", "--init", "panda", "--out",
+                   str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and "pip install -e '.[tools]'" in err[0]
+    assert not (tmp_path / "out").exists()
