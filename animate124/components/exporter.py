@@ -1,6 +1,6 @@
 """``a124-mesh-sequence-exporter``: meshes of the 4D field at several frame times, plus one animated ``.glb``.
 
-The host's ``mesh-exporter`` knows nothing about time (threestudio-contract §2.9). This exporter runs marching cubes
+The host's ``mesh-exporter`` extracts one mesh and takes no time argument. This exporter runs marching cubes
 on ``geometry.forward_density(points, times=t)`` at each requested time (``animate124.core.mesh_export``), colours the
 vertices with the material (``material.export(points, **geometry.export(points, times=t))["albedo"]``, as the host's
 exporter does), and writes

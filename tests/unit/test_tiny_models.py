@@ -21,7 +21,7 @@ def test_clip_tokenizer_matches_openai_ids(tmp_path):
     tok = CLIPTokenizer.from_pretrained(make_clip_tokenizer(tmp_path))
     assert len(tok) == 49408
     assert tok.model_max_length == 77
-    # ids of OpenAI CLIP (checked in testing-notes.md): "panda" is one token, "giant panda bear" three
+    # ids of OpenAI CLIP's tokenizer: "panda" is one token, "giant panda bear" three
     assert tok("a panda is dancing").input_ids == [49406, 320, 12952, 533, 6226, 49407]
     assert len(tok("giant panda bear").input_ids) == 5
     padded = tok("a", padding="max_length", max_length=tok.model_max_length).input_ids
