@@ -1,4 +1,4 @@
-"""Textual inversion: a learned word embedding for the subject of the input image (the Animate124 paper, arXiv 2311.14603).
+"""Textual inversion: a learned word embedding for the subject of the input image (Animate124, arXiv 2311.14603).
 
 The semantic-refinement stage conditions ControlNet-Tile on a prompt such as ``"a <token> is dancing"``, where
 ``<token>`` stands for a new word whose embedding was optimised on the input image. This module learns that word

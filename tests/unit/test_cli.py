@@ -87,7 +87,8 @@ def test_make_tiny_models_without_open_clip_names_the_package_and_writes_nothing
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else find_spec(name, *a))
+    hidden = "open_clip"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
     out = tmp_path / "models"
     assert main(["make-tiny-models", str(out), "--kinds", "controlnet-tile,sd"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()

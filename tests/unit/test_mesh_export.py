@@ -277,14 +277,17 @@ HAND_VERTICES = torch.tensor(
 HAND_FACES = torch.tensor([[0, 1, 2], [2, 3, 4], [6, 7, 8]])  # a bowtie through vertex 2, vertex 5 unused, a sliver
 
 
+def _big_and_small_sphere(p, t):
+    return torch.maximum(sphere((0, 0, 0), 0.5)(p, t), sphere((0.7, 0.7, 0.7), 0.12)(p, t))
+
+
 def test_topology_and_component_helpers_pinned():
     hand = mx.Mesh(HAND_VERTICES, HAND_FACES, None, 0.0, 0.0, 1.0)
     assert topology_signature(hand) == (2, 2)  # the bowtie is one component; 8 used vertices - 9 edges + 3 faces
     vertices, faces = mx._drop_small_components(HAND_VERTICES, HAND_FACES, 0.4)  # the 1-face sliver goes
     torch.testing.assert_close(vertices, HAND_VERTICES[:5], rtol=0, atol=0)
     assert faces.tolist() == [[0, 1, 2], [2, 3, 4]] and faces.dtype == torch.int64
-    two = lambda p, t: torch.maximum(sphere((0, 0, 0), 0.5)(p, t), sphere((0.7, 0.7, 0.7), 0.12)(p, t))  # noqa: E731
-    mesh = extract_mesh(two, BBOX, 24, threshold=0.0)
+    mesh = extract_mesh(_big_and_small_sphere, BBOX, 24, threshold=0.0)
     assert (mesh.vertices.shape[0], mesh.faces.shape[0], topology_signature(mesh)) == (696, 1384, (2, 4))
     vertices, faces = mx._drop_small_components(mesh.vertices, mesh.faces, 0.1)
     assert (vertices.shape[0], faces.shape[0], int(faces.sum())) == (672, 1340, 1347914)
@@ -294,13 +297,12 @@ def test_topology_and_component_helpers_pinned():
 
 def test_vertex_normals_pinned():
     normals = mx._vertex_normals(HAND_VERTICES.numpy(), HAND_FACES.numpy().astype(np.uint32))
-    s = 0.4472135901451111
-    expected = [[0, 0, 1], [0, 0, 1], [0, -s, 2 * s], [0, -0.5**0.5, 0.5**0.5], [0, -0.5**0.5, 0.5**0.5]] + [[0] * 3] * 4
+    s, h = 0.4472135901451111, 0.5**0.5  # vertex 2: face cross products (0, 0, 1) + (0, -1, 1) = (0, -1, 2), unit
+    expected = [[0, 0, 1], [0, 0, 1], [0, -s, 2 * s], [0, -h, h], [0, -h, h]] + [[0] * 3] * 4
     assert normals.dtype == np.float32
     np.testing.assert_allclose(normals, np.array(expected, dtype=np.float32), rtol=0, atol=1e-7)
-    two = lambda p, t: torch.maximum(sphere((0, 0, 0), 0.5)(p, t), sphere((0.7, 0.7, 0.7), 0.12)(p, t))  # noqa: E731
-    mesh = extract_mesh(two, BBOX, 24, threshold=0.0)
+    mesh = extract_mesh(_big_and_small_sphere, BBOX, 24, threshold=0.0)
     normals = mx._vertex_normals(mesh.vertices.numpy(), mesh.faces.numpy().astype(np.uint32))
     assert float(normals.astype(np.float64).sum()) == pytest.approx(-1.4033355135470629, abs=1e-5)
-    np.testing.assert_allclose(normals[0], [-0.9811100959777832, -0.18345443904399872, -0.061379726976156235], atol=1e-6)
-    np.testing.assert_allclose(normals[100], [-0.5711992979049683, -0.7122728228569031, -0.40792015194892883], atol=1e-6)
+    np.testing.assert_allclose(normals[0], [-0.98111009597, -0.18345443904, -0.06137972697], atol=1e-6)
+    np.testing.assert_allclose(normals[100], [-0.57119929790, -0.71227282285, -0.40792015194], atol=1e-6)

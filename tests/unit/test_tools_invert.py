@@ -70,7 +70,8 @@ def test_missing_torchvision_is_one_line_before_anything(tmp_path, capsys, monke
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else find_spec(name, *a))
+    hidden = "torchvision"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
     (tmp_path / "photo.png").write_bytes(b"")
     status = main(["invert", str(tmp_path / "photo.png"), "--token", "_x_", "--init", "panda", "--out",
                    str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), "--device", "cpu"])
