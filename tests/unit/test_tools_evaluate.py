@@ -81,6 +81,14 @@ def test_frames_equal_to_reference_score_one(tiny_clip, images, tmp_path):
     assert md[2].startswith("| run | 3 | ") and md[2].endswith(" | 1.0000 | 1.0000 |")
 
 
+def _batch_rows(batch: Path, tiny_clip: Path, images, panda_caption: str, fox_caption: str) -> dict[str, dict]:
+    """Evaluate a batch of two 2-frame runs (panda, fox photos) with these captions; the metrics.csv rows by run."""
+    _make_run(batch / "panda", images["panda-dance"], panda_caption, n_frames=2)
+    _make_run(batch / "fox", images["fox-game"], fox_caption, n_frames=2)
+    assert main(["evaluate", "--batch", str(batch), "--clip-model", str(tiny_clip), "--device", "cpu"]) == 0
+    return {r["run"]: r for r in _read_csv(batch / "metrics.csv")}
+
+
 def test_retrieval_ranks_own_caption_first_when_embeddings_allow(tiny_clip, images, tmp_path):
     # 1. pick two captions such that each photo is closer to its own one (so retrieval MUST be 1 for both)
     pool = [e["caption"] for e in json.loads((SHARED / "benchmark" / "benchmark.json").read_text())]
@@ -90,20 +98,13 @@ def test_retrieval_ranks_own_caption_first_when_embeddings_allow(tiny_clip, imag
              if a != b and sim[0, a] - sim[0, b] > 1e-3 and sim[1, b] - sim[1, a] > 1e-3]
     assert pairs, "no caption pair separates the two photos under this tiny CLIP"
     a, b = pairs[0]
-    batch = tmp_path / "batch"
-    _make_run(batch / "panda", images["panda-dance"], pool[a], n_frames=2)
-    _make_run(batch / "fox", images["fox-game"], pool[b], n_frames=2)
-    assert main(["evaluate", "--batch", str(batch), "--clip-model", str(tiny_clip), "--device", "cpu"]) == 0
-    rows = {r["run"]: r for r in _read_csv(batch / "metrics.csv")}
+    rows = _batch_rows(tmp_path / "batch", tiny_clip, images, pool[a], pool[b])
     assert rows["panda"]["retrieval"] == "1" and rows["fox"]["retrieval"] == "1"
     assert float(rows["mean"]["retrieval"]) == 1.0
     assert abs(float(rows["fox"]["clip_t"]) - sim[1, b]) < 1e-5
     # 2. swap the captions: now each run's own caption MUST rank below the other one
     swapped = tmp_path / "swapped"
-    _make_run(swapped / "panda", images["panda-dance"], pool[b], n_frames=2)
-    _make_run(swapped / "fox", images["fox-game"], pool[a], n_frames=2)
-    assert main(["evaluate", "--batch", str(swapped), "--clip-model", str(tiny_clip), "--device", "cpu"]) == 0
-    rows = {r["run"]: r for r in _read_csv(swapped / "metrics.csv")}
+    rows = _batch_rows(swapped, tiny_clip, images, pool[b], pool[a])
     assert rows["panda"]["retrieval"] == "0" and rows["fox"]["retrieval"] == "0"
     md = (swapped / "metrics.md").read_text()
     assert md.splitlines()[0] == "| run | frames | clip_t | clip_i | temporal | retrieval |"
