@@ -245,9 +245,26 @@ def _image_encoder(arch: dict):
 
 
 def _tokenizer(path: Path):
+    """CLIP's real tokenizer (built offline from open_clip's vocabulary); without open_clip, a character-level one
+    with CLIP's special-token ids: prompts still pad to 77 tokens, so every tensor shape (and time) is the same."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_tiny_models().make_clip_tokenizer(path))
+    tm = _tiny_models()
+    try:
+        return CLIPTokenizer.from_pretrained(tm.make_clip_tokenizer(path))
+    except ImportError as error:
+        print(f"make_full_size_models: {error}; writing a character-level CLIP tokenizer (same shapes; "
+              "pip install open_clip_torch for the real vocabulary)")
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(tm._bytes_to_unicode().values())
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"),
+                              model_max_length=tm.CLIP_MAX_LENGTH, pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    return tokenizer
 
 
 def _sd_scheduler_kwargs() -> dict:

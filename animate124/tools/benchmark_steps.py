@@ -172,23 +172,32 @@ def benchmark_config(
         callbacks=[timer], inference_mode=False, enable_progress_bar=False, enable_checkpointing=False,
         limit_val_batches=0, num_sanity_val_steps=0, max_steps=per_stage * len(full_steps), **trainer_cfg,
     )
-    trainer.fit(system, datamodule=dm)
-    overhead["to_first_step_s"] = round(timer.first_step_start - started, 3)
+    fit_error = None
+    try:
+        trainer.fit(system, datamodule=dm)
+    except Exception as error:  # noqa: BLE001  e.g. out of memory in a late stage: keep the stages measured so far
+        fit_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        print(f"animate124 benchmark: training stopped at step {system.true_global_step} ({fit_error})",
+              file=sys.stderr)
+        recorder.active = False
+        recorder.samples.clear()
+    overhead["to_first_step_s"] = round((timer.first_step_start or time.perf_counter()) - started, 3)
     overhead["slot_load_s"] = {k: round(v, 3) for k, v in timer.load_s.items()}
     stages = timer.stage_results(full_steps)
-    overhead["first_step_excess_s"] = stages[0]["switch_s"]
+    overhead["first_step_excess_s"] = stages[0].get("switch_s")
     # 3. validation, test videos, export: a few images / times, scaled to the config
     autocast = _autocast(device, str(cfg.trainer.get("precision", "32")))
     evals = {
-        "validation": _time_eval(system, dm, "validate", eval_images, autocast),
-        "test": _time_eval(system, dm, "test", eval_images, autocast),
-        "export": _time_export(system, export_times),
+        "validation": _guarded(_time_eval, system, dm, "validate", eval_images, autocast),
+        "test": _guarded(_time_eval, system, dm, "test", eval_images, autocast),
+        "export": _guarded(_time_export, system, export_times),
     }
     n_val_runs = sum(full_steps) // val_every if val_every else 0
     projected = {
-        "train_s": sum(st["steps_in_config"] * st["step_ms"]["mean"] / 1000 + st["switch_s"] for st in stages),
-        "validation_s": n_val_runs * evals["validation"]["projected_s"],
-        "test_s": evals["test"]["projected_s"],
+        "train_s": sum(st["steps_in_config"] * st["step_ms"]["mean"] / 1000 + st["switch_s"]
+                       for st in stages if "step_ms" in st),
+        "validation_s": n_val_runs * evals["validation"].get("projected_s", 0.0),
+        "test_s": evals["test"].get("projected_s", 0.0),
         "export_s": evals["export"].get("projected_s", 0.0),
         "overhead_s": overhead["to_first_step_s"],
     }
@@ -196,6 +205,8 @@ def benchmark_config(
     projected = {k: round(v, 1) for k, v in projected.items()}
     projected["total_min"] = round(projected["total_s"] / 60, 1)
     projected["validation_runs"] = n_val_runs
+    projected["missing"] = [st["name"] for st in stages if "step_ms" not in st] + [
+        name for name, ev in evals.items() if "projected_s" not in ev]
     return {
         "config": str(config),
         "note": NOTE,
@@ -209,7 +220,8 @@ def benchmark_config(
         "eval": evals,
         "projected": projected,
         "overhead": overhead,
-        "peak_allocated_gb": max(st["peak_allocated_gb"] or 0.0 for st in stages) if device.type == "cuda" else None,
+        "peak_allocated_gb": max(st.get("peak_allocated_gb") or 0.0 for st in stages) if device.type == "cuda" else None,
+        "error": fit_error,
     }
 
 
@@ -218,12 +230,16 @@ def summary_table(result: dict) -> str:
     lines = [f"{Path(result['config']).name} on {result['device']} ({result['precision']}; {NOTE})",
              f"{'stage':10s} {'step ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'peak GB':>8s} {'steps':>7s}"]
     for st in result["stages"]:
+        if "step_ms" not in st:
+            lines.append(f"{st['name']:10s} {st['error']}")
+            continue
         peak = f"{st['peak_allocated_gb']:.1f}" if st["peak_allocated_gb"] is not None else "-"
         lines.append(f"{st['name']:10s} {st['step_ms']['median']:9.1f} {st['floor_ms']['median']:9.1f} "
                      f"{st['ratio']:6.2f} {peak:>8s} {st['steps_in_config']:7d}")
     p = result["projected"]
     lines.append(f"projected {p['total_min']} min = train {p['train_s']} s + {p['validation_runs']} validations "
-                 f"{p['validation_s']} s + test {p['test_s']} s + export {p['export_s']} s + start {p['overhead_s']} s")
+                 f"{p['validation_s']} s + test {p['test_s']} s + export {p['export_s']} s + start {p['overhead_s']} s"
+                 + (f" (missing: {', '.join(p['missing'])})" if p["missing"] else ""))
     return "\n".join(lines)
 
 
@@ -272,7 +288,7 @@ class CallRecorder:
             end = recorder.mark()
             key = None
             if category != "render":
-                key = recorder._remember(call, label, category, args, kwargs)
+                key = recorder._remember(module, method, label, category, args, kwargs)
             recorder.pending.append((category, key, start, end))
             return out
 
@@ -292,17 +308,19 @@ class CallRecorder:
                 self.wrap(module, "encode", "encode")
         self.modules[name] = [weakref.ref(m) for m in found.values()]
 
-    def _remember(self, call, label, category, args, kwargs):
+    def _remember(self, module, method, label, category, args, kwargs):
         import torch
 
         grad = torch.is_grad_enabled()
         autocast = _autocast_state(self.device)
         backward = category == "encode" and grad and _first_tensor_arg(args, kwargs).requires_grad
-        key = (id(call.__self__), category, _signature((args, kwargs)), grad, autocast, backward)
+        key = (id(module), category, _signature((args, kwargs)), grad, autocast, backward)
         if key not in self.samples:
             shapes = [list(t.shape) for t in _tensors((args, kwargs))][:2]
             what = f"{label} {'encode' if category == 'encode' else 'forward'} {shapes}"
             what += " + backward" if backward else ""
+            # replayed through the module's own __call__ / method (its hooks run, this wrapper passes through)
+            call = module if method == "forward" else getattr(module, method)
             self.samples[key] = (call, _detached((args, kwargs)), grad, autocast, backward, what)
         return key
 
@@ -310,6 +328,7 @@ class CallRecorder:
         """Median milliseconds of each remembered call replayed alone (after one warm-up); forgets the inputs."""
         import torch
 
+        self.active = False
         timings = {}
         for key, (call, (args, kwargs), grad, autocast, backward, what) in self.samples.items():
             def once():
@@ -322,7 +341,12 @@ class CallRecorder:
                     else:
                         call(*args, **kwargs)
 
-            once()
+            try:
+                once()
+            except Exception as error:  # noqa: BLE001  reported: that call is left out of the floor
+                print(f"animate124 benchmark: replay of {what} failed ({type(error).__name__}: {error})",
+                      file=sys.stderr)
+                continue
             times = []
             for _ in range(replays):
                 start = self.mark()
@@ -449,6 +473,10 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
             for index, stage in enumerate(system.stages):
                 rows = [r for r in self.records if r["stage"] == stage.name]
                 timed = [r for r in rows if r["role"] == "measure"]
+                if not timed or stage.name not in self.floors:
+                    out.append({"name": stage.name, "steps_in_config": full_steps[index],
+                                "error": "not measured (training stopped before this stage's timed steps ended)"})
+                    continue
                 floors = self.floors.get(stage.name, {})
                 step_ms = [r["wall_ms"] for r in timed]
                 floor_ms = [sum(floors[k][0] for k in r["floor_keys"] if k in floors) for r in timed]
@@ -493,6 +521,16 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
 # validation, test, export
 
 
+def _guarded(measure, *args) -> dict:
+    """``measure(*args)``, or ``{"error": reason}`` printed on one line: one failing piece never loses the rest."""
+    try:
+        return measure(*args)
+    except Exception as error:  # noqa: BLE001  reported in the JSON and on stderr
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        print(f"animate124 benchmark: {measure.__name__.lstrip('_')} skipped ({reason})", file=sys.stderr)
+        return {"error": reason}
+
+
 def _time_eval(system, dm, split: str, images: int, autocast) -> dict:
     """Render ``images`` views of the split through the system's own step, then its epoch end (the video), and scale
     the per-image times to the split's size."""
@@ -530,6 +568,9 @@ def _time_export(system, times: int) -> dict:
     linearly to all of them."""
     import torch
 
+    t0 = time.perf_counter()
+    system.on_predict_start()  # builds the exporter, as trainer.predict does
+    build_ms = (time.perf_counter() - t0) * 1000
     exporter_cfg = system.exporter.cfg
     if times <= 0 or getattr(exporter_cfg, "n_times", None) is None:
         return {"skipped": "--export-times 0" if times <= 0 else "the exporter has no n_times"}
@@ -543,7 +584,7 @@ def _time_export(system, times: int) -> dict:
         system.on_predict_epoch_end()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) * 1000
+        ms = (time.perf_counter() - t0) * 1000 + build_ms
     finally:
         exporter_cfg.n_times, exporter_cfg.times, exporter_cfg.save_video = saved
     used = min(times, n_full)
