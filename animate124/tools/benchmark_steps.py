@@ -155,6 +155,7 @@ def benchmark_config(
         stage.steps = per_stage
     trainer_cfg = dict(cfg.trainer)
     val_every = trainer_cfg.get("val_check_interval") or 0
+    val_every = int(val_every) if val_every >= 1 else 0  # threestudio runs validate every N steps (an int)
     for key in ("max_steps", "val_check_interval", "enable_progress_bar", "limit_val_batches", "num_sanity_val_steps",
                 "logger", "callbacks", "enable_checkpointing"):
         trainer_cfg.pop(key, None)
@@ -564,30 +565,30 @@ def _time_eval(system, dm, split: str, images: int, autocast) -> dict:
 
 
 def _time_export(system, times: int) -> dict:
-    """The system's export (meshes per time + animated glb, no videos) on ``times`` of the exporter's times, scaled
-    linearly to all of them."""
+    """The system's export (meshes per time + animated glb, no videos) on ``times`` of the exporter's times, evenly
+    spread, scaled linearly to all of them."""
     import torch
 
-    t0 = time.perf_counter()
-    system.on_predict_start()  # builds the exporter, as trainer.predict does
-    build_ms = (time.perf_counter() - t0) * 1000
-    exporter_cfg = system.exporter.cfg
-    if times <= 0 or getattr(exporter_cfg, "n_times", None) is None:
-        return {"skipped": "--export-times 0" if times <= 0 else "the exporter has no n_times"}
-    n_full = len(exporter_cfg.times) if getattr(exporter_cfg, "times", None) else int(exporter_cfg.n_times)
-    saved = (exporter_cfg.n_times, getattr(exporter_cfg, "times", None), exporter_cfg.save_video)
-    exporter_cfg.times = None
-    exporter_cfg.n_times = min(times, n_full)
-    exporter_cfg.save_video = False
+    cfg = system.cfg.exporter  # the exporter reads its times when built: change the config, then build it
+    n_full = len(cfg.times) if cfg.get("times") else int(cfg.get("n_times", 0) or 0)
+    if times <= 0 or n_full <= 0:
+        return {"skipped": "--export-times 0" if times <= 0 else "the exporter config has no times / n_times"}
+    used = min(times, n_full)
+    saved = {key: cfg[key] for key in ("times", "n_times", "save_video") if key in cfg}
+    cfg.times, cfg.n_times, cfg.save_video = None, used, False
     try:
         t0 = time.perf_counter()
+        system.on_predict_start()  # builds the exporter, as trainer.predict does
         system.on_predict_epoch_end()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) * 1000 + build_ms
+        ms = (time.perf_counter() - t0) * 1000
     finally:
-        exporter_cfg.n_times, exporter_cfg.times, exporter_cfg.save_video = saved
-    used = min(times, n_full)
+        for key in ("times", "n_times", "save_video"):
+            if key in saved:
+                cfg[key] = saved[key]
+            else:
+                del cfg[key]
     return {"times": n_full, "timed_times": used, "ms": round(ms, 3), "projected_s": round(ms * n_full / used / 1000, 3)}
 
 
