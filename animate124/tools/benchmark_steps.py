@@ -268,7 +268,12 @@ class CallRecorder:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return self.clock()
+
+    def clock(self) -> float:
+        """Seconds for whole steps: wall clock on a GPU; on the CPU (tests) the process's CPU time, so that other load
+        on a shared machine cannot make a step look cheaper than its own floor."""
+        return time.perf_counter() if self.device.type == "cuda" else time.process_time()
 
     def elapsed_ms(self, start, end) -> float:
         if self.device.type == "cuda":
@@ -408,10 +413,10 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             recorder.sync()
-            now = time.perf_counter()
+            now = recorder.clock()
             self._close(now)
             if self.first_step_start is None:
-                self.first_step_start = now
+                self.first_step_start = time.perf_counter()
             step = pl_module.true_global_step
             name, role, offset = self._role(step)
             if role == "trailing":  # the stage's timed window is over: its floor, while its networks are loaded
@@ -431,7 +436,7 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             recorder.sync()
             cur = self.current
-            cur["end"] = time.perf_counter()
+            cur["end"] = recorder.clock()
             cur["categories"] = {c: 0.0 for c in ("render", "encode", "unets")}
             cur["floor_keys"] = []
             for category, key, start, end in recorder.pending:
@@ -459,7 +464,7 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                 memory["peak_reserved_gb"] = _gb(torch.cuda.max_memory_reserved())
 
         def on_train_end(self, trainer, pl_module):
-            self._close(self.current["end"] if self.current else time.perf_counter())
+            self._close(self.current["end"] if self.current else recorder.clock())
             recorder.active = False
 
         def _close(self, now):

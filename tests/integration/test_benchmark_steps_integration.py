@@ -64,9 +64,10 @@ def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir)
     for st in result["stages"]:
         assert len(st["step_ms"]["all"]) == 2 and len(st["floor_ms"]["all"]) == 2
         assert st["step_ms"]["min"] > 0 and st["floor_ms"]["min"] > 0 and st["nonfinite_steps"] == 0
-        # ratio of the same run's medians; a whole step holds its floor plus rendering, losses and the optimiser
+        # ratio of the same run's medians; a whole step holds its floor plus rendering, losses and the optimiser (on the
+        # CPU both are the process's CPU time, so other load on the machine cannot invert them)
         assert st["ratio"] == pytest.approx(st["step_ms"]["median"] / st["floor_ms"]["median"], rel=1e-2)
-        assert st["ratio"] > 1.0
+        assert st["ratio"] > 1.0, {k: st[k] for k in ("name", "step_ms", "floor_ms", "floor_calls", "breakdown_ms")}
         b = st["breakdown_ms"]
         assert b["render"] > 0 and b["unets"] > 0 and b["encode"] > 0 and b["backward"] > 0
         assert sum(b.values()) == pytest.approx(st["step_ms"]["mean"], rel=1e-3)
