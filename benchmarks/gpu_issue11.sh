@@ -2,31 +2,29 @@
 # Issue 11 in one GPU call (about 8 minutes on an H200): full-size random models once, then `animate124 benchmark`
 # for the default, fast and low-VRAM configs (3 warm-up + 5 timed steps per stage); JSON and logs to $OUT, a table
 # at the end. A step that fails prints why and the others still run.
-#   THREESTUDIO_ROOT=/path/to/threestudio OUT=gpu-results bash benchmarks/gpu_issue11.sh
+#   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
 # Random weights: the numbers are honest for time and memory, never for quality.
-# Python packages missing on a bare image may be carried as wheels in .whl/ (as for benchmarks/gpu_run.sh).
+# The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
+# $THREESTUDIO_ROOT); threestudio's import-only dependencies get stand-ins from animate124.tools.host.
 set -u -o pipefail
-OUT=${OUT:-gpu-results}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-repo=$(pwd)
-ts=${THREESTUDIO_ROOT:?set THREESTUDIO_ROOT to a threestudio checkout}
+repo=$PWD
+source benchmarks/gpu_env.sh   # carried wheels, THREESTUDIO_ROOT (default .gpu/threestudio), OUT, nerfacc build cache
+OUT=$(cd "$OUT" && pwd)
+ts=$THREESTUDIO_ROOT
 models=${A124_FULL_MODELS:-/tmp/a124-full-size}
 budget_s=${A124_BUDGET_S:-470}   # stop starting new work after this many seconds
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-# our package first; import stand-ins (tinycudann, nvdiffrast, ...) last, so real installs win
-export PYTHONPATH=$repo:${PYTHONPATH:-}:$repo/tests/stubs PYTHONUNBUFFERED=1 THREESTUDIO_ROOT=$ts
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/card.txt"
 
 # 1. full-size random models (about 9 GB; once, reused when complete)
 t=$(date +%s)
+if [ "$(ls "$models"/*/.complete 2>/dev/null | wc -l)" = 5 ]; then echo "models: reusing $models"; else
 python3 -m animate124.tools.cli make-tiny-models "$models" --full-size > "$OUT/models.log" 2>&1 \
   && echo "models: $(( $(date +%s) - t )) s, $(du -sh "$models" | cut -f1) in $models" | tee -a "$OUT/models.log" \
   || { echo "models: FAILED after $(( $(date +%s) - t )) s (last lines of models.log):"; tail -5 "$OUT/models.log"; }
+fi
 
 # 2. one process per config (a fresh process: its start-up overhead is measured too)
 bench() {  # name timeout_s extra-args...

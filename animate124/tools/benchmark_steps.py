@@ -24,7 +24,7 @@ build, system build, model loads, Triton compile in the first step).
 Models: ``--models DIR`` holds ``animate124 make-tiny-models DIR --full-size`` folders (made there when missing);
 every hub id the config names (SD 1.5, ControlNet-Tile, Zero123-XL, ModelScope, ZeroScope) is pointed at them.
 Random weights: the numbers are honest for time and memory, never for quality.
-Run from a threestudio checkout (or set THREESTUDIO_ROOT); needs a CUDA GPU.
+Run from a threestudio checkout (or set THREESTUDIO_ROOT); real configs need a CUDA GPU (the CPU path is for tests).
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_host() -> None:
-    """Import threestudio from ``$THREESTUDIO_ROOT`` or the working directory (a checkout: ``launch.py`` there) and
-    register the ``a124-*`` components; the working directory becomes the checkout, as for ``launch.py``."""
+    """Load threestudio from ``$THREESTUDIO_ROOT`` or the working directory (a checkout: ``launch.py`` there) and the
+    extension through launch.py's own loader (``animate124.tools.host``); the working directory becomes the
+    checkout, as for ``launch.py``. Without CUDA the host runs on the CPU (tests)."""
     from animate124.tools.cli import ToolError
 
     if "threestudio" in sys.modules and "animate124.components" in sys.modules:
@@ -110,11 +111,14 @@ def load_host() -> None:
     root = Path(os.environ.get("THREESTUDIO_ROOT") or os.getcwd()).resolve()
     if not (root / "launch.py").is_file():
         raise ToolError(f"no threestudio checkout at {root} (no launch.py): run from one or set THREESTUDIO_ROOT")
-    sys.path.insert(0, str(root))
-    os.chdir(root)  # the host resolves extern/ and its prompt cache against the working directory
-    import threestudio  # noqa: F401
+    from animate124.tools.host import load_extension, use_cpu
 
-    import animate124.components  # noqa: F401  (registers every a124-* name)
+    os.chdir(root)  # the host resolves extern/ and its prompt cache against the working directory
+    try:
+        load_extension(root)
+    except RuntimeError as error:
+        raise ToolError(str(error).splitlines()[0]) from error
+    use_cpu()
 
 
 def benchmark_config(
@@ -141,7 +145,8 @@ def benchmark_config(
     started = time.perf_counter() if started is None else started
     device = get_device()
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("no CUDA GPU here: animate124 benchmark times training on a GPU")
+        raise ValueError("no CUDA GPU, and threestudio still places models on cuda: load it with animate124.tools.host "
+                         "(use_cpu) to run on the CPU")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     overhead: dict = {"warm_caches": _cache_state()}
