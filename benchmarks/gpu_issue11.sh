@@ -41,13 +41,16 @@ bench() {  # name timeout_s extra-args...
 bench default 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 1
 bench fast 130 "$repo/configs/animate124-fast.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 0
 bench lowvram 130 "$repo/configs/animate124-lowvram.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 0
+# one memory knob against the default, if time is left: all 16 frames' VAE gradients vs 4 (low_ram_vae)
+bench default-lowramvae4 100 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 --export-times 0 \
+  --set system.guidances.video.guidance.low_ram_vae=4
 
 # 3. the table (one line per stage; projections against the goals: default <= 60 min, fast <= 30 min, low-VRAM <= 12 GB)
 python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
-for name in ("default", "fast", "lowvram"):
+for name in ("default", "fast", "lowvram", "default-lowramvae4"):
     path = Path(sys.argv[1]) / f"{name}.json"
     if not path.is_file():
         print(f"{name}: no result (see {name}.log)")
