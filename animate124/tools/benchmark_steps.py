@@ -187,6 +187,8 @@ def benchmark_config(
               file=sys.stderr)
         recorder.active = False
         recorder.samples.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     overhead["to_first_step_s"] = round((timer.first_step_start or time.perf_counter()) - started, 3)
     overhead["slot_load_s"] = {k: round(v, 3) for k, v in timer.load_s.items()}
     stages = timer.stage_results(full_steps)
