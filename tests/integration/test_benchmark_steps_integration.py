@@ -47,6 +47,7 @@ def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir)
                               overrides=tiny_overrides(tiny_models), warmup=1, steps=2, replays=1, eval_images=2,
                               export_times=1, workdir=run_dir / "bench")
     json.dumps(result)  # JSON-ready
+    assert result["error"] is None and result["projected"]["missing"] == [], (result["error"], result["eval"])
     stages = {st["name"]: st for st in result["stages"]}
     assert list(stages) == ["static", "dynamic", "refine"]
     assert [st["steps_in_config"] for st in result["stages"]] == [10000, 10000, 5000]
