@@ -48,6 +48,7 @@ def run_oracle_4d(
     static_steps: Optional[int] = None,
     dynamic_steps: Optional[int] = None,
     overrides: Sequence[str] = (),
+    lr_scale: float = 1.0,
     n_eval_views: int = 8,
     n_eval_times: int = 5,
     eval_elevations: Sequence[float] = (10.0, 30.0),
@@ -56,7 +57,8 @@ def run_oracle_4d(
     write_media: bool = True,
 ) -> dict:
     """Train with the oracle config, score it, write media. ``overrides``: dotted ``key=value`` config overrides
-    (as launch.py's command line); ``static_steps`` / ``dynamic_steps`` set the stage lengths and max_steps."""
+    (as launch.py's command line); ``static_steps`` / ``dynamic_steps`` set the stage lengths and max_steps;
+    ``lr_scale`` multiplies every stage learning rate (short runs)."""
     sys.path.insert(0, str(REPO / "tests"))
     from threestudio_env import load_threestudio
 
@@ -80,6 +82,9 @@ def run_oracle_4d(
     ]
     cfg = load_config(str(CONFIG), cli_args=cli)
     cfg.system.stages[0].steps, cfg.system.stages[1].steps = static_steps, dynamic_steps  # lists: not via the CLI
+    for stage in cfg.system.stages:
+        for group in stage.learning_rates:
+            stage.learning_rates[group] = float(stage.learning_rates[group]) * lr_scale
     # 2. the host's objects, as launch.py builds them
     pl.seed_everything(cfg.seed)
     dm = threestudio.find(cfg.data_type)(cfg.data)
@@ -250,12 +255,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--dynamic-steps", type=int, default=None, help="default: the config's")
     p.add_argument("--control-flip", default="azimuth_sign",
                    help="convention flip of the control run: azimuth_sign | frame_order | time_reversed | none (skip)")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage learning rate")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
     a = p.parse_args(argv)
-    runs = {"oracle": run_oracle_4d(a.out, static_steps=a.static_steps, dynamic_steps=a.dynamic_steps, overrides=a.set)}
+    common = dict(static_steps=a.static_steps, dynamic_steps=a.dynamic_steps, overrides=a.set, lr_scale=a.lr_scale)
+    runs = {"oracle": run_oracle_4d(a.out, **common)}
     if a.control_flip != "none":
-        runs["control"] = run_oracle_4d(a.out, convention_flip=a.control_flip, static_steps=a.static_steps,
-                                        dynamic_steps=a.dynamic_steps, overrides=a.set)
+        runs["control"] = run_oracle_4d(a.out, convention_flip=a.control_flip, **common)
     result = dict(runs)
     if "control" in runs:
         result["control_gap_db"] = runs["oracle"]["psnr_unseen"] - runs["control"]["psnr_unseen"]
