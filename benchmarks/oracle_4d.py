@@ -2,7 +2,7 @@
 
 ``configs/animate124-oracle.yaml`` runs the real ``a124-system`` through threestudio (``load_config`` + a Lightning
 Trainer, as ``launch.py``; the extension loaded by launch.py's own custom-module loader via
-``tests/threestudio_env.py``) static -> dynamic from a freshly initialised field, with the oracle guidances of
+``animate124.tools.host``, on the CPU when there is no GPU) static -> dynamic from a freshly initialised field, with the oracle guidances of
 ``animate124/components/oracle_guidance.py`` in place of SD / Zero123 / the video model. They render the procedural
 target (``animate124.core.synthetic_scene``) from the batch's cameras and frame times with an independent renderer
 and return SDS with the exact denoiser. Reference-view losses are weighted 0.
@@ -56,14 +56,12 @@ def run_oracle_4d(
     validate: bool = True,
     write_media: bool = True,
 ) -> dict:
-    """Train with the oracle config, score it, write media. ``overrides``: dotted ``key=value`` config overrides
+    """Train with the oracle config, score it, write media; threestudio must be loaded with the extension
+    (:func:`load_host`, or the integration tier's ``threestudio`` fixture). ``overrides``: dotted ``key=value`` config overrides
     (as launch.py's command line); ``static_steps`` / ``dynamic_steps`` set the stage lengths and max_steps;
     ``lr_scale`` multiplies every stage learning rate (short runs)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from threestudio_env import load_threestudio
-
-    threestudio = load_threestudio()
     import pytorch_lightning as pl
+    import threestudio
     from threestudio.utils.config import load_config
 
     out_dir = Path(out_dir)
@@ -248,8 +246,22 @@ def _write_media(out_dir: Path, run_name: str, system, data_cfg, ours, target, v
     return {"strip": str(strip_path), "video": str(video_path)}
 
 
+def load_host(root: Optional[str]) -> None:
+    """threestudio from ``root`` (or $THREESTUDIO_ROOT) with this extension, as launch.py loads it."""
+    root = root or os.environ.get("THREESTUDIO_ROOT")
+    if not root or not (Path(root) / "launch.py").is_file():
+        raise SystemExit(f"oracle_4d: no threestudio checkout at {root!r}: pass --threestudio-root DIR or set "
+                         "THREESTUDIO_ROOT to a folder holding launch.py")
+    sys.path.insert(0, str(REPO))
+    from animate124.tools.host import load_extension, use_cpu
+
+    load_extension(Path(root))
+    use_cpu()
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threestudio-root", default=None, help="threestudio checkout (default $THREESTUDIO_ROOT)")
     p.add_argument("--out", default=os.environ.get("OUT", "oracle_4d_out"), help="results folder (default $OUT)")
     p.add_argument("--static-steps", type=int, default=None, help="default: the config's")
     p.add_argument("--dynamic-steps", type=int, default=None, help="default: the config's")
@@ -258,6 +270,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every stage learning rate")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
     a = p.parse_args(argv)
+    load_host(a.threestudio_root)
     common = dict(static_steps=a.static_steps, dynamic_steps=a.dynamic_steps, overrides=a.set, lr_scale=a.lr_scale)
     runs = {"oracle": run_oracle_4d(a.out, **common)}
     if a.control_flip != "none":
