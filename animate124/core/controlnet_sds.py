@@ -28,14 +28,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from animate124.core import sds
-from animate124.core.video_sds import CachedPromptEncoder, load_text_encoder_and_tokenizer
+from animate124.core import sds, text_encoding
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ repository was withdrawn
 CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
 
 
-class ControlNetTileSDS(CachedPromptEncoder):
+class ControlNetTileSDS:
     """Frozen SD 1.5 U-Net + ControlNet-Tile + VAE (+ CLIP text encoder) used as an SDS prior on single frames.
 
     Not an ``nn.Module``: frozen weights stay out of trainable parameters and checkpoints.
@@ -43,17 +42,19 @@ class ControlNetTileSDS(CachedPromptEncoder):
     Args:
         unet: ``UNet2DConditionModel``; controlnet: ``ControlNetModel`` built for it; vae: ``AutoencoderKL``.
         alphas_cumprod: ``[N]`` ``ᾱ`` of the SD noise schedule.
-        text_encoder, tokenizer: for ``encode_prompt``; load a textual inversion into them with
-            ``textual_inversion.load_textual_inversion`` (the cache is keyed by prompt string only, so load before
-            encoding prompts that use the token).
+        prompt_encoder: ``text_encoding.PromptEncoder`` for ``encode_prompt``; load a textual inversion into its
+            tokenizer / text encoder (``textual_inversion.load_textual_inversion``) before encoding prompts that use
+            the token (the cache is keyed by prompt string only).
     """
 
-    def __init__(self, unet, controlnet, vae, alphas_cumprod: Float[Tensor, "N"], text_encoder=None, tokenizer=None):
+    def __init__(
+        self, unet, controlnet, vae, alphas_cumprod: Float[Tensor, "N"],
+        prompt_encoder: text_encoding.PromptEncoder | None = None,
+    ):
         self.unet, self.controlnet, self.vae = unet, controlnet, vae
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.prompt_encoder = prompt_encoder
         self.alphas_cumprod = alphas_cumprod.float()
-        self._text_cache: dict[str, Tensor] = {}  # prompt -> [1, 77, D]
-        for module in (unet, controlnet, vae, text_encoder):
+        for module in (unet, controlnet, vae):
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
 
@@ -82,10 +83,12 @@ class ControlNetTileSDS(CachedPromptEncoder):
         scheduler = sds.load_pretrained_component(
             DDIMScheduler, sd_path, "scheduler", local_files_only=local_files_only
         )
-        text_encoder = tokenizer = None
+        prompt_encoder = None
         if load_text_encoder:
-            text_encoder, tokenizer = load_text_encoder_and_tokenizer(sd_path, device, dtype, local_files_only)
-        return cls(unet, controlnet, vae, scheduler.alphas_cumprod, text_encoder, tokenizer)
+            prompt_encoder = text_encoding.PromptEncoder.from_pretrained(
+                sd_path, dtype=dtype, device=device, local_files_only=local_files_only
+            )
+        return cls(unet, controlnet, vae, scheduler.alphas_cumprod, prompt_encoder)
 
     @property
     def device(self) -> torch.device:
@@ -144,34 +147,27 @@ class ControlNetTileSDS(CachedPromptEncoder):
         cond_image = sds.resize_to_model(
             cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size)
         )
-        # 3. latents with gradient, one timestep per frame
-        latents, std = sds.encode_moments(self.vae, images * 2 - 1)
-        if sample_posterior:
-            latents = latents + std * sds.randn(latents.shape, generator=generator, device=latents.device)
-        latents = latents * self.vae.config.scaling_factor
-        t = sds.sample_timesteps(k, min_step, max_step, generator=generator, device=latents.device)
-        noise = sds.randn(latents.shape, generator=generator, device=latents.device)
-        noisy = sds.add_noise(latents.detach(), noise, self.alphas_cumprod, t)
-        # 4. ControlNet + U-Net, both CFG halves in one batch
-        eps_cond, eps_uncond = self._predict_noise(noisy, t, text, cond_image, conditioning_scale)
-        # 5. guidance, weighting, loss
-        eps_pred = sds.cfg_combine(eps_uncond, eps_cond, guidance_scale)
-        weight = sds.sds_weight(self.alphas_cumprod, t, weighting)
-        grad = sds.sds_gradient(eps_pred, noise, weight)
-        out = {
-            "loss_sds_cn": sds.sds_loss(latents, grad, k),
-            "grad_norm": grad.norm(),
-            "timestep": t,
-            "frame_indices": idx,
-        }
+        # 3.-5. latents with gradient; one timestep per frame, noise, ControlNet + U-Net, guidance, weighting, loss
+        latents = sds.encode_latents(self.vae, images, sample_posterior=sample_posterior, generator=generator)
+        step = sds.sds_step(
+            latents, lambda noisy, t: self._predict_noise(noisy, t, text, cond_image, conditioning_scale),
+            self.alphas_cumprod, guidance_scale=guidance_scale, weighting=weighting, min_step=min_step,
+            max_step=max_step, generator=generator,
+        )
+        out = {"loss_sds_cn": step.loss, "grad_norm": step.grad_norm, "timestep": step.timestep, "frame_indices": idx}
         if return_intermediates:
-            out.update(latents=latents, noise=noise, eps_pred=eps_pred, grad=grad, weight=weight, cond_image=cond_image)
+            out.update(latents=latents, noise=step.noise, eps_pred=step.eps_pred, grad=step.grad, weight=step.weight,
+                       cond_image=cond_image)
         return out
+
+    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
+        """Cached CLIP embeddings ``[len(prompts), 77, D]`` (see ``text_encoding.PromptEncoder``)."""
+        return text_encoding.encode_cached(self.prompt_encoder, prompts, type(self).__name__)
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _predict_noise(self, noisy, t, text, cond_image, conditioning_scale):
+        """Both CFG halves in one batch, the U-Net adding the ControlNet residuals: ``(ε_c, ε_u)``."""
         unet_text, cn_text = text
         dtype = self.unet.dtype
         x = torch.cat([noisy, noisy]).to(dtype)

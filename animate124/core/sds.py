@@ -17,8 +17,9 @@ which is the standard form with scale ``s + 1``: upstream's ``100`` is our ``101
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +180,78 @@ def sds_loss(latents: Float[Tensor, "B ..."], grad: Float[Tensor, "B ..."], batc
     z = latents.float()
     target = (z - grad.float()).detach()
     return 0.5 * F.mse_loss(z, target, reduction="sum") / b
+
+
+NoisePredictor = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(z_t, t) -> (ε_c, ε_u)``: the frozen model's noise predictions for the conditional and unconditional text."""
+
+
+@dataclass
+class SDSStep:
+    """What one ``sds_step`` computed. ``loss`` carries the gradient ``g / B`` to the latents; the rest is detached."""
+
+    loss: Tensor
+    """``½‖z − sg(z − g)‖² / B``, a scalar."""
+    grad_norm: Tensor
+    """``‖g‖`` over the whole batch."""
+    timestep: Int[Tensor, "B"]
+    noise: Tensor
+    """``ε``, like the latents."""
+    eps_pred: Tensor
+    """``ε̂`` after classifier-free guidance."""
+    weight: Float[Tensor, "B"]
+    """``w(t)``."""
+    grad: Tensor
+    """``g = w(t) · (ε̂ − ε)``."""
+
+
+def sds_step(
+    latents: Float[Tensor, "B ..."],
+    predict_noise: NoisePredictor,
+    alphas_cumprod: Float[Tensor, "N"],
+    *,
+    guidance_scale: float,
+    weighting: Weighting,
+    min_step: int,
+    max_step: int,
+    generator: torch.Generator | None = None,
+) -> SDSStep:
+    """The SDS step shared by every guidance: one ``t ~ U{min_step, …, max_step}`` per sample, then ``ε ~ N(0, I)``
+    (both from ``generator``, in that order), ``z_t``, the frozen model's ``(ε_c, ε_u)`` without gradient, standard
+    CFG, ``w(t)``, ``g`` and the reparameterised loss (see the module docstring).
+
+    Args:
+        latents: ``[B, ...]`` clean latents carrying the gradient (fp32).
+        predict_noise: ``(z_t, t) -> (ε_c, ε_u)``, each like ``z_t`` (see ``NoisePredictor``).
+    """
+    b = latents.shape[0]
+    t = sample_timesteps(b, min_step, max_step, generator=generator, device=latents.device)
+    noise = randn(latents.shape, generator=generator, device=latents.device)
+    noisy = add_noise(latents.detach().float(), noise, alphas_cumprod, t)
+    with torch.no_grad():
+        eps_cond, eps_uncond = predict_noise(noisy, t)
+    eps_pred = cfg_combine(eps_uncond.float(), eps_cond.float(), guidance_scale)
+    weight = sds_weight(alphas_cumprod, t, weighting)
+    grad = sds_gradient(eps_pred, noise, weight)
+    return SDSStep(sds_loss(latents, grad, b), grad.norm(), t, noise, eps_pred, weight, grad)
+
+
+def encode_latents(
+    vae,
+    images: Float[Tensor, "N 3 H W"],
+    *,
+    sample_posterior: bool = True,
+    generator: torch.Generator | None = None,
+    graded: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Float[Tensor, "N 4 h w"]:
+    """Latents ``× vae.config.scaling_factor`` (fp32) of images in [0, 1]: the posterior sampled with ``generator``
+    (``mean + std · ε'``, upstream) or its mean. ``graded`` / ``chunk_size``: see ``encode_moments``."""
+    mean, std = encode_moments(vae, images * 2 - 1, graded, chunk_size)
+    latents = mean
+    if sample_posterior:
+        latents = mean + std * randn(mean.shape, generator=generator, device=mean.device)
+    return latents * vae.config.scaling_factor
 
 
 def resize_to_model(

@@ -99,5 +99,15 @@ class PromptEncoder:
         return torch.cat([self._cache[p] for p in prompts])
 
 
+def encode_cached(prompt_encoder: PromptEncoder | None, prompts: str | list[str], owner: str) -> Tensor:
+    """``prompt_encoder(prompts)``; a one-line error naming the fix when ``owner`` was loaded without a text encoder."""
+    if prompt_encoder is None:
+        raise ValueError(
+            f"encode_prompt: this {owner} has no text encoder; load it with load_text_encoder=True or pass the "
+            "embeddings (cond_embeddings / uncond_embeddings) to the call"
+        )
+    return prompt_encoder(prompts)
+
+
 def _sub(subfolder: str | None) -> dict:
     return {"subfolder": subfolder} if subfolder else {}
