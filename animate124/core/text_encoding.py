@@ -45,7 +45,7 @@ def load_text_encoder(
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, **_sub(tokenizer_subfolder), **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(path, **_sub(subfolder), torch_dtype=dtype, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # transformers 4.28 reports a missing local folder as an invalid hub id
         raise OSError(
             f"could not load the text encoder / tokenizer of {path!r}: download it once or point the id at a local "
             f"folder with {subfolder or '.'}/ and {tokenizer_subfolder or '.'}/ sub-folders; "
