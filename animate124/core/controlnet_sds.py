@@ -54,9 +54,7 @@ class ControlNetTileSDS:
         self.unet, self.controlnet, self.vae = unet, controlnet, vae
         self.prompt_encoder = prompt_encoder
         self.alphas_cumprod = alphas_cumprod.float()
-        for module in (unet, controlnet, vae):
-            if isinstance(module, torch.nn.Module):
-                module.eval().requires_grad_(False)
+        sds.freeze(unet, controlnet, vae)
 
     @classmethod
     def from_pretrained(
@@ -71,24 +69,17 @@ class ControlNetTileSDS:
     ) -> "ControlNetTileSDS":
         """Load SD 1.5 (``unet``, ``vae``, ``scheduler``, ``text_encoder``, ``tokenizer`` sub-folders) and a
         ControlNet folder / id. fp16 (``fp16`` variant when present) on CUDA, fp32 on CPU, unless ``torch_dtype``."""
-        from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+        from diffusers import ControlNetModel, UNet2DConditionModel
 
-        device = torch.device(device)
-        dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        sd_path, cn_path = str(sd_name_or_path), str(controlnet_name_or_path)
-        kw = dict(torch_dtype=dtype, prefer_fp16_variant=dtype == torch.float16, local_files_only=local_files_only)
-        unet = sds.load_pretrained_component(UNet2DConditionModel, sd_path, "unet", **kw).to(device)
-        vae = sds.load_pretrained_component(AutoencoderKL, sd_path, "vae", **kw).to(device)
-        controlnet = sds.load_pretrained_component(ControlNetModel, cn_path, None, **kw).to(device)
-        scheduler = sds.load_pretrained_component(
-            DDIMScheduler, sd_path, "scheduler", local_files_only=local_files_only
+        parts = sds.load_diffusion_parts(
+            sd_name_or_path, UNet2DConditionModel, device=device, torch_dtype=torch_dtype,
+            load_text_encoder=load_text_encoder, local_files_only=local_files_only,
         )
-        prompt_encoder = None
-        if load_text_encoder:
-            prompt_encoder = text_encoding.PromptEncoder.from_pretrained(
-                sd_path, dtype=dtype, device=device, local_files_only=local_files_only
-            )
-        return cls(unet, controlnet, vae, scheduler.alphas_cumprod, prompt_encoder)
+        controlnet = sds.load_pretrained_component(
+            ControlNetModel, str(controlnet_name_or_path), None, torch_dtype=parts.dtype,
+            prefer_fp16_variant=parts.dtype == torch.float16, local_files_only=local_files_only,
+        ).to(parts.device)
+        return cls(parts.unet, controlnet, parts.vae, parts.alphas_cumprod, parts.prompt_encoder)
 
     @property
     def device(self) -> torch.device:

@@ -342,6 +342,57 @@ def load_pretrained_component(
     )
 
 
+@dataclass
+class DiffusionParts:
+    """The frozen parts every SDS prior loads from a diffusers folder (see ``load_diffusion_parts``)."""
+
+    unet: object
+    vae: object
+    alphas_cumprod: Float[Tensor, "N"]
+    prompt_encoder: object
+    """``text_encoding.PromptEncoder`` or None."""
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_diffusion_parts(
+    name_or_path: str | Path,
+    unet_class,
+    *,
+    device: torch.device | str = "cpu",
+    torch_dtype: torch.dtype | None = None,
+    load_text_encoder: bool = True,
+    local_files_only: bool | None = None,
+) -> DiffusionParts:
+    """``unet`` (of ``unet_class``), ``vae``, the DDIM ``scheduler``'s ``ᾱ`` and (optionally) the cached CLIP text
+    encoder from the sub-folders of a hub id or local folder, frozen. ``torch_dtype`` defaults to fp16 on CUDA (the
+    ``fp16`` weight variant when present) and fp32 on CPU."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from animate124.core import text_encoding
+
+    device = torch.device(device)
+    dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    path = str(name_or_path)
+    kw = dict(torch_dtype=dtype, prefer_fp16_variant=dtype == torch.float16, local_files_only=local_files_only)
+    unet = load_pretrained_component(unet_class, path, "unet", **kw).to(device)
+    vae = load_pretrained_component(AutoencoderKL, path, "vae", **kw).to(device)
+    scheduler = load_pretrained_component(DDIMScheduler, path, "scheduler", local_files_only=local_files_only)
+    prompt_encoder = None
+    if load_text_encoder:
+        prompt_encoder = text_encoding.PromptEncoder.from_pretrained(
+            path, dtype=dtype, device=device, local_files_only=local_files_only
+        )
+    return DiffusionParts(unet, vae, scheduler.alphas_cumprod.float(), prompt_encoder, dtype, device)
+
+
+def freeze(*modules) -> None:
+    """Eval mode and no gradients for the frozen prior's modules (anything that is not an ``nn.Module`` is skipped)."""
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
 

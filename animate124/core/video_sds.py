@@ -21,8 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core import sds
-from animate124.core import text_encoding
+from animate124.core import sds, text_encoding
 
 MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
 ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
@@ -56,9 +55,7 @@ class VideoSDS:
         self.alphas_cumprod = alphas_cumprod.float()
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.model_size = tuple(model_size)
-        for module in (unet, vae):
-            if isinstance(module, torch.nn.Module):
-                module.eval().requires_grad_(False)
+        sds.freeze(unet, vae)
 
     @classmethod
     def from_pretrained(
@@ -78,23 +75,15 @@ class VideoSDS:
         ``model_size`` defaults to 320×576 for ZeroScope ids, else ``unet.config.sample_size × 8`` when the U-Net
         config gives a ``(h, w)`` pair, else 256×256.
         """
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+        from diffusers import UNet3DConditionModel
 
-        device = torch.device(device)
-        dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        path, fp16 = str(name_or_path), dtype == torch.float16
-        kw = dict(torch_dtype=dtype, prefer_fp16_variant=fp16, local_files_only=local_files_only)
-        unet = sds.load_pretrained_component(UNet3DConditionModel, path, "unet", **kw).to(device)
-        vae = sds.load_pretrained_component(AutoencoderKL, path, "vae", **kw).to(device)
-        scheduler = sds.load_pretrained_component(DDIMScheduler, path, "scheduler", local_files_only=local_files_only)
-        prompt_encoder = None
-        if load_text_encoder:
-            prompt_encoder = text_encoding.PromptEncoder.from_pretrained(
-                path, dtype=dtype, device=device, local_files_only=local_files_only
-            )
+        parts = sds.load_diffusion_parts(
+            name_or_path, UNet3DConditionModel, device=device, torch_dtype=torch_dtype,
+            load_text_encoder=load_text_encoder, local_files_only=local_files_only,
+        )
         if model_size is None:
-            model_size = _default_model_size(path, unet, vae)
-        return cls(unet, vae, scheduler.alphas_cumprod, prompt_encoder, model_size)
+            model_size = _default_model_size(str(name_or_path), parts.unet, parts.vae)
+        return cls(parts.unet, parts.vae, parts.alphas_cumprod, parts.prompt_encoder, model_size)
 
     @property
     def device(self) -> torch.device:
