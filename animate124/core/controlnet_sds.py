@@ -34,10 +34,8 @@ SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ reposit
 CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
 
 
-class ControlNetTileSDS:
+class ControlNetTileSDS(sds.FrozenPrior):
     """Frozen SD 1.5 U-Net + ControlNet-Tile + VAE (+ CLIP text encoder) used as an SDS prior on single frames.
-
-    Not an ``nn.Module``: frozen weights stay out of trainable parameters and checkpoints.
 
     Args:
         unet: ``UNet2DConditionModel``; controlnet: ``ControlNetModel`` built for it; vae: ``AutoencoderKL``.
@@ -80,10 +78,6 @@ class ControlNetTileSDS:
             prefer_fp16_variant=parts.dtype == torch.float16, local_files_only=local_files_only,
         ).to(parts.device)
         return cls(parts.unet, controlnet, parts.vae, parts.alphas_cumprod, parts.prompt_encoder)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     def __call__(
         self,
@@ -150,10 +144,6 @@ class ControlNetTileSDS:
             out.update(latents=latents, noise=step.noise, eps_pred=step.eps_pred, grad=step.grad, weight=step.weight,
                        cond_image=cond_image)
         return out
-
-    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
-        """Cached CLIP embeddings ``[len(prompts), 77, D]`` (see ``text_encoding.PromptEncoder``)."""
-        return text_encoding.encode_cached(self.prompt_encoder, prompts, type(self).__name__)
 
     # ------------------------------------------------------------------------------------------------------------------
 

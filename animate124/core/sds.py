@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from animate124.core import text_encoding
+
 Weighting = Literal["sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"]
 WEIGHTINGS: tuple[str, ...] = ("sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform")
 """Allowed ``weighting`` names, see ``sds_weight``."""
@@ -349,8 +351,7 @@ class DiffusionParts:
     unet: object
     vae: object
     alphas_cumprod: Float[Tensor, "N"]
-    prompt_encoder: object
-    """``text_encoding.PromptEncoder`` or None."""
+    prompt_encoder: text_encoding.PromptEncoder | None
     dtype: torch.dtype
     device: torch.device
 
@@ -369,8 +370,6 @@ def load_diffusion_parts(
     ``fp16`` weight variant when present) and fp32 on CPU."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    from animate124.core import text_encoding
-
     device = torch.device(device)
     dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = str(name_or_path)
@@ -384,6 +383,24 @@ def load_diffusion_parts(
             path, dtype=dtype, device=device, local_files_only=local_files_only
         )
     return DiffusionParts(unet, vae, scheduler.alphas_cumprod.float(), prompt_encoder, dtype, device)
+
+
+class FrozenPrior:
+    """What the video and ControlNet SDS priors share: a frozen ``unet``, ``alphas_cumprod`` and an optional cached
+    text encoder (``prompt_encoder``). Not an ``nn.Module`` on purpose: frozen weights stay out of trainable
+    parameters and checkpoints."""
+
+    unet: object
+    alphas_cumprod: Tensor
+    prompt_encoder: text_encoding.PromptEncoder | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
+        """Cached CLIP embeddings ``[len(prompts), 77, D]`` (see ``text_encoding.PromptEncoder``)."""
+        return text_encoding.encode_cached(self.prompt_encoder, prompts, type(self).__name__)
 
 
 def freeze(*modules) -> None:

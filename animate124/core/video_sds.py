@@ -27,11 +27,10 @@ MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
 ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
 
 
-class VideoSDS:
+class VideoSDS(sds.FrozenPrior):
     """Frozen text-to-video diffusion model (U-Net3D, VAE, DDIM schedule, CLIP text encoder) used as an SDS prior.
 
-    Not an ``nn.Module`` on purpose: its weights are frozen and must not appear in a trainable model's parameters or
-    checkpoint. Models and dtype are whatever was passed in; losses are computed in fp32.
+    Models and dtype are whatever was passed in; losses are computed in fp32 (see ``sds.FrozenPrior``).
 
     Args:
         unet: ``UNet3DConditionModel`` (input ``[B, 4, T, h, w]``).
@@ -84,10 +83,6 @@ class VideoSDS:
         if model_size is None:
             model_size = _default_model_size(str(name_or_path), parts.unet, parts.vae)
         return cls(parts.unet, parts.vae, parts.alphas_cumprod, parts.prompt_encoder, model_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     def encode_frames(
         self,
@@ -213,10 +208,6 @@ class VideoSDS:
         if return_intermediates:
             out.update(latents=latents, noise=step.noise, eps_pred=step.eps_pred, grad=step.grad, weight=step.weight)
         return out
-
-    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
-        """Cached CLIP embeddings ``[len(prompts), 77, D]`` (see ``text_encoding.PromptEncoder``)."""
-        return text_encoding.encode_cached(self.prompt_encoder, prompts, type(self).__name__)
 
     # ------------------------------------------------------------------------------------------------------------------
 
