@@ -28,48 +28,13 @@ import time
 
 import torch
 
-# ModelScope text-to-video-ms-1.7b unet/config.json (also ZeroScope v2 576w)
-MODELSCOPE_UNET3D = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=1024,
-    attention_head_dim=64,
-    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+# the real architectures' configs (one home: the full-size random models of animate124 benchmark)
+from animate124.testing.full_size_models import (
+    CONTROLNET_CONDITIONING,
+    MODELSCOPE_UNET3D,
+    SD15_UNET,
+    SD_VAE,
 )
-# Stable Diffusion 1.5 unet/config.json
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-# Stable Diffusion 1.5 vae/config.json (ModelScope and ZeroScope ship the same VAE)
-SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=512,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.18215,
-)
-# control_v11f1e_sd15_tile config.json: the SD 1.5 U-Net's encoder half + conditioning embedding (16, 32, 96, 256)
-CONTROLNET_CONDITIONING = (16, 32, 96, 256)
 
 TINY_UNET3D = dict(
     MODELSCOPE_UNET3D,

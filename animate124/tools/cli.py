@@ -4,8 +4,9 @@
     animate124 invert IMAGE --token T --init W    textual inversion on Stable Diffusion 1.5
     animate124 evaluate RUN_DIR | --batch DIR     CLIP-T, CLIP-I, temporal consistency, retrieval
     animate124 run-benchmark DATA_DIR             the 24-case benchmark, resumable and shardable
-    animate124 make-tiny-models DIR               tiny random models for tests (no download)
+    animate124 make-tiny-models DIR               tiny random models for tests (no download); --full-size
     animate124 launch --config ... --train        threestudio's launch.py, on the CPU where there is no CUDA
+    animate124 benchmark CONFIG --models DIR      step time vs diffusion floor, peak VRAM, projected run time
 
 Importing this module is cheap: every tool imports torch, diffusers and transformers only inside the function that
 runs it, so ``animate124 --help`` answers at once. User errors raise :class:`ToolError`; :func:`main` prints them as one
@@ -29,6 +30,7 @@ _TOOLS = {
     "evaluate": "animate124.tools.evaluate",
     "run-benchmark": "animate124.tools.run_benchmark",
     "launch": "animate124.tools.launch",
+    "benchmark": "animate124.tools.benchmark_steps",
 }
 
 
@@ -108,12 +110,16 @@ def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
         help="comma-separated kinds to write, e.g. sd,clip (default: all that tiny_models knows: text-to-video, "
         "zeroscope, sd, controlnet-tile, zero123, clip)",
     )
+    parser.add_argument("--full-size", action="store_true",
+                        help="the real architectures with random fp16 weights (about 9 GB; for timing and memory)")
     parser.set_defaults(run=_run_make_tiny_models)
 
 
 def _run_make_tiny_models(args: argparse.Namespace) -> int:
     try:
         from animate124.core.tiny_models import make_tiny_models
+        if args.full_size:  # the real architectures with random weights, in the same folder layouts
+            from animate124.testing.full_size_models import make_full_size_models as make_tiny_models
     except ImportError as error:
         raise ToolError(f"animate124.core.tiny_models is not available ({error}): update the package") from error
     kwargs = {"kinds": [k.strip() for k in args.kinds.split(",") if k.strip()]} if args.kinds else {}

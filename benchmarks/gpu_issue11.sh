@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Issue 11 in one GPU call (about 8 minutes on an H200): full-size random models once, then `animate124 benchmark`
+# for the default, fast and low-VRAM configs (3 warm-up + 5 timed steps per stage); JSON and logs to $OUT, a table
+# at the end. A step that fails prints why and the others still run.
+#   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
+# Random weights: the numbers are honest for time and memory, never for quality.
+# The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
+# $THREESTUDIO_ROOT); threestudio's import-only dependencies get stand-ins from animate124.tools.host.
+set -u -o pipefail
+repo=$PWD
+source benchmarks/gpu_env.sh   # carried wheels, THREESTUDIO_ROOT (default .gpu/threestudio), OUT, nerfacc build cache
+OUT=$(cd "$OUT" && pwd)
+ts=$THREESTUDIO_ROOT
+models=${A124_FULL_MODELS:-/tmp/a124-full-size}
+budget_s=${A124_BUDGET_S:-470}   # stop starting new work after this many seconds
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/card.txt"
+
+# 1. full-size random models (about 9 GB; once, reused when complete)
+t=$(date +%s)
+if [ "$(ls "$models"/*/.complete 2>/dev/null | wc -l)" = 5 ]; then echo "models: reusing $models"; else
+python3 -m animate124.tools.cli make-tiny-models "$models" --full-size > "$OUT/models.log" 2>&1 \
+  && echo "models: $(( $(date +%s) - t )) s, $(du -sh "$models" | cut -f1) in $models" | tee -a "$OUT/models.log" \
+  || { echo "models: FAILED after $(( $(date +%s) - t )) s (last lines of models.log):"; tail -5 "$OUT/models.log"; }
+fi
+
+# 2. one process per config (a fresh process: its start-up overhead is measured too)
+bench() {  # name timeout_s extra-args...
+  local name=$1 limit=$2; shift 2
+  if [ "$(elapsed)" -ge "$budget_s" ]; then echo "$name: skipped (budget of $budget_s s spent)"; return; fi
+  local left=$(( budget_s + 60 - $(elapsed) )); [ "$left" -lt "$limit" ] && limit=$left
+  local t; t=$(date +%s)
+  ( cd "$ts" && timeout "$limit" python3 -m animate124.tools.cli benchmark "$@" --models "$models" \
+      --workdir "/tmp/a124-bench-$name" --out "$OUT/$name.json" ) > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $(( $(date +%s) - t )) s$([ $rc = 124 ] && echo " (timed out at $limit s)")"
+  [ $rc = 0 ] || { grep -v Warning "$OUT/$name.log" | tail -4; }
+}
+bench default 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 1
+bench fast 130 "$repo/configs/animate124-fast.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 0
+bench lowvram 130 "$repo/configs/animate124-lowvram.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 0
+# one memory knob against the default, if time is left: all 16 frames' VAE gradients vs 4 (low_ram_vae)
+bench default-lowramvae4 100 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 --export-times 0 \
+  --set system.guidances.video.guidance.low_ram_vae=4
+
+# 3. the table (one line per stage; projections against the goals: default <= 60 min, fast <= 30 min, low-VRAM <= 12 GB)
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+from animate124.tools.benchmark_steps import summary_table
+for name in ("default", "fast", "lowvram", "default-lowramvae4"):
+    path = Path(sys.argv[1]) / f"{name}.json"
+    if not path.is_file():
+        print(f"{name}: no result (see {name}.log)")
+        continue
+    r = json.loads(path.read_text())
+    print(summary_table(r))
+    for st in r["stages"]:
+        if "breakdown_ms" in st:
+            b = st["breakdown_ms"]
+            print(f"  {st['name']:8s} breakdown ms: " + ", ".join(f"{k} {v:.1f}" for k, v in b.items())
+                  + f"; resident {st['resident_gb']} GB, reserved peak {st['peak_reserved_gb']} GB"
+                  + f"; stale {st['stale_guidances']}; nonfinite {st['nonfinite_steps']}")
+    print(f"  overhead: {json.dumps(r['overhead'])}")
+EOF
+echo "total: $(elapsed) s"
