@@ -153,7 +153,8 @@ def test_system_refine_with_controlnet_slot(threestudio, tiny_models, shared_dat
                            frozen.state_dict()["field.encoding_time.embeddings"])
 
 
-STATIC_SD_CONFIGS = ("animate124.yaml", "animate124-static.yaml", "animate124-zeroscope.yaml", "animate124-smoke.yaml")
+STATIC_SD_CONFIGS = ("animate124.yaml", "animate124-static.yaml", "animate124-zeroscope.yaml", "animate124-smoke.yaml",
+                     "animate124-fast.yaml", "animate124-lowvram.yaml")
 
 
 def _sd15_alphas_cumprod(scheduler_dir: Path) -> torch.Tensor:
