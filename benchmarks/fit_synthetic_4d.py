@@ -1,13 +1,8 @@
 """Fit DynamicField + render_rays to a procedural dynamic scene; report PSNR on unseen views and unseen times.
 
-The scene (analytic density and colour as functions of (x, t), inside the bbox [-1, 1]^3):
-
-* a soft sphere (radius 0.22) moving along an arc from (0.45, 0.25, 0) through (0, 0.45, 0) to (-0.45, 0.25, 0),
-  bobbing in z, with a colour that varies over its own body (so the colour must move with it);
-* a soft ellipsoid at (0, -0.35, 0) whose x and z axes breathe in opposite phase, with a colour changing in time.
-
-Ground truth comes from an independent dense quadrature renderer written here (camera-centred near/far, cumprod
-transmittance, no nerfacc, no aabb clipping), on a white background. Training images: ``n_train_views`` cameras around
+The scene is ``animate124.core.synthetic_scene.blobs_scene`` (a moving sphere and a breathing ellipsoid). Ground truth
+comes from the independent dense quadrature renderer there (camera-centred near/far, cumprod transmittance, no nerfacc,
+no aabb clipping), on a white background. Training images: ``n_train_views`` cameras around
 the scene x ``n_train_times`` times in [0, 1]. Evaluation: ``n_eval_views`` UNSEEN cameras (azimuths half-way
 between training ones, another elevation) at the training times, and training cameras at UNSEEN times (midpoints
 between training times). Photometric MSE, Adam (grid lr 1e-2, MLP lr 1e-3 by default).
@@ -32,6 +27,7 @@ import torch.nn.functional as F
 
 from animate124.core.field import DynamicField, features_to_rgb
 from animate124.core.occupancy import TimeOccupancyGrid
+from animate124.core.synthetic_scene import orbit_camera_rays, reference_render
 from animate124.core.volrend import render_rays
 
 AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
@@ -39,62 +35,15 @@ CAMERA_DISTANCE, FOV_DEG = 2.6, 40.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the procedural scene
-
-
-def scene(points: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Analytic density ``[N]`` and colour ``[N, 3]`` of the two blobs at each point's own time."""
-    t = times[:, None]
-    # 1. moving soft sphere, colour banded along its own z and x axes
-    c1 = torch.cat([0.45 * torch.cos(math.pi * t), 0.25 + 0.2 * torch.sin(math.pi * t),
-                    0.1 * torch.sin(2 * math.pi * t)], dim=-1)
-    local1 = points - c1
-    sigma1 = 20.0 * torch.sigmoid((0.22 - local1.norm(dim=-1)) / 0.02)
-    rgb1 = torch.stack([torch.full_like(sigma1, 0.9), 0.5 + 1.8 * local1[:, 2], 0.25 + 1.2 * local1[:, 0]], -1)
-    # 2. deforming (breathing) ellipsoid, colour changing in time
-    breathe = torch.sin(2 * math.pi * t)
-    axes = torch.cat([0.30 + 0.12 * breathe, torch.full_like(t, 0.18), 0.22 - 0.08 * breathe], dim=-1)
-    q = ((points - torch.tensor([0.0, -0.35, 0.0], device=points.device)) / axes).norm(dim=-1)
-    sigma2 = 20.0 * torch.sigmoid((1.0 - q) / 0.08)
-    rgb2 = torch.cat([torch.full_like(t, 0.15), 0.45 + 0.35 * breathe, torch.full_like(t, 0.85)], dim=-1)
-    sigma = sigma1 + sigma2
-    rgb = (sigma1[:, None] * rgb1 + sigma2[:, None] * rgb2) / (sigma[:, None] + 1e-6)
-    return sigma, rgb.clamp(0.0, 1.0)
+# the procedural scene (animate124.core.synthetic_scene, shared with the oracle guidances)
 
 
 def camera_rays(azimuth_deg: float, elevation_deg: float, resolution: int, device) -> tuple[torch.Tensor, ...]:
-    """Pinhole camera on a sphere of radius CAMERA_DISTANCE looking at the origin, z up. Rays ``[H*W, 3]``."""
-    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
-    eye = CAMERA_DISTANCE * torch.tensor([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
-    forward = F.normalize(-eye, dim=0)
-    right = F.normalize(torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0])), dim=0)
-    up = torch.linalg.cross(right, forward)
-    tan = math.tan(math.radians(FOV_DEG) / 2)
-    s = (torch.arange(resolution) + 0.5) / resolution * 2 - 1
-    v, u = torch.meshgrid(s, s, indexing="ij")
-    dirs = forward + (u.reshape(-1, 1) * right - v.reshape(-1, 1) * up) * tan
-    dirs = F.normalize(dirs, dim=-1)
-    return eye.expand_as(dirs).contiguous().to(device), dirs.to(device)
-
-
-@torch.no_grad()
-def reference_render(rays_o, rays_d, times, n_samples: int = 512, chunk: int = 8192) -> torch.Tensor:
-    """Ground-truth colours on white: midpoint quadrature over [d - 1.2, d + 1.2] (d = camera distance), alpha
-    compositing with a cumprod transmittance. Independent of animate124.core.volrend on purpose."""
-    out = []
-    near, far = CAMERA_DISTANCE - 1.2, CAMERA_DISTANCE + 1.2
-    delta = (far - near) / n_samples
-    z = near + (torch.arange(n_samples, device=rays_o.device) + 0.5) * delta
-    for i in range(0, rays_o.shape[0], chunk):
-        o, d, t = rays_o[i : i + chunk], rays_d[i : i + chunk], times[i : i + chunk]
-        pts = o[:, None] + d[:, None] * z[None, :, None]
-        sigma, rgb = scene(pts.reshape(-1, 3), t[:, None].expand(-1, n_samples).reshape(-1))
-        alpha = 1.0 - torch.exp(-sigma.view(-1, n_samples) * delta)
-        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=-1), dim=-1)
-        w = alpha * trans
-        fg = (w[..., None] * rgb.view(-1, n_samples, 3)).sum(1)
-        out.append(fg + (1.0 - w.sum(1, keepdim=True)))
-    return torch.cat(out)
+    """One square camera at CAMERA_DISTANCE looking at the origin. Rays ``[H*W, 3]``."""
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    o, d = orbit_camera_rays(one(elevation_deg), one(azimuth_deg), one(CAMERA_DISTANCE),
+                             torch.deg2rad(one(FOV_DEG)), resolution, resolution)
+    return o.reshape(-1, 3).to(device), d.reshape(-1, 3).to(device)
 
 
 def make_set(views: list[tuple[float, float]], times: list[float], resolution: int, device, ref_samples: int):
@@ -107,7 +56,7 @@ def make_set(views: list[tuple[float, float]], times: list[float], resolution: i
             rays_d.append(d)
             ray_t.append(torch.full((o.shape[0],), float(t), device=device))
     data = {"rays_o": torch.cat(rays_o), "rays_d": torch.cat(rays_d), "times": torch.cat(ray_t)}
-    data["rgb"] = reference_render(data["rays_o"], data["rays_d"], data["times"], n_samples=ref_samples)
+    data["rgb"] = reference_render(data["rays_o"], data["rays_d"], data["times"], n_samples=ref_samples)[0]
     return data
 
 

@@ -3,7 +3,9 @@
 Needs threestudio importable (launch.py does that); ``animate124.core`` never does.
 """
 # importing the modules registers their a124-* names
-from animate124.components import data, exporter, geometry, guidance, prompt_processors, renderer, system  # noqa: F401
+from animate124.components import (  # noqa: F401
+    data, exporter, geometry, guidance, oracle_guidance, prompt_processors, renderer, system,
+)
 
 REGISTERED_NAMES = (
     "a124-4d-volume",
@@ -15,4 +17,6 @@ REGISTERED_NAMES = (
     "a124-textual-inversion-prompt-processor",
     "a124-mesh-sequence-exporter",
     "a124-controlnet-tile-guidance",
+    "a124-oracle-image-guidance",
+    "a124-oracle-video-guidance",
 )
