@@ -110,8 +110,7 @@ def run_oracle(
         ExactDenoiser(target_latents, base.alphas_cumprod),
         base.vae,
         base.alphas_cumprod,
-        base.text_encoder,
-        base.tokenizer,
+        base.prompt_encoder,
         (size, size),
     )
     if mode == "latents":

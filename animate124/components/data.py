@@ -8,11 +8,11 @@ Every training batch holds three parts, so one data module serves every stage (t
   camera whose azimuth really moves by the azimuth delta, fixing upstream's elevation-delta bug).
 
 Validation renders an orbit while animating (64 frames by default); test renders turntables at fixed times, the
-front view over time and the orbit while animating. Rays come from the host's helpers; trajectories from the core.
+front view over time and the orbit while animating. Cameras and rays come from the core (``core/cameras.py``,
+tested against the host's helpers); projection / mvp matrices from the host.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from threestudio.utils.base import Updateable
-from threestudio.utils.ops import get_mvp_matrix, get_projection_matrix, get_ray_directions, get_rays
+from threestudio.utils.ops import get_mvp_matrix, get_projection_matrix
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from animate124.core import cameras as cams
@@ -103,17 +103,10 @@ class ImageVideoDataModuleConfig:
 
 
 def _camera_batch(traj: cams.CameraTrajectory, height: int, width: int, noise: float = 0.0, generator=None) -> dict:
-    """Host-style camera batch (rays, mvp, angles, lights) for a trajectory, via the host's ray helpers."""
-    fovy = traj.fovy
-    focal = 0.5 * height / math.tan(0.5 * float(fovy[0]))
-    directions = get_ray_directions(height, width, focal)[None].repeat(len(traj), 1, 1, 1)
-    # one focal per view when the fovy varies inside the batch
-    directions[..., :2] = directions[..., :2] * (focal / cams.focal_from_fovy(fovy, height))[:, None, None, None]
-    c2w = traj.c2w
-    if noise > 0:
-        rays_o, rays_d = cams.get_rays(c2w, fovy, height, width, noise_scale=noise, generator=generator)
-    else:
-        rays_o, rays_d = get_rays(directions, c2w, keepdim=True, normalize=True)
+    """Host-style camera batch (rays, mvp, angles, lights) for a trajectory: rays from the core (seeded ray noise),
+    projection / mvp matrices from the host's helpers."""
+    fovy, c2w = traj.fovy, traj.c2w
+    rays_o, rays_d = cams.get_rays(c2w, fovy, height, width, noise_scale=noise, generator=generator)
     proj = get_projection_matrix(fovy, width / height, 0.01, 100.0)
     positions = traj.camera_positions
     return {

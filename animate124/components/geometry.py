@@ -54,8 +54,6 @@ class TimeVolume(BaseImplicitGeometry):
         """finite_difference (the only one)."""
         finite_difference_normal_eps: float = 0.01
         isosurface_threshold: Union[float, str] = 25.0
-        temporal_frozen: bool = False
-        """Build with the 4-D grid frozen (static stage); the system unfreezes it per stage."""
         export_time: float = 0.0
         """Frame time seen by time-unaware host code (isosurface, host exporters)."""
         coarse_to_fine: Optional[list] = None
@@ -87,7 +85,6 @@ class TimeVolume(BaseImplicitGeometry):
             density_blob_scale=self.cfg.density_blob_scale,
             density_blob_std=self.cfg.density_blob_std,
             normal_eps=self.cfg.finite_difference_normal_eps,
-            temporal_frozen=self.cfg.temporal_frozen,
             **grid,
         )
 
@@ -150,9 +147,6 @@ class TimeVolume(BaseImplicitGeometry):
 
     def time_smoothness_loss(self, n_points: int = 4096, dt: float = 1.0 / 16, generator=None) -> Tensor:
         return self.field.time_smoothness_loss(n_points=n_points, dt=dt, generator=generator)
-
-    def set_temporal_trainable(self, trainable: bool) -> None:
-        self.field.set_temporal_trainable(trainable)
 
     @staticmethod
     @torch.no_grad()

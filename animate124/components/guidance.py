@@ -132,7 +132,7 @@ class ControlNetTileGuidance(_SDSGuidance):
         )
         # the ControlNet text is fixed: encode it once, then drop the text encoder (prompts come from prompt_utils)
         self.controlnet_embeddings = self.model.encode_prompt(self.cfg.controlnet_prompt)
-        self.model.text_encoder = None
+        self.model.prompt_encoder = None
         self._start(self.model.alphas_cumprod.shape[0])
 
     def __call__(self, rgb, prompt_utils, elevation, azimuth, camera_distances, cond_rgb=None,

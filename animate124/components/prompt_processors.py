@@ -5,14 +5,17 @@ host's. They default to ``spawn: false``: a spawned child cannot import a plugin
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import threestudio
 import torch
+from threestudio.models.prompt_processors.base import hash_prompt
 from threestudio.models.prompt_processors.stable_diffusion_prompt_processor import StableDiffusionPromptProcessor
 
 from animate124.core.textual_inversion import PLACEHOLDER, load_textual_inversion, replace_placeholder
-from animate124.core.video_sds import MODELSCOPE_ID, encode_text, load_text_encoder_and_tokenizer
+from animate124.core import text_encoding
+from animate124.core.video_sds import MODELSCOPE_ID
 
 
 @threestudio.register("a124-video-prompt-processor")
@@ -27,6 +30,17 @@ class VideoPromptProcessor(StableDiffusionPromptProcessor):
         spawn: bool = False
 
     cfg: Config
+
+    @staticmethod
+    def spawn_func(pretrained_model_name_or_path, prompts, cache_dir):
+        """The host's per-prompt cache files, computed with ``core/text_encoding.py`` (prompts longer than 77 tokens
+        are truncated, as the SDS cores do, instead of failing)."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tokenizer, text_encoder = text_encoding.load_text_encoder(pretrained_model_name_or_path, device=device)
+        with torch.no_grad():
+            embeddings = text_encoding.encode(tokenizer, text_encoder, prompts)
+        for prompt, embedding in zip(prompts, embeddings):
+            torch.save(embedding, os.path.join(cache_dir, f"{hash_prompt(pretrained_model_name_or_path, prompt)}.pt"))
 
 
 @threestudio.register("a124-textual-inversion-prompt-processor")
@@ -48,10 +62,7 @@ class TextualInversionPromptProcessor(StableDiffusionPromptProcessor):
     cfg: Config
 
     def configure(self) -> None:
-        tokenizer_dtype = torch.float32
-        self._tokenizer, self._text_encoder = load_text_encoder_and_tokenizer(
-            self.cfg.pretrained_model_name_or_path, "cpu", tokenizer_dtype
-        )[::-1]
+        self._tokenizer, self._text_encoder = text_encoding.load_text_encoder(self.cfg.pretrained_model_name_or_path)
         token = load_textual_inversion(
             self.cfg.learned_embeds_path, self._tokenizer, self._text_encoder,
             model_name=self.cfg.pretrained_model_name_or_path,
@@ -62,7 +73,8 @@ class TextualInversionPromptProcessor(StableDiffusionPromptProcessor):
 
     def prepare_text_embeddings(self) -> None:
         prompts = [self.prompt, self.negative_prompt] + self.prompts_vd + self.negative_prompts_vd
-        embeddings = encode_text(self._tokenizer, self._text_encoder, prompts).to(self.device)
+        with torch.no_grad():
+            embeddings = text_encoding.encode(self._tokenizer, self._text_encoder, prompts).to(self.device)
         self._embedding_of = dict(zip(prompts, embeddings))
         del self._text_encoder
 

@@ -10,12 +10,13 @@ swapped for the host's):
   right = normalize(lookat x up_world), up = normalize(right x lookat);
 * pixels are sampled at their centres; the focal length comes from the vertical field of view: f = 0.5 H / tan(fovy/2);
   camera-space direction of pixel (i, j) = ((i + 0.5 - W/2) / f, -(j + 0.5 - H/2) / f, -1); rays_d is normalised;
-* projection matrix with the y axis flipped (nvdiffrast), ``mvp = proj @ inverse(c2w)``.
+* the data module takes the projection / mvp matrices from the host (``threestudio.utils.ops``); rays are built here
+  because the host's ``get_rays`` draws its ray noise from the global RNG, not from a generator.
 
 Trajectories return a ``CameraTrajectory`` (angles in degrees, c2w, one frame time per camera). Azimuths are returned
 unwrapped (they may leave [-180, 180]); everything downstream uses them through sin/cos or wraps them itself.
 
-Upstream bug fixed here (method digest section 10.2 item 1): upstream's moving-camera clip added the *elevation* delta
+Upstream bug fixed here: upstream's moving-camera clip (threestudio branch, ``data/video_uncond.py``) added the *elevation* delta
 to the azimuth used for the camera, so the returned azimuth disagreed with the camera. Here the azimuth delta moves the
 azimuth and the returned angles are the ones the cameras are built from.
 """
@@ -35,16 +36,11 @@ __all__ = [
     "CameraTrajectory",
     "camera_positions_from_angles",
     "look_at",
-    "focal_from_fovy",
-    "ray_directions",
     "get_rays",
-    "projection_matrix",
-    "mvp_matrix",
     "make_trajectory",
     "sample_elevation_deg",
     "sample_clip_trajectory",
     "sample_random_cameras",
-    "sample_light_positions",
     "turntable",
     "fixed_view",
     "orbit_while_animating",
@@ -125,29 +121,6 @@ def look_at(
     return c2w
 
 
-def focal_from_fovy(fovy: Float[Tensor, "T"], height: int) -> Float[Tensor, "T"]:
-    """Focal length in pixels from the vertical field of view in radians: 0.5 H / tan(fovy / 2)."""
-    return 0.5 * height / torch.tan(0.5 * fovy)
-
-
-def ray_directions(
-    height: int,
-    width: int,
-    focal: float = 1.0,
-    use_pixel_centers: bool = True,
-    device: Optional[torch.device | str] = None,
-    dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "H W 3"]:
-    """Camera-space (unnormalised) ray directions ((i - W/2) / f, -(j - H/2) / f, -1), i, j at pixel centres."""
-    offset = 0.5 if use_pixel_centers else 0.0
-    i, j = torch.meshgrid(
-        torch.arange(width, device=device, dtype=dtype) + offset,
-        torch.arange(height, device=device, dtype=dtype) + offset,
-        indexing="xy",
-    )
-    return torch.stack([(i - width / 2) / focal, -(j - height / 2) / focal, -torch.ones_like(i)], dim=-1)
-
-
 def get_rays(
     c2w: Float[Tensor, "T 4 4"],
     fovy: Float[Tensor, "T"],
@@ -170,9 +143,16 @@ def get_rays(
     Returns:
         rays_o, rays_d: [T, H, W, 3].
     """
-    directions = ray_directions(height, width, 1.0, device=c2w.device, dtype=c2w.dtype)
+    # camera-space directions ((i - W/2) / f, -(j - H/2) / f, -1) at pixel centres, f = 0.5 H / tan(fovy / 2)
+    i, j = torch.meshgrid(
+        torch.arange(width, device=c2w.device, dtype=c2w.dtype) + 0.5,
+        torch.arange(height, device=c2w.device, dtype=c2w.dtype) + 0.5,
+        indexing="xy",
+    )
+    directions = torch.stack([i - width / 2, -(j - height / 2), -torch.ones_like(i)], dim=-1)
     directions = directions[None].repeat(c2w.shape[0], 1, 1, 1)
-    directions[..., :2] = directions[..., :2] / focal_from_fovy(fovy, height).to(c2w)[:, None, None, None]
+    focal = (0.5 * height / torch.tan(0.5 * fovy)).to(c2w)
+    directions[..., :2] = directions[..., :2] / focal[:, None, None, None]
     rays_d = (directions[:, :, :, None, :] * c2w[:, None, None, :3, :3]).sum(-1)
     rays_o = c2w[:, None, None, :3, 3].expand(rays_d.shape)
     if noise_scale > 0:
@@ -181,29 +161,6 @@ def get_rays(
     if normalize:
         rays_d = F.normalize(rays_d, dim=-1)
     return rays_o, rays_d
-
-
-def projection_matrix(
-    fovy: Float[Tensor, "T"], aspect_wh: float, near: float = 0.01, far: float = 100.0
-) -> Float[Tensor, "T 4 4"]:
-    """OpenGL perspective projection with y flipped (nvdiffrast's image origin), fovy in radians."""
-    proj = torch.zeros(fovy.shape[0], 4, 4, device=fovy.device, dtype=fovy.dtype)
-    proj[:, 0, 0] = 1.0 / (torch.tan(fovy / 2.0) * aspect_wh)
-    proj[:, 1, 1] = -1.0 / torch.tan(fovy / 2.0)
-    proj[:, 2, 2] = -(far + near) / (far - near)
-    proj[:, 2, 3] = -2.0 * far * near / (far - near)
-    proj[:, 3, 2] = -1.0
-    return proj
-
-
-def mvp_matrix(c2w: Float[Tensor, "T 4 4"], proj: Float[Tensor, "T 4 4"]) -> Float[Tensor, "T 4 4"]:
-    """proj @ w2c, with w2c = [R^T, -R^T t] the rigid inverse of c2w."""
-    rot_t = c2w[:, :3, :3].transpose(1, 2)
-    w2c = torch.zeros_like(c2w)
-    w2c[:, :3, :3] = rot_t
-    w2c[:, :3, 3:] = -rot_t @ c2w[:, :3, 3:]
-    w2c[:, 3, 3] = 1.0
-    return proj @ w2c
 
 
 def make_trajectory(
@@ -335,21 +292,6 @@ def sample_random_cameras(
     like = dict(device=device, dtype=dtype)
     times = torch.full((n,), float(time), **like)
     return make_trajectory(elevation.to(**like), azimuth.to(**like), distance.to(**like), times, fovy.to(**like))
-
-
-def sample_light_positions(
-    camera_positions: Float[Tensor, "T 3"],
-    distance_range: Sequence[float] = (0.8, 1.5),
-    position_perturb: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-) -> Float[Tensor, "T 3"]:
-    """Point lights near the cameras, the host's "dreamfusion" strategy: direction normalize(camera + N(0, perturb^2)),
-    distance uniform in ``distance_range``. (Evaluation renders put the light at the camera.)"""
-    n = camera_positions.shape[0]
-    noise = torch.randn((n, 3), generator=generator, dtype=torch.float64).to(camera_positions)
-    direction = F.normalize(camera_positions + noise * position_perturb, dim=-1)
-    distance = _uniform_in("distance_range", distance_range, n, generator, lower=0.0).to(camera_positions)
-    return direction * distance[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

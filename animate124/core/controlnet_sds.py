@@ -28,34 +28,31 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from animate124.core import sds
-from animate124.core.video_sds import CachedPromptEncoder, load_text_encoder_and_tokenizer
+from animate124.core import sds, text_encoding
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ repository was withdrawn
 CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
 
 
-class ControlNetTileSDS(CachedPromptEncoder):
+class ControlNetTileSDS(sds.FrozenPrior):
     """Frozen SD 1.5 U-Net + ControlNet-Tile + VAE (+ CLIP text encoder) used as an SDS prior on single frames.
-
-    Not an ``nn.Module``: frozen weights stay out of trainable parameters and checkpoints.
 
     Args:
         unet: ``UNet2DConditionModel``; controlnet: ``ControlNetModel`` built for it; vae: ``AutoencoderKL``.
         alphas_cumprod: ``[N]`` ``ᾱ`` of the SD noise schedule.
-        text_encoder, tokenizer: for ``encode_prompt``; load a textual inversion into them with
-            ``textual_inversion.load_textual_inversion`` (the cache is keyed by prompt string only, so load before
-            encoding prompts that use the token).
+        prompt_encoder: ``text_encoding.PromptEncoder`` for ``encode_prompt``; load a textual inversion into its
+            tokenizer / text encoder (``textual_inversion.load_textual_inversion``) before encoding prompts that use
+            the token (the cache is keyed by prompt string only).
     """
 
-    def __init__(self, unet, controlnet, vae, alphas_cumprod: Float[Tensor, "N"], text_encoder=None, tokenizer=None):
+    def __init__(
+        self, unet, controlnet, vae, alphas_cumprod: Float[Tensor, "N"],
+        prompt_encoder: text_encoding.PromptEncoder | None = None,
+    ):
         self.unet, self.controlnet, self.vae = unet, controlnet, vae
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.prompt_encoder = prompt_encoder
         self.alphas_cumprod = alphas_cumprod.float()
-        self._text_cache: dict[str, Tensor] = {}  # prompt -> [1, 77, D]
-        for module in (unet, controlnet, vae, text_encoder):
-            if isinstance(module, torch.nn.Module):
-                module.eval().requires_grad_(False)
+        sds.freeze(unet, controlnet, vae)
 
     @classmethod
     def from_pretrained(
@@ -70,26 +67,17 @@ class ControlNetTileSDS(CachedPromptEncoder):
     ) -> "ControlNetTileSDS":
         """Load SD 1.5 (``unet``, ``vae``, ``scheduler``, ``text_encoder``, ``tokenizer`` sub-folders) and a
         ControlNet folder / id. fp16 (``fp16`` variant when present) on CUDA, fp32 on CPU, unless ``torch_dtype``."""
-        from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+        from diffusers import ControlNetModel, UNet2DConditionModel
 
-        device = torch.device(device)
-        dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        sd_path, cn_path = str(sd_name_or_path), str(controlnet_name_or_path)
-        kw = dict(torch_dtype=dtype, prefer_fp16_variant=dtype == torch.float16, local_files_only=local_files_only)
-        unet = sds.load_pretrained_component(UNet2DConditionModel, sd_path, "unet", **kw).to(device)
-        vae = sds.load_pretrained_component(AutoencoderKL, sd_path, "vae", **kw).to(device)
-        controlnet = sds.load_pretrained_component(ControlNetModel, cn_path, None, **kw).to(device)
-        scheduler = sds.load_pretrained_component(
-            DDIMScheduler, sd_path, "scheduler", local_files_only=local_files_only
+        parts = sds.load_diffusion_parts(
+            sd_name_or_path, UNet2DConditionModel, device=device, torch_dtype=torch_dtype,
+            load_text_encoder=load_text_encoder, local_files_only=local_files_only,
         )
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder, tokenizer = load_text_encoder_and_tokenizer(sd_path, device, dtype, local_files_only)
-        return cls(unet, controlnet, vae, scheduler.alphas_cumprod, text_encoder, tokenizer)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        controlnet = sds.load_pretrained_component(
+            ControlNetModel, str(controlnet_name_or_path), None, torch_dtype=parts.dtype,
+            prefer_fp16_variant=parts.dtype == torch.float16, local_files_only=local_files_only,
+        ).to(parts.device)
+        return cls(parts.unet, controlnet, parts.vae, parts.alphas_cumprod, parts.prompt_encoder)
 
     def __call__(
         self,
@@ -144,34 +132,23 @@ class ControlNetTileSDS(CachedPromptEncoder):
         cond_image = sds.resize_to_model(
             cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size)
         )
-        # 3. latents with gradient, one timestep per frame
-        latents, std = sds.encode_moments(self.vae, images * 2 - 1)
-        if sample_posterior:
-            latents = latents + std * sds.randn(latents.shape, generator=generator, device=latents.device)
-        latents = latents * self.vae.config.scaling_factor
-        t = sds.sample_timesteps(k, min_step, max_step, generator=generator, device=latents.device)
-        noise = sds.randn(latents.shape, generator=generator, device=latents.device)
-        noisy = sds.add_noise(latents.detach(), noise, self.alphas_cumprod, t)
-        # 4. ControlNet + U-Net, both CFG halves in one batch
-        eps_cond, eps_uncond = self._predict_noise(noisy, t, text, cond_image, conditioning_scale)
-        # 5. guidance, weighting, loss
-        eps_pred = sds.cfg_combine(eps_uncond, eps_cond, guidance_scale)
-        weight = sds.sds_weight(self.alphas_cumprod, t, weighting)
-        grad = sds.sds_gradient(eps_pred, noise, weight)
-        out = {
-            "loss_sds_cn": sds.sds_loss(latents, grad, k),
-            "grad_norm": grad.norm(),
-            "timestep": t,
-            "frame_indices": idx,
-        }
+        # 3.-5. latents with gradient; one timestep per frame, noise, ControlNet + U-Net, guidance, weighting, loss
+        latents = sds.encode_latents(self.vae, images, sample_posterior=sample_posterior, generator=generator)
+        step = sds.sds_step(
+            latents, lambda noisy, t: self._predict_noise(noisy, t, text, cond_image, conditioning_scale),
+            self.alphas_cumprod, guidance_scale=guidance_scale, weighting=weighting, min_step=min_step,
+            max_step=max_step, generator=generator,
+        )
+        out = {"loss_sds_cn": step.loss, "grad_norm": step.grad_norm, "timestep": step.timestep, "frame_indices": idx}
         if return_intermediates:
-            out.update(latents=latents, noise=noise, eps_pred=eps_pred, grad=grad, weight=weight, cond_image=cond_image)
+            out.update(latents=latents, noise=step.noise, eps_pred=step.eps_pred, grad=step.grad, weight=step.weight,
+                       cond_image=cond_image)
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _predict_noise(self, noisy, t, text, cond_image, conditioning_scale):
+        """Both CFG halves in one batch, the U-Net adding the ControlNet residuals: ``(ε_c, ε_u)``."""
         unet_text, cn_text = text
         dtype = self.unet.dtype
         x = torch.cat([noisy, noisy]).to(dtype)

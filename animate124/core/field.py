@@ -51,7 +51,6 @@ class DynamicField(nn.Module):
             std^2)), ``"none"``, or a float added before the activation. |x| in world units.
         density_blob_scale, density_blob_std: blob parameters (threestudio defaults 10, 0.5).
         normal_eps: finite-difference step (world units) for normals (threestudio 0.01).
-        temporal_frozen: build with the 4-D grid frozen (requires_grad False); it is still evaluated and added.
         generator: optional CPU generator for all initialisations (grids and MLPs).
     """
 
@@ -74,7 +73,6 @@ class DynamicField(nn.Module):
         density_blob_scale: float = 10.0,
         density_blob_std: float = 0.5,
         normal_eps: float = 0.01,
-        temporal_frozen: bool = False,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
@@ -97,18 +95,8 @@ class DynamicField(nn.Module):
         n_enc = self.encoding.n_output_dims
         self.density_network = VanillaMLP(n_enc, 1, mlp_hidden, mlp_hidden_layers, generator)
         self.feature_network = VanillaMLP(n_enc, self.n_feature_dims, mlp_hidden, mlp_hidden_layers, generator)
-        self.set_temporal_trainable(not temporal_frozen)
 
-    # --- time-dependent parts ----------------------------------------------------------------------------------------
-
-    @property
-    def temporal_frozen(self) -> bool:
-        """True when the 4-D grid gets no gradient (it is still evaluated and added)."""
-        return not self.encoding_time.embeddings.requires_grad
-
-    def set_temporal_trainable(self, trainable: bool) -> None:
-        """Freeze (``False``) or unfreeze the 4-D grid by toggling ``requires_grad`` of its table."""
-        self.encoding_time.embeddings.requires_grad_(bool(trainable))
+    # --- coarse-to-fine ------------------------------------------------------------------------------------------------
 
     @property
     def n_active_levels(self) -> int:

@@ -17,13 +17,16 @@ which is the standard form with scale ``s + 1``: upstream's ``100`` is our ``101
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from animate124.core import text_encoding
 
 Weighting = Literal["sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform"]
 WEIGHTINGS: tuple[str, ...] = ("sds", "sqrt", "one-minus-sqrt-alpha", "x0", "uniform")
@@ -181,6 +184,78 @@ def sds_loss(latents: Float[Tensor, "B ..."], grad: Float[Tensor, "B ..."], batc
     return 0.5 * F.mse_loss(z, target, reduction="sum") / b
 
 
+NoisePredictor = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(z_t, t) -> (ε_c, ε_u)``: the frozen model's noise predictions for the conditional and unconditional text."""
+
+
+@dataclass
+class SDSStep:
+    """What one ``sds_step`` computed. ``loss`` carries the gradient ``g / B`` to the latents; the rest is detached."""
+
+    loss: Tensor
+    """``½‖z − sg(z − g)‖² / B``, a scalar."""
+    grad_norm: Tensor
+    """``‖g‖`` over the whole batch."""
+    timestep: Int[Tensor, "B"]
+    noise: Tensor
+    """``ε``, like the latents."""
+    eps_pred: Tensor
+    """``ε̂`` after classifier-free guidance."""
+    weight: Float[Tensor, "B"]
+    """``w(t)``."""
+    grad: Tensor
+    """``g = w(t) · (ε̂ − ε)``."""
+
+
+def sds_step(
+    latents: Float[Tensor, "B ..."],
+    predict_noise: NoisePredictor,
+    alphas_cumprod: Float[Tensor, "N"],
+    *,
+    guidance_scale: float,
+    weighting: Weighting,
+    min_step: int,
+    max_step: int,
+    generator: torch.Generator | None = None,
+) -> SDSStep:
+    """The SDS step shared by every guidance: one ``t ~ U{min_step, …, max_step}`` per sample, then ``ε ~ N(0, I)``
+    (both from ``generator``, in that order), ``z_t``, the frozen model's ``(ε_c, ε_u)`` without gradient, standard
+    CFG, ``w(t)``, ``g`` and the reparameterised loss (see the module docstring).
+
+    Args:
+        latents: ``[B, ...]`` clean latents carrying the gradient (fp32).
+        predict_noise: ``(z_t, t) -> (ε_c, ε_u)``, each like ``z_t`` (see ``NoisePredictor``).
+    """
+    b = latents.shape[0]
+    t = sample_timesteps(b, min_step, max_step, generator=generator, device=latents.device)
+    noise = randn(latents.shape, generator=generator, device=latents.device)
+    noisy = add_noise(latents.detach().float(), noise, alphas_cumprod, t)
+    with torch.no_grad():
+        eps_cond, eps_uncond = predict_noise(noisy, t)
+    eps_pred = cfg_combine(eps_uncond.float(), eps_cond.float(), guidance_scale)
+    weight = sds_weight(alphas_cumprod, t, weighting)
+    grad = sds_gradient(eps_pred, noise, weight)
+    return SDSStep(sds_loss(latents, grad, b), grad.norm(), t, noise, eps_pred, weight, grad)
+
+
+def encode_latents(
+    vae,
+    images: Float[Tensor, "N 3 H W"],
+    *,
+    sample_posterior: bool = True,
+    generator: torch.Generator | None = None,
+    graded: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Float[Tensor, "N 4 h w"]:
+    """Latents ``× vae.config.scaling_factor`` (fp32) of images in [0, 1]: the posterior sampled with ``generator``
+    (``mean + std · ε'``, upstream) or its mean. ``graded`` / ``chunk_size``: see ``encode_moments``."""
+    mean, std = encode_moments(vae, images * 2 - 1, graded, chunk_size)
+    latents = mean
+    if sample_posterior:
+        latents = mean + std * randn(mean.shape, generator=generator, device=mean.device)
+    return latents * vae.config.scaling_factor
+
+
 def resize_to_model(
     images: Float[Tensor, "B C H W"], size: tuple[int, int], mode: str = "bilinear"
 ) -> Float[Tensor, "B C h w"]:
@@ -267,6 +342,72 @@ def load_pretrained_component(
         f"`huggingface-cli download {name_or_path}` or set the id to a local folder in the same layout "
         f"(`animate124 make-tiny-models DIR` writes tiny test ones); last error: {str(errors[-1]).splitlines()[0]}"
     )
+
+
+@dataclass
+class DiffusionParts:
+    """The frozen parts every SDS prior loads from a diffusers folder (see ``load_diffusion_parts``)."""
+
+    unet: object
+    vae: object
+    alphas_cumprod: Float[Tensor, "N"]
+    prompt_encoder: text_encoding.PromptEncoder | None
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_diffusion_parts(
+    name_or_path: str | Path,
+    unet_class,
+    *,
+    device: torch.device | str = "cpu",
+    torch_dtype: torch.dtype | None = None,
+    load_text_encoder: bool = True,
+    local_files_only: bool | None = None,
+) -> DiffusionParts:
+    """``unet`` (of ``unet_class``), ``vae``, the DDIM ``scheduler``'s ``ᾱ`` and (optionally) the cached CLIP text
+    encoder from the sub-folders of a hub id or local folder, frozen. ``torch_dtype`` defaults to fp16 on CUDA (the
+    ``fp16`` weight variant when present) and fp32 on CPU."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    device = torch.device(device)
+    dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    path = str(name_or_path)
+    kw = dict(torch_dtype=dtype, prefer_fp16_variant=dtype == torch.float16, local_files_only=local_files_only)
+    unet = load_pretrained_component(unet_class, path, "unet", **kw).to(device)
+    vae = load_pretrained_component(AutoencoderKL, path, "vae", **kw).to(device)
+    scheduler = load_pretrained_component(DDIMScheduler, path, "scheduler", local_files_only=local_files_only)
+    prompt_encoder = None
+    if load_text_encoder:
+        prompt_encoder = text_encoding.PromptEncoder.from_pretrained(
+            path, dtype=dtype, device=device, local_files_only=local_files_only
+        )
+    return DiffusionParts(unet, vae, scheduler.alphas_cumprod.float(), prompt_encoder, dtype, device)
+
+
+class FrozenPrior:
+    """What the video and ControlNet SDS priors share: a frozen ``unet``, ``alphas_cumprod`` and an optional cached
+    text encoder (``prompt_encoder``). Not an ``nn.Module`` on purpose: frozen weights stay out of trainable
+    parameters and checkpoints."""
+
+    unet: object
+    alphas_cumprod: Tensor
+    prompt_encoder: text_encoding.PromptEncoder | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
+        """Cached CLIP embeddings ``[len(prompts), 77, D]`` (see ``text_encoding.PromptEncoder``)."""
+        return text_encoding.encode_cached(self.prompt_encoder, prompts, type(self).__name__)
+
+
+def freeze(*modules) -> None:
+    """Eval mode and no gradients for the frozen prior's modules (anything that is not an ``nn.Module`` is skipped)."""
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -21,50 +21,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core import sds
+from animate124.core import sds, text_encoding
 
 MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
 ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
 
 
-class CachedPromptEncoder:
-    """``encode_prompt`` for objects holding ``text_encoder``, ``tokenizer`` and a ``_text_cache`` dict: CLIP embeddings
-    ``[len(prompts), 77, D]`` (padded to 77 tokens, last hidden state), cached per prompt string for the life of the
-    object (a prompt's embedding never changes; ``clear_text_cache`` empties the cache)."""
-
-    text_encoder: object
-    tokenizer: object
-    _text_cache: dict
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str]) -> Float[Tensor, "B 77 D"]:
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError(
-                f"encode_prompt: this {type(self).__name__} has no text encoder; load it with load_text_encoder=True "
-                "or pass the embeddings (cond_embeddings / uncond_embeddings) to the call"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            embeddings = encode_text(self.tokenizer, self.text_encoder, missing)
-            self._text_cache.update({p: e[None] for p, e in zip(missing, embeddings, strict=True)})
-        return torch.cat([self._text_cache[p] for p in prompts])
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
-
-
-class VideoSDS(CachedPromptEncoder):
+class VideoSDS(sds.FrozenPrior):
     """Frozen text-to-video diffusion model (U-Net3D, VAE, DDIM schedule, CLIP text encoder) used as an SDS prior.
 
-    Not an ``nn.Module`` on purpose: its weights are frozen and must not appear in a trainable model's parameters or
-    checkpoint. Models and dtype are whatever was passed in; losses are computed in fp32.
+    Models and dtype are whatever was passed in; losses are computed in fp32 (see ``sds.FrozenPrior``).
 
     Args:
         unet: ``UNet3DConditionModel`` (input ``[B, 4, T, h, w]``).
         vae: ``AutoencoderKL`` (or anything with ``encode(x).latent_dist.{mean,std}``, ``config.scaling_factor``).
         alphas_cumprod: ``[N]`` ``ᾱ`` of the training noise schedule (``scheduler.alphas_cumprod``).
-        text_encoder, tokenizer: CLIP text model and tokenizer; optional when embeddings are always passed in.
+        prompt_encoder: ``text_encoding.PromptEncoder`` for ``encode_prompt``; optional when embeddings are always
+            passed in.
         model_size: ``(H, W)`` pixel size the model was trained at (256×256 ModelScope, 320×576 ZeroScope).
     """
 
@@ -73,19 +46,15 @@ class VideoSDS(CachedPromptEncoder):
         unet,
         vae,
         alphas_cumprod: Float[Tensor, "N"],
-        text_encoder=None,
-        tokenizer=None,
+        prompt_encoder: text_encoding.PromptEncoder | None = None,
         model_size: tuple[int, int] = (256, 256),
     ):
         self.unet, self.vae = unet, vae
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.prompt_encoder = prompt_encoder
         self.alphas_cumprod = alphas_cumprod.float()
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.model_size = tuple(model_size)
-        self._text_cache: dict[str, Tensor] = {}  # prompt -> [1, 77, D]; constant per prompt, see encode_prompt
-        for module in (unet, vae, text_encoder):
-            if isinstance(module, torch.nn.Module):
-                module.eval().requires_grad_(False)
+        sds.freeze(unet, vae)
 
     @classmethod
     def from_pretrained(
@@ -105,25 +74,15 @@ class VideoSDS(CachedPromptEncoder):
         ``model_size`` defaults to 320×576 for ZeroScope ids, else ``unet.config.sample_size × 8`` when the U-Net
         config gives a ``(h, w)`` pair, else 256×256.
         """
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+        from diffusers import UNet3DConditionModel
 
-        device = torch.device(device)
-        dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        path, fp16 = str(name_or_path), dtype == torch.float16
-        kw = dict(torch_dtype=dtype, prefer_fp16_variant=fp16, local_files_only=local_files_only)
-        unet = sds.load_pretrained_component(UNet3DConditionModel, path, "unet", **kw).to(device)
-        vae = sds.load_pretrained_component(AutoencoderKL, path, "vae", **kw).to(device)
-        scheduler = sds.load_pretrained_component(DDIMScheduler, path, "scheduler", local_files_only=local_files_only)
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder, tokenizer = load_text_encoder_and_tokenizer(path, device, dtype, local_files_only)
+        parts = sds.load_diffusion_parts(
+            name_or_path, UNet3DConditionModel, device=device, torch_dtype=torch_dtype,
+            load_text_encoder=load_text_encoder, local_files_only=local_files_only,
+        )
         if model_size is None:
-            model_size = _default_model_size(path, unet, vae)
-        return cls(unet, vae, scheduler.alphas_cumprod, text_encoder, tokenizer, model_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+            model_size = _default_model_size(str(name_or_path), parts.unet, parts.vae)
+        return cls(parts.unet, parts.vae, parts.alphas_cumprod, parts.prompt_encoder, model_size)
 
     def encode_frames(
         self,
@@ -144,16 +103,14 @@ class VideoSDS(CachedPromptEncoder):
         b, t = frames.shape[:2]
         if not 0 <= low_ram_vae <= t:
             raise ValueError(f"encode_frames: low_ram_vae={low_ram_vae} must be in [0, T={t}] (0 = all frames graded)")
-        images = frames.reshape(b * t, *frames.shape[2:]) * 2 - 1
-        graded = torch.ones(b * t, dtype=torch.bool)
+        graded = None
         if low_ram_vae > 0:
             order = [torch.randperm(t, generator=sds.cpu_generator(generator)) for _ in range(b)]
             graded = torch.stack([o < low_ram_vae for o in order]).reshape(-1)  # n True per clip
-        mean, std = sds.encode_moments(self.vae, images, graded, vae_chunk_size)
-        latents = mean
-        if sample_posterior:
-            latents = mean + std * sds.randn(mean.shape, generator=generator, device=mean.device)
-        latents = latents * self.vae.config.scaling_factor
+        latents = sds.encode_latents(
+            self.vae, frames.reshape(b * t, *frames.shape[2:]), sample_posterior=sample_posterior,
+            generator=generator, graded=graded, chunk_size=vae_chunk_size,
+        )
         return latents.reshape(b, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
 
     def __call__(
@@ -236,31 +193,26 @@ class VideoSDS(CachedPromptEncoder):
         b = latents.shape[0]
         cond = cond_embeddings.to(self.device).expand(b, -1, -1)
         uncond = uncond_embeddings.to(self.device).expand(b, -1, -1)
-        # 3. noise one timestep per clip
-        t = sds.sample_timesteps(b, min_step, max_step, generator=generator, device=latents.device)
-        noise = sds.randn(latents.shape, generator=generator, device=latents.device)
-        noisy = sds.add_noise(latents.detach().float(), noise, self.alphas_cumprod, t)
-        # 4. frozen U-Net, both CFG halves in one batch
-        eps_cond, eps_uncond = self._predict_noise(noisy, t, cond, uncond)
-        # 5. guidance, weighting, loss
-        eps_pred = sds.cfg_combine(eps_uncond, eps_cond, guidance_scale)
-        weight = sds.sds_weight(self.alphas_cumprod, t, weighting)
-        grad = sds.sds_gradient(eps_pred, noise, weight)
+        step = sds.sds_step(
+            latents, lambda noisy, t: self._predict_noise(noisy, t, cond, uncond), self.alphas_cumprod,
+            guidance_scale=guidance_scale, weighting=weighting, min_step=min_step, max_step=max_step,
+            generator=generator,
+        )
         out = {
-            "loss_sds_video": sds.sds_loss(latents, grad, b),
-            "grad_norm": grad.norm(),
-            "timestep": t,
+            "loss_sds_video": step.loss,
+            "grad_norm": step.grad_norm,
+            "timestep": step.timestep,
             "min_step": torch.tensor(min_step),
             "max_step": torch.tensor(max_step),
         }
         if return_intermediates:
-            out.update(latents=latents, noise=noise, eps_pred=eps_pred, grad=grad, weight=weight)
+            out.update(latents=latents, noise=step.noise, eps_pred=step.eps_pred, grad=step.grad, weight=step.weight)
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _predict_noise(self, noisy, t, cond, uncond):
+        """Both CFG halves in one U-Net batch: ``(ε_c, ε_u)``."""
         dtype = self.unet.dtype
         out = self.unet(
             torch.cat([noisy, noisy]).to(dtype),
@@ -278,35 +230,6 @@ class VideoSDS(CachedPromptEncoder):
             uncond = self.encode_prompt(negative_prompt)
         device = self.device
         return cond.to(device).expand(b, -1, -1), uncond.to(device).expand(b, -1, -1)
-
-
-def encode_text(tokenizer, text_encoder, prompts: list[str]) -> Float[Tensor, "B 77 D"]:
-    """CLIP last hidden state for prompts padded / truncated to the tokenizer's ``model_max_length`` (77), the
-    conditioning of SD 1.5, ModelScope and ZeroScope. fp32 result."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    device = next(text_encoder.parameters()).device
-    with torch.no_grad():
-        return text_encoder(ids.to(device))[0].float()
-
-
-def load_text_encoder_and_tokenizer(name_or_path: str, device, dtype, local_files_only: bool | None = None):
-    """``CLIPTextModel`` and ``CLIPTokenizer`` from the ``text_encoder`` / ``tokenizer`` sub-folders."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(
-            name_or_path, subfolder="text_encoder", torch_dtype=dtype, **kwargs
-        )
-    except OSError as err:
-        raise OSError(
-            f"could not load the text encoder / tokenizer of {name_or_path!r}: download it once or point the id at a "
-            f"local folder with text_encoder/ and tokenizer/ sub-folders; error: {str(err).splitlines()[0]}"
-        ) from err
-    return text_encoder.to(device).eval().requires_grad_(False), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Our guidances and prompt processors through real threestudio (tiny models, CPU), beside the host's SD guidance."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from test_system_integration import REF, StepRecorder, _config, _run
@@ -148,3 +151,84 @@ def test_system_refine_with_controlnet_slot(threestudio, tiny_models, shared_dat
     live = system.geometry.state_dict()
     assert not torch.equal(live["field.encoding_time.embeddings"],
                            frozen.state_dict()["field.encoding_time.embeddings"])
+
+
+STATIC_SD_CONFIGS = ("animate124.yaml", "animate124-static.yaml", "animate124-zeroscope.yaml", "animate124-smoke.yaml",
+                     "animate124-fast.yaml", "animate124-lowvram.yaml")
+
+
+def _sd15_alphas_cumprod(scheduler_dir: Path) -> torch.Tensor:
+    """alpha_bar_t by hand from the scheduler config: SD 1.5's scaled-linear betas, sqrt-spaced from beta_start to
+    beta_end, alpha_bar_t = prod_{s <= t} (1 - beta_s)."""
+    cfg = json.loads((scheduler_dir / "scheduler_config.json").read_text())
+    assert cfg["beta_schedule"] == "scaled_linear"
+    betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def test_static_sd_slot_weights_as_upstream(threestudio, tiny_models, cwd):
+    """The stage-1 SD term of every config that has one: the host's unified guidance with w(t) = 1 - sqrt(alpha_bar)
+    (upstream's stage-1 config), no HiFA image loss, CFG 100, t in [200, 600]."""
+    from omegaconf import OmegaConf
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    settings = []
+    for name in STATIC_SD_CONFIGS:
+        slot = OmegaConf.load(configs / name).system.guidances.sd
+        assert slot.guidance_type == "stable-diffusion-unified-guidance", name
+        guidance_cfg = OmegaConf.to_container(slot.guidance)
+        guidance_cfg.pop("pretrained_model_name_or_path")
+        guidance_cfg.pop("half_precision_weights", None)
+        settings.append(guidance_cfg)
+    assert all(s == settings[0] for s in settings)
+    assert settings[0] == {"guidance_scale": 100.0, "min_step_percent": 0.2, "max_step_percent": 0.6,
+                           "weighting_strategy": "dreamfusion", "use_img_loss": False}
+    guidance = threestudio.find("stable-diffusion-unified-guidance")(
+        {**settings[0], "pretrained_model_name_or_path": str(tiny_models["sd"]), "half_precision_weights": False})
+    processor = threestudio.find("stable-diffusion-prompt-processor")({
+        "pretrained_model_name_or_path": str(tiny_models["sd"]), "prompt": "a panda", "spawn": False})
+    guidance.update_step(0, 0)
+    assert (guidance.min_step, guidance.max_step) == (200, 600)
+
+    alpha_bar = _sd15_alphas_cumprod(Path(tiny_models["sd"]) / "scheduler")
+    torch.testing.assert_close(guidance.alphas_cumprod.double().cpu(), alpha_bar, rtol=1e-6, atol=0)
+    w = 1 - alpha_bar.sqrt()
+    assert w[200].item() == pytest.approx(0.1318456, abs=1e-6) and w[600].item() == pytest.approx(0.5990230, abs=1e-6)
+    # the host's stable-diffusion-guidance (weighting "sds", w = 1 - alpha_bar) is 1 + sqrt(alpha_bar) times stronger
+    ratio = (1 - alpha_bar[200:601]) / w[200:601]
+    assert ratio.min().item() == pytest.approx(1.401, abs=1e-3) and ratio.max().item() == pytest.approx(1.868, abs=1e-3)
+
+    b = 2
+    cams = {**_cameras(b), "mvp_mtx": torch.eye(4, device=DEVICE).repeat(b, 1, 1),
+            "c2w": torch.eye(4, device=DEVICE).repeat(b, 1, 1)}
+    # 1. the real tiny U-Net: the weights it applied are w(t) of its timestep, and loss = 0.5 |g|^2 / B
+    torch.manual_seed(0)
+    image = torch.rand(b, H, W, 3, device=DEVICE, requires_grad=True)
+    out = guidance(image, processor(), **cams, rgb_as_latents=False)
+    t = out["timesteps"].cpu()
+    assert [k for k in out if k.startswith("loss_")] == ["loss_sd"] and 200 <= t[0] <= 600 and (t == t[0]).all()
+    torch.testing.assert_close(out["weights"].flatten().double().cpu(), w[t], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loss_sd"], 0.5 * out["grad_norm"] ** 2 / b, rtol=1e-4, atol=0)
+    out["loss_sd"].backward()
+    assert image.grad.abs().sum() > 0
+
+    # 2. the gradient itself, with a predictor known by hand (eps_hat = 0): d loss / d latents = -w(t) eps / B, eps
+    # read back from the noisy latents the predictor sees (z_t = sqrt(alpha_bar) z + sqrt(1 - alpha_bar) eps)
+    seen = {}
+
+    def zero_prediction(latents_noisy, t, *args, **kwargs):
+        seen.update(noisy=latents_noisy.detach().clone(), t=t.detach().clone())
+        return torch.zeros_like(latents_noisy)
+
+    guidance.get_eps_pretrain = zero_prediction
+    latents = torch.randn(b, 64, 64, 4, device=DEVICE, requires_grad=True)  # 64x64 latents: resized as is
+    out = guidance(latents, processor(), **cams, rgb_as_latents=True)
+    out["loss_sd"].backward()
+    t = seen["t"].cpu()
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    z = latents.detach().permute(0, 3, 1, 2).double().cpu()
+    eps = (seen["noisy"].double().cpu() - a.sqrt() * z) / (1 - a).sqrt()
+    want = -(1 - a.sqrt()) * eps / b
+    torch.testing.assert_close(latents.grad.double().cpu(), want.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-6)
+    assert eps.std().item() == pytest.approx(1.0, abs=0.05)  # it really was the standard normal noise

@@ -52,7 +52,6 @@ system:
   geometry_type: a124-4d-volume
   geometry:
     radius: 1.0
-    temporal_frozen: true
     pos_encoding_config: {{n_levels: 4, log2_hashmap_size: 12, base_resolution: 8, per_level_scale: 1.5, implementation: torch}}
   material_type: no-material
   material: {{n_output_dims: 3, color_activation: sigmoid}}

@@ -134,8 +134,9 @@ def test_time_smoothness_loss_formula():
 
 
 def test_freezing_stops_temporal_gradients_but_keeps_the_grid_in_the_output():
-    field = make_field(temporal_frozen=True)
-    assert field.temporal_frozen
+    # a stage without field_4d in `trainable` freezes the grid this way (the system's requires_grad per group)
+    field = make_field()
+    field.encoding_time.requires_grad_(False)
     p, t = points_times(64)
     out = field(p, t)
     (out["density"].sum() + out["features"].sum()).backward()
@@ -144,8 +145,7 @@ def test_freezing_stops_temporal_gradients_but_keeps_the_grid_in_the_output():
         before = field(p, t)["features"]
         field.encoding_time.embeddings.add_(0.5)
         assert not torch.equal(field(p, t)["features"], before)  # frozen grid still evaluated and added
-    field.set_temporal_trainable(True)
-    assert not field.temporal_frozen
+    field.encoding_time.requires_grad_(True)
     field(p, t)["density"].sum().backward()
     assert field.encoding_time.embeddings.grad.abs().sum() > 0
 

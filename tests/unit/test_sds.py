@@ -1,6 +1,7 @@
 """Shared SDS math: timestep ranges and sampling, CFG, weights, the reparameterised loss, resizing."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,6 +100,54 @@ def test_sds_loss_gradient_is_g_over_b_and_value_half_g_squared():
     loss.backward()
     torch.testing.assert_close(z.grad, g / 2)
     torch.testing.assert_close(loss, 0.5 * (g**2).sum() / 2)
+
+
+def test_sds_step_hand_computed_with_a_linear_noise_predictor():
+    """One step with a predictor whose outputs are known by hand: eps_c = 2 z_t, eps_u = z_t / 2."""
+    alphas_cumprod = torch.linspace(0.99, 0.01, 10)
+    z = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    seen = []
+
+    def predict(noisy, t):
+        seen.append(torch.is_grad_enabled())
+        return 2 * noisy, noisy / 2
+
+    step = sds.sds_step(z, predict, alphas_cumprod, guidance_scale=3.0, weighting="one-minus-sqrt-alpha",
+                        min_step=2, max_step=7, generator=torch.Generator().manual_seed(5))
+    step.loss.backward()
+    # the same draws, in the step's order: timesteps, then noise
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(2, 8, (3,), generator=gen)
+    eps = torch.randn(3, 4, 2, 2, generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z.detach() + (1 - a).sqrt() * eps
+    eps_hat = z_t / 2 + 3.0 * (2 * z_t - z_t / 2)  # standard CFG
+    g = (1 - a.sqrt()) * (eps_hat - eps)
+    assert step.timestep.tolist() == t.tolist() and seen == [False]  # the frozen model runs without gradient
+    torch.testing.assert_close(step.noise, eps, rtol=0, atol=0)
+    torch.testing.assert_close(step.weight, 1 - alphas_cumprod[t].sqrt())
+    torch.testing.assert_close(step.grad, g)
+    torch.testing.assert_close(z.grad, g / 3)
+    torch.testing.assert_close(step.loss, 0.5 * (g**2).sum() / 3)
+    torch.testing.assert_close(step.grad_norm, g.norm())
+
+
+def test_encode_latents_samples_the_posterior_with_the_generator_and_scales():
+    class Posterior:  # the VAE interface with a known posterior: mean = 2 x on channels (r, g, b, r), std 0.1
+        dtype = torch.float32
+        config = SimpleNamespace(scaling_factor=0.5)
+
+        def encode(self, x):
+            mean = 2 * x[:, [0, 1, 2, 0]]
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.full_like(mean, 0.1)))
+
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = images * 2 - 1
+    mean = 2 * x[:, [0, 1, 2, 0]]  # x in [-1, 1]
+    got = sds.encode_latents(Posterior(), images, generator=torch.Generator().manual_seed(3))
+    want = 0.5 * (mean + 0.1 * torch.randn(mean.shape, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(sds.encode_latents(Posterior(), images, sample_posterior=False), 0.5 * mean)
 
 
 def test_sds_gradient_weights_per_sample_and_is_nan_safe():
