@@ -6,7 +6,6 @@ they come from the guidance modules.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["rgb_mse", "mask_bce", "depth_pearson", "normal_smoothness_2d", "sparsity", "opaque"]
