@@ -251,6 +251,26 @@ def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, 
         build(broken, strict=True)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (("guidance_scale: 5.0", "guidance_scale: 5.0\n        guidance_scael: 1.0"),
+     r"system.guidances.zero123.guidance \(zero123-unified-guidance\): .*guidance_scael"),
+    (("guidance_type: a124-video-sds-guidance", "guidance_type: a124-video-sds"),
+     r"system.guidances.video.guidance_type='a124-video-sds' is not a registered name"),
+    (("time_smoothness: 0.001}", "time_smoothness: 0.001, sparsity: 1.0}"),
+     r"stage 'dynamic': loss weight 'sparsity' cannot be used"),
+])
+def test_bad_slot_configs_and_weights_fail_at_construction(threestudio, tiny_models, shared_data, run_dir, edit, match):
+    """A typo in a slot's config or a weight a stage cannot compute fails when the system is built (before any
+    guidance loads), not when the stage starts."""
+    from threestudio.utils.config import load_config
+
+    text = _config(tiny_models, shared_data / "examples" / REF / "rgba.png", run_dir)
+    assert edit[0] in text
+    cfg = load_config(text.replace(edit[0], edit[1], 1), from_string=True)
+    with pytest.raises(ValueError, match=match):
+        threestudio.find(cfg.system_type)(cfg.system)
+
+
 def test_smoke_config_file_trains_tests_and_exports(threestudio, run_dir):
     """configs/animate124-smoke.yaml itself: tiny models made on first use, all stages, test videos, export."""
     import pygltflib
