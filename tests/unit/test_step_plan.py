@@ -112,3 +112,12 @@ def test_check_weights_accepts_depth_when_unknown_or_present():
 def test_parse_slots_names_the_problem(raw, match):
     with pytest.raises(ValueError, match=match):
         parse_slots(raw)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.parent.glob("animate124*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_weight_check(path):
+    system = OmegaConf.load(path).system
+    stages = parse_stages(OmegaConf.to_container(system.stages, resolve=False))
+    check_weights(stages, parse_slots(OmegaConf.to_container(system.guidances, resolve=False)),
+                  system.get("static_ref_interval", 1))
+    assert system.get("anchor_interval", 0) == 0  # every recipe anchors as upstream
