@@ -6,12 +6,16 @@ they come from the guidance modules.
 """
 from __future__ import annotations
 
+from jaxtyping import Bool, Float
 from torch import Tensor
+
+Mask = Bool[Tensor, "B H W 1"] | Float[Tensor, "B H W 1"]
 
 __all__ = ["rgb_mse", "mask_bce", "depth_pearson", "normal_smoothness_2d", "sparsity", "opaque"]
 
 
-def rgb_mse(rgb: Tensor, ref_rgb: Tensor, mask: Tensor, bg_rgb: Tensor) -> Tensor:
+def rgb_mse(rgb: Float[Tensor, "B H W 3"], ref_rgb: Float[Tensor, "B H W 3"], mask: Mask,
+            bg_rgb: Float[Tensor, "B H W 3"]) -> Float[Tensor, ""]:
     """Mean squared error against the reference composited on the rendered background: target = ref * m + bg * (1 - m).
 
     Args:
@@ -22,7 +26,7 @@ def rgb_mse(rgb: Tensor, ref_rgb: Tensor, mask: Tensor, bg_rgb: Tensor) -> Tenso
     return (rgb - (ref_rgb * m + bg_rgb * (1.0 - m))).square().mean()
 
 
-def mask_bce(opacity: Tensor, mask: Tensor, clamp: float = 1e-5) -> Tensor:
+def mask_bce(opacity: Float[Tensor, "B H W 1"], mask: Mask, clamp: float = 1e-5) -> Float[Tensor, ""]:
     """Binary cross-entropy of the opacity against the reference mask, opacity clamped to [clamp, 1 - clamp], in fp32.
 
     Written out instead of ``F.binary_cross_entropy``, which CUDA autocast (16-mixed) refuses.
@@ -32,7 +36,7 @@ def mask_bce(opacity: Tensor, mask: Tensor, clamp: float = 1e-5) -> Tensor:
     return -(m * p.log() + (1.0 - m) * (1.0 - p).log()).mean()
 
 
-def depth_pearson(depth: Tensor, ref_depth: Tensor, mask: Tensor) -> Tensor:
+def depth_pearson(depth: Float[Tensor, "B H W 1"], ref_depth: Float[Tensor, "B H W 1"], mask: Mask) -> Float[Tensor, ""]:
     """(1 - Pearson correlation) / 2 between rendered depth and 1 - reference depth, over the mask's pixels.
 
     The reference is relative depth with larger = nearer (as ``animate124 preprocess`` writes it); rendered depth is
@@ -49,7 +53,7 @@ def depth_pearson(depth: Tensor, ref_depth: Tensor, mask: Tensor) -> Tensor:
     return (1.0 - corr) / 2.0
 
 
-def normal_smoothness_2d(normal: Tensor) -> Tensor:
+def normal_smoothness_2d(normal: Float[Tensor, "B H W 3"]) -> Float[Tensor, ""]:
     """Screen-space normal smoothness: mean((N[:, 1:] - N[:, :-1])^2) + mean((N[:, :, 1:] - N[:, :, :-1])^2).
 
     Args:
@@ -58,12 +62,12 @@ def normal_smoothness_2d(normal: Tensor) -> Tensor:
     return (normal[:, 1:] - normal[:, :-1]).square().mean() + (normal[:, :, 1:] - normal[:, :, :-1]).square().mean()
 
 
-def sparsity(opacity: Tensor) -> Tensor:
+def sparsity(opacity: Float[Tensor, "B H W 1"]) -> Float[Tensor, ""]:
     """Charbonnier-style sparsity: mean(sqrt(opacity^2 + 0.01)); pushes empty pixels to zero opacity."""
     return (opacity.square() + 0.01).sqrt().mean()
 
 
-def opaque(opacity: Tensor, clamp: float = 1e-3) -> Tensor:
+def opaque(opacity: Float[Tensor, "B H W 1"], clamp: float = 1e-3) -> Float[Tensor, ""]:
     """Entropy of the opacity (BCE of the clamped opacity against itself): pushes pixels to fully on or off."""
     p = opacity.float().clamp(clamp, 1.0 - clamp)
     return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()

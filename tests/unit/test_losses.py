@@ -7,6 +7,10 @@ import torch
 from animate124.core import losses
 
 
+def test_all_exports_import():
+    assert all(hasattr(losses, name) for name in losses.__all__)
+
+
 def test_rgb_mse_composites_the_reference_on_the_render_background():
     rgb = torch.tensor([[[[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]]]])  # [1, 1, 2, 3]
     ref = torch.tensor([[[[0.0, 0.0, 0.0], [0.2, 0.2, 0.2]]]])

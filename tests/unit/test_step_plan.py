@@ -121,3 +121,9 @@ def test_every_shipped_config_passes_the_weight_check(path):
     check_weights(stages, parse_slots(OmegaConf.to_container(system.guidances, resolve=False)),
                   system.get("static_ref_interval", 1))
     assert system.get("anchor_interval", 0) == 0  # every recipe anchors as upstream
+
+
+def test_all_exports_import():
+    from animate124.core import step_plan
+
+    assert all(hasattr(step_plan, name) for name in step_plan.__all__)
