@@ -78,6 +78,7 @@ class TimeVolumeRenderer(VolumeRenderer):
         bg_color: Optional[Tensor] = None,
         frame_times: Optional[Float[Tensor, "B"]] = None,
         return_normal: Optional[bool] = None,
+        generator: Optional[torch.Generator] = None,
         **kwargs,
     ) -> Dict[str, Tensor]:
         batch_size, height, width = rays_o.shape[:3]
@@ -121,6 +122,7 @@ class TimeVolumeRenderer(VolumeRenderer):
             estimator=self.estimator,
             bg_color=bg,
             randomized=self.randomized and self.training,
+            generator=generator,
             return_normal=return_normal,
             alpha_thre=self.cfg.alpha_thre,
             chunk_size=0 if self.training else self.cfg.eval_chunk_size,

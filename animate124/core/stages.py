@@ -9,7 +9,6 @@ required)::
     loss_weights: {sds_video: 1.0, rgb: [0, 1000., 100., 5000]}  # number or a host C() schedule list (default {})
     learning_rates: {field_4d: 0.01, background: 0.001}         # param group -> lr >= 0 (default {})
     trainable: [field_4d, background]                           # param groups that train (default: all; [] = none)
-    overrides: {...}              # free mapping the system interprets (default {})
 
 Stage i covers the global steps [start_i, start_i + steps_i), start_0 = 0, start_{i+1} = start_i + steps_i; the
 total is the sum of steps. Steps at or past the total (the host runs validation, test and export at
@@ -32,10 +31,10 @@ __all__ = [
     "stage_starts",
     "total_steps",
     "stage_at",
-    "entered_stage",
+    "starts_later_stage",
 ]
 
-STAGE_KEYS = ("name", "steps", "guidances", "loss_weights", "learning_rates", "trainable", "overrides")
+STAGE_KEYS = ("name", "steps", "guidances", "loss_weights", "learning_rates", "trainable")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,6 @@ class Stage:
     loss_weights: dict[str, float | tuple[int | float, ...]] = field(default_factory=dict)
     learning_rates: dict[str, float] = field(default_factory=dict)
     trainable: Optional[tuple[str, ...]] = None
-    overrides: dict[str, Any] = field(default_factory=dict)
 
     def trains(self, group: str) -> bool:
         """Whether the parameter group ``group`` is optimised in this stage."""
@@ -126,20 +124,12 @@ def stage_at(stages: Sequence[Stage], global_step: int) -> StagePosition:
     return StagePosition(last, stages[last], global_step - (start - stages[last].steps), True)
 
 
-def entered_stage(stages: Sequence[Stage], prev_step: Optional[int], step: int) -> Optional[int]:
-    """Index of the stage to set up before running ``step``, or None when ``step`` continues the stage of
-    ``prev_step``.
-
-    ``prev_step=None`` means nothing ran before in this process (a fresh start, or a resume from a checkpoint at
-    ``step``): the stage of ``step`` is returned so its guidances get loaded. When several boundaries are crossed at
-    once, the stage now active is returned (the stages in between never ran). Stepping past the total never enters a
-    stage.
-    """
-    now = stage_at(stages, step)
-    if prev_step is None:
-        return now.index
-    before = stage_at(stages, prev_step)
-    return None if now.index == before.index else now.index
+def starts_later_stage(stages: Sequence[Stage], global_step: int) -> bool:
+    """True when ``global_step`` is the first step of a stage other than the first (where the optimizer state is
+    reset). Decided from the step alone, so a run resumed exactly at a boundary resets too and one resumed inside a
+    stage keeps its state. Example: steps (10, 5): True only at step 10."""
+    pos = stage_at(stages, global_step)
+    return pos.index > 0 and pos.step_in_stage == 0 and not pos.done
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,7 +157,6 @@ def _parse_one(i: int, entry: Any) -> Stage:
         loss_weights={k: _weight(where, k, v) for k, v in _mapping(where, "loss_weights", entry).items()},
         learning_rates={k: _lr(where, k, v) for k, v in _mapping(where, "learning_rates", entry).items()},
         trainable=None if entry.get("trainable") is None else _names(where, "trainable", entry["trainable"]),
-        overrides=dict(_mapping(where, "overrides", entry)),
     )
 
 

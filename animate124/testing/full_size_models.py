@@ -230,7 +230,7 @@ def _built(factory, device: str):
 def _text_encoder(arch: dict):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tm = _tiny_models()
+    from animate124.testing import tiny_models as tm
     config = CLIPTextConfig(
         vocab_size=tm.CLIP_VOCAB_SIZE, max_position_embeddings=tm.CLIP_MAX_LENGTH, bos_token_id=49406,
         eos_token_id=49407, pad_token_id=49407, **arch,
@@ -249,7 +249,7 @@ def _tokenizer(path: Path):
     with CLIP's special-token ids: prompts still pad to 77 tokens, so every tensor shape (and time) is the same."""
     from transformers import CLIPTokenizer
 
-    tm = _tiny_models()
+    from animate124.testing import tiny_models as tm
     try:
         return CLIPTokenizer.from_pretrained(tm.make_clip_tokenizer(path))
     except ImportError as error:
@@ -378,15 +378,6 @@ def _link_fp16_variants(folder: Path) -> None:
         variant = weights.with_name(weights.name[: -len(".safetensors")] + ".fp16.safetensors")
         if not variant.exists():
             variant.symlink_to(weights.name)
-
-
-def _tiny_models():
-    """The tiny-model module (its real CLIP tokenizer is shared); it moves from ``core`` to ``testing``."""
-    try:
-        from animate124.testing import tiny_models
-    except ImportError:
-        from animate124.core import tiny_models
-    return tiny_models
 
 
 def _diffusers_version() -> str:

@@ -3,7 +3,7 @@
 import pytest
 
 from animate124.core import stages as stages_module
-from animate124.core.stages import Stage, entered_stage, parse_stages, stage_at, stage_starts, total_steps
+from animate124.core.stages import Stage, parse_stages, stage_at, stage_starts, starts_later_stage, total_steps
 
 RECIPE = [
     {
@@ -21,7 +21,7 @@ RECIPE = [
         "loss_weights": {"sds_video": 1},
         "trainable": ["field_4d"],
     },
-    {"name": "refine", "steps": 3, "guidances": ["controlnet"], "overrides": {"height": 256}},
+    {"name": "refine", "steps": 3, "guidances": ["controlnet"]},
 ]
 
 
@@ -44,7 +44,7 @@ def test_parse_fills_defaults_and_keeps_values(recipe):
     assert isinstance(static.loss_weights["rgb"][3], int)  # C() reads an int end step as a global step
     assert static.learning_rates == {"field_static": 0.01} and static.trains("background") and not static.trains("x")
     assert dynamic.loss_weights == {"sds_video": 1.0} and dynamic.learning_rates == {}
-    assert refine.trainable is None and refine.trains("anything") and refine.overrides == {"height": 256}
+    assert refine.trainable is None and refine.trains("anything")
     assert parse_stages([{"name": "a", "steps": 1, "trainable": []}])[0].trains("x") is False
 
 
@@ -86,16 +86,14 @@ def test_stage_at_covers_every_step_exactly_once(recipe):
     assert names == ["static"] * 10 + ["dynamic"] * 5 + ["refine"] * 3
 
 
-def test_entered_stage(recipe):
-    assert entered_stage(recipe, None, 0) == 0  # fresh start: set up stage 0
-    assert entered_stage(recipe, None, 12) == 1  # resume mid stage 2: set up the dynamic stage
-    assert entered_stage(recipe, 8, 9) is None
-    assert entered_stage(recipe, 9, 10) == 1
-    assert entered_stage(recipe, 14, 15) == 2
-    assert entered_stage(recipe, 3, 16) == 2  # jump across two boundaries: the active one
-    assert entered_stage(recipe, 17, 18) is None  # finishing does not enter a stage
-    entered = [s for s in range(1, 19) if entered_stage(recipe, s - 1, s) is not None]
-    assert entered == [10, 15]
+def test_starts_later_stage(recipe):
+    # the optimizer state is reset exactly at the first step of stages 2 and 3 (never at 0, never past the end)
+    assert [s for s in range(20) if starts_later_stage(recipe, s)] == [10, 15]
+
+
+def test_removed_keys_are_named():
+    with pytest.raises(ValueError, match=r"unknown keys \['overrides'\]"):
+        parse_stages([{"name": "a", "steps": 1, "overrides": {}}])
 
 
 @pytest.mark.parametrize(
@@ -119,7 +117,7 @@ def test_entered_stage(recipe):
         ([{"name": "a", "steps": 1, "loss_weights": {"rgb": [1, 2]}}], ValueError, r"loss_weights.rgb=\[1, 2\]"),
         ([{"name": "a", "steps": 1, "guidances": "video"}], TypeError, "guidances must be a list"),
         ([{"name": "a", "steps": 1, "trainable": ["x", "x"]}], ValueError, "distinct"),
-        ([{"name": "a", "steps": 1, "overrides": [1]}], TypeError, "overrides must be a mapping"),
+        ([{"name": "a", "steps": 1, "learning_rates": [1]}], TypeError, "learning_rates must be a mapping"),
         ([["name", "a"]], TypeError, r"stages\[0\] must be a mapping"),
     ],
 )

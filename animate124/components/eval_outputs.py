@@ -1,0 +1,61 @@
+"""What the ``a124-system`` writes outside training: validation / test frames and videos, and the exported meshes,
+each written once under DDP (every rank renders its share of the views; global rank 0 assembles the videos after a
+barrier). A mixin of :class:`animate124.components.system.Animate124System`."""
+from __future__ import annotations
+
+import os
+
+from animate124.components.host_compat import video_format
+
+
+class EvalOutputsMixin:
+    def _save_views(self, prefix: str, out: dict) -> None:
+        imgs = [{"type": "rgb", "img": out["comp_rgb"][0], "kwargs": {"data_format": "HWC"}}]
+        if "comp_normal" in out:
+            imgs.append({"type": "rgb", "img": out["comp_normal"][0], "kwargs": {"data_format": "HWC", "data_range": (0, 1)}})
+        imgs.append({"type": "grayscale", "img": out["opacity"][0, :, :, 0], "kwargs": {"cmap": None, "data_range": (0, 1)}})
+        self.save_image_grid(f"{prefix}.png", imgs, name=None, step=self.true_global_step)
+
+    def validation_step(self, batch, batch_idx):
+        self._save_views(f"it{self.true_global_step}-val/{int(batch['index'][0])}", self(batch))
+
+    def test_step(self, batch, batch_idx):
+        step, name = self.true_global_step, batch["trajectory"][0]
+        self._save_views(f"it{step}-test/{name}/{int(batch['index'][0])}", self(batch))
+
+    def _rank_zero_after_barrier(self) -> bool:
+        trainer = getattr(self, "_trainer", None)  # None when called outside a Trainer (e.g. an export script)
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier()
+        return self.global_rank == 0
+
+    def on_validation_epoch_end(self):
+        if self._rank_zero_after_barrier():
+            step = self.true_global_step
+            self.save_img_sequence(f"it{step}-val", f"it{step}-val", r"(\d+)\.png", save_format=video_format(), fps=16,
+                                   name="validation_video", step=step)
+
+    def on_test_epoch_end(self):
+        if self._rank_zero_after_barrier():
+            self._write_test_videos()
+
+    def on_predict_epoch_end(self) -> None:
+        """As the host's, but written once under DDP."""
+        if not self._rank_zero_after_barrier():
+            return
+        if self.exporter.cfg.save_video:
+            self._write_test_videos()
+        for out in self.exporter():
+            save = getattr(self, f"save_{out.save_type}", None)
+            if save is None:
+                raise ValueError(f"exporter output type {out.save_type!r} has no save_{out.save_type} in SaverMixin")
+            save(f"it{self.true_global_step}-export/{out.save_name}", **out.params)
+
+    def _write_test_videos(self) -> None:
+        step = self.true_global_step
+        root = os.path.join(self.get_save_dir(), f"it{step}-test")
+        if not os.path.isdir(root):
+            return
+        for name in sorted(os.listdir(root)):
+            self.save_img_sequence(f"it{step}-test-{name}", f"it{step}-test/{name}", r"(\d+)\.png",
+                                   save_format=video_format(), fps=16, name=f"test_{name}", step=step)

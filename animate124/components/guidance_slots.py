@@ -1,0 +1,83 @@
+"""The guidance slots of ``system.guidances`` at run time: loaded when a stage that uses them starts, freed when a
+stage does not, and called with the inputs their kind needs (validation of the mapping: ``core/step_plan.py``).
+
+Kept in plain dicts, not ``nn.Module`` attributes, so the frozen diffusion models stay out of the checkpoint.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import threestudio
+import torch
+from threestudio.utils.misc import cleanup
+
+from animate124.components.host_compat import alias_host_zero123
+from animate124.core.step_plan import GuidanceSlot
+
+
+class GuidanceSlots:
+    def __init__(self, slots: Dict[str, GuidanceSlot]) -> None:
+        self.slots = slots
+        self.guidances: Dict[str, Any] = {}
+        self.prompt_processors: Dict[str, Any] = {}
+        self._check_configs()
+
+    def _check_configs(self) -> None:
+        """Check every slot's type names and config keys now, before step 0, without loading a model (a slot is
+        otherwise built only when its stage starts, maybe hours into the run)."""
+        from threestudio.utils.config import parse_structured
+
+        for name, slot in self.slots.items():
+            for part, type_name, cfg in (("guidance", slot.guidance_type, slot.guidance),
+                                         ("prompt_processor", slot.prompt_processor_type, slot.prompt_processor)):
+                if not type_name:
+                    continue
+                try:
+                    config_class = threestudio.find(type_name).Config
+                except KeyError:
+                    raise ValueError(f"system.guidances.{name}.{part}_type={type_name!r} is not a registered name "
+                                     "(is its extension installed?)") from None
+                try:
+                    parse_structured(config_class, cfg)
+                except Exception as err:  # the host raises KeyError / TypeError / omegaconf errors, each its own way
+                    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    raise ValueError(f"system.guidances.{name}.{part} ({type_name}): {reason}") from err
+
+    def keep_only(self, names: Iterable[str], device: torch.device, epoch: int, step: int) -> None:
+        """Free every loaded slot not in ``names``, then load the missing ones (scheduled for ``step``)."""
+        names = list(names)
+        for name in [n for n in self.guidances if n not in names]:
+            del self.guidances[name]
+            self.prompt_processors.pop(name, None)
+            gc.collect()
+            cleanup()
+        for name in [n for n in names if n not in self.guidances]:
+            slot = self.slots[name]
+            alias_host_zero123()
+            with torch.autocast(device.type, enabled=False):  # loaded inside training_step: no 16-mixed autocast
+                self.guidances[name] = threestudio.find(slot.guidance_type)(slot.guidance)
+                if slot.prompt_processor_type:
+                    self.prompt_processors[name] = threestudio.find(slot.prompt_processor_type)(slot.prompt_processor)
+            for obj in (self.guidances[name], self.prompt_processors.get(name)):  # this step's update_step has run
+                if hasattr(obj, "do_update_step"):
+                    obj.do_update_step(epoch, step)
+
+    def update_step(self, epoch: int, step: int, on_load_weights: bool = False) -> None:
+        # the host's Updateable walk does not visit plain dicts
+        for obj in list(self.guidances.values()) + list(self.prompt_processors.values()):
+            if hasattr(obj, "do_update_step"):
+                obj.do_update_step(epoch, step, on_load_weights=on_load_weights)
+
+    def __call__(self, name: str, rgb: torch.Tensor, view_batch: dict, cond_rgb: Optional[torch.Tensor],
+                 log: Callable[[str, Any], None]) -> Dict[str, torch.Tensor]:
+        """Run one slot on a render; returns its ``loss_<key>`` outputs by ``key`` (other scalars are logged).
+
+        ``cond_rgb``: the ControlNet condition image (``controlnet`` slots only)."""
+        args = [rgb] + ([self.prompt_processors[name]()] if name in self.prompt_processors else [])
+        extra = {"cond_rgb": cond_rgb} if self.slots[name].input == "controlnet" else {}
+        out = self.guidances[name](*args, **{**view_batch, **extra}, rgb_as_latents=False)
+        for key, value in out.items():
+            if not key.startswith("loss_") and (isinstance(value, (int, float)) or torch.is_tensor(value) and value.ndim == 0):
+                log(f"train/{name}_{key}", value)
+        return {key[5:]: value for key, value in out.items() if key.startswith("loss_")}

@@ -1,0 +1,68 @@
+"""Host quirks, in one place, each with its reason.
+
+* ``zero123`` module alias: Zero123 diffusers folders name their camera projection's library ``zero123`` (the host's
+  ``extern/zero123.py``); diffusers >= 0.3x no longer imports a library it is only named by, so the host's
+  ``zero123-unified-guidance`` fails to load them. :func:`alias_host_zero123` makes that name resolve to the host
+  module (a no-op where ``extern`` is not importable).
+* ``${a124_smoke_assets:DIR}`` config resolver: the smoke config names its tiny random models and image by path;
+  threestudio resolves a config before it builds anything, so resolving this interpolation is the one point where
+  they can be made before the data module reads the image. Registered on import (launch.py imports the extension
+  before it loads the config).
+* :func:`video_format`: the host's ``save_img_sequence`` writes mp4 only through imageio-ffmpeg.
+* :func:`load_weights_reporting`: the host's ``load_weights`` loads with ``strict=False`` and says nothing about keys
+  that did not match, so a renamed parameter silently stays at its initial value.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import threestudio
+from omegaconf import OmegaConf
+
+__all__ = ["alias_host_zero123", "video_format", "load_weights_reporting"]
+
+
+def alias_host_zero123() -> None:
+    if "zero123" not in sys.modules:
+        try:
+            import extern.zero123 as host_zero123
+        except ImportError:
+            return
+        sys.modules["zero123"] = host_zero123
+
+
+def video_format() -> str:
+    """mp4 needs imageio-ffmpeg (imageio otherwise picks a writer that rejects fps); fall back to gif, warned."""
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        return "mp4"
+    threestudio.warn("imageio-ffmpeg is not installed: writing videos as gif (pip install imageio-ffmpeg for mp4)")
+    return "gif"
+
+
+def load_weights_reporting(module, weights: str, ignore_modules, strict: bool, skip_missing: tuple = ()) -> dict:
+    """Load ``weights`` like the host, then report every missing / unexpected key (raise when ``strict``).
+
+    ``skip_missing``: prefixes of keys that may legitimately be absent (e.g. a copy made later in the run).
+    Returns ``{"missing": [...], "unexpected": [...]}``."""
+    from threestudio.utils.misc import load_module_weights
+
+    state_dict, _, _ = load_module_weights(weights, ignore_modules=ignore_modules, map_location="cpu")
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(skip_missing)]
+    unexpected = list(result.unexpected_keys)
+    msg = f"loaded {weights}: {len(state_dict)} tensors; missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}"
+    if (missing or unexpected) and strict:
+        raise ValueError(msg + " (strict_weights: true)")
+    (threestudio.warn if missing or unexpected else threestudio.info)(msg)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _smoke_assets(out_dir: str) -> str:
+    from animate124.tools.smoke_assets import ensure_smoke_assets  # only smoke configs pay for this import
+
+    ensure_smoke_assets(out_dir)
+    return out_dir
+
+
+OmegaConf.register_new_resolver("a124_smoke_assets", _smoke_assets, replace=True)

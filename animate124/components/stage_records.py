@@ -1,0 +1,81 @@
+"""Per-stage wall time and peak VRAM, written to ``<trial>/stages.json`` and to the loggers.
+
+A Lightning callback that the ``a124-system`` returns from ``configure_callbacks()``. It watches the stage index the
+system is in before each batch; a record closes when the stage changes and at the end of
+training. Its state (closed records and the stage in progress) travels in the checkpoint, so a run resumed inside a
+stage keeps that stage's record whole (counted from the stage's start, with the time already spent). Written by
+global rank 0 only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+
+from animate124.core.stages import stage_at, stage_starts, total_steps
+
+
+class StageRecords(pl.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict] = []
+        self._open: Optional[dict] = None  # {"stage", "index", "start_step", "t0"}
+        self._resumed: Optional[dict] = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        index, stage, _, _ = stage_at(pl_module.stages, pl_module.true_global_step)
+        if self._open is not None and self._open["index"] == index:
+            return
+        self._close(trainer, pl_module)
+        step = pl_module.true_global_step
+        self._open = {"stage": stage.name, "index": index, "start_step": step, "t0": time.time()}
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and resumed["stage"] == stage.name:  # resumed inside this stage: keep its record whole
+            self._open.update(start_step=resumed["start_step"], t0=time.time() - resumed["elapsed_s"])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"records": list(self.records)}
+        if self._open is not None:
+            state["open"] = {"stage": self._open["stage"], "start_step": self._open["start_step"],
+                             "elapsed_s": time.time() - self._open["t0"]}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict.get("records", []))
+        self._resumed = state_dict.get("open")
+
+    def _close(self, trainer, pl_module) -> None:
+        if self._open is None:
+            return
+        clock, self._open = self._open, None
+        step = pl_module.true_global_step
+        record = {
+            "stage": clock["stage"],
+            "start_step": clock["start_step"],
+            "end_step": step,
+            "steps": step - clock["start_step"],
+            "wall_time_s": round(time.time() - clock["t0"], 3),
+            "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        }
+        self.records.append(record)
+        if trainer.global_rank != 0:
+            return
+        metrics = {f"stages/{record['stage']}_wall_time_s": record["wall_time_s"]}
+        if record["peak_vram_gb"] is not None:
+            metrics[f"stages/{record['stage']}_peak_vram_gb"] = record["peak_vram_gb"]
+        for logger in trainer.loggers:  # self.log is not allowed in on_train_end: write to the loggers directly
+            logger.log_metrics(metrics, step=step)
+        if pl_module._save_dir is not None:
+            path = os.path.join(os.path.dirname(pl_module.get_save_dir()), "stages.json")
+            with open(path, "w") as f:
+                json.dump({"stages": self.records, "total_steps": total_steps(pl_module.stages),
+                           "stage_starts": stage_starts(pl_module.stages)}, f, indent=2)
