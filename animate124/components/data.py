@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from animate124.core import cameras as cams
 from animate124.core.frame_times import sample_frame_times
 from animate124.components.choices import check_choice
+from animate124.components.preflight import check_data
 
 
 @dataclass
@@ -247,6 +248,7 @@ class ImageVideoDataModule(pl.LightningDataModule):
         # merge onto the structured defaults so nested sections keep their defaults; unknown keys raise
         merged = OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {})
         self.cfg = OmegaConf.to_object(merged)
+        check_data(self.cfg)  # image, depth, sizes: before the system and its models load
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):

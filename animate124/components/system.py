@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,9 @@ from threestudio.systems.base import BaseLift3DSystem
 from threestudio.utils.misc import cleanup
 from threestudio.utils.ops import binary_cross_entropy
 
+from animate124.components import preflight
 from animate124.components.choices import check_choice
+from animate124.core import atomic_io
 from animate124.core.stages import Stage, parse_stages, stage_at, stage_starts, total_steps
 from animate124.components.choices import check_choice
 
@@ -114,6 +115,10 @@ class Animate124System(BaseLift3DSystem):
         """Textual-inversion embedding (``animate124 invert``), for the ControlNet slot's prompt processor."""
         tiny_models_dir: Optional[str] = None
         """Smoke runs: make the tiny random models (``animate124 make-tiny-models``) here when missing."""
+        max_nonfinite_steps: int = 5
+        """Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run (nonfinite_guard)."""
+        min_free_vram_gb: Optional[float] = None
+        """Refuse to start with less free GPU memory than this (None: no check); the message names the lowvram config."""
 
         def __post_init__(self) -> None:
             check_choice("a124-system", "controlnet_condition", self.controlnet_condition, ("frozen", "current"))
@@ -142,6 +147,7 @@ class Animate124System(BaseLift3DSystem):
             unknown = [g for g in list(stage.learning_rates) + list(stage.trainable or ()) if g not in PARAM_GROUPS]
             if unknown:
                 raise ValueError(f"stage {stage.name!r}: unknown parameter groups {unknown}; allowed {list(PARAM_GROUPS)}")
+        preflight.check_system(self.cfg, self.slots, self.stages)  # every stage's inputs, before any model loads
         self._guidances: Dict[str, Any] = {}  # plain dict: frozen diffusion models stay out of state_dict
         self._prompt_processors: Dict[str, Any] = {}
         self._stage_index: Optional[int] = None
@@ -151,6 +157,11 @@ class Animate124System(BaseLift3DSystem):
         self.frozen_estimator = None
         self._resumed_clock: Optional[dict] = None
         self._ddp_grad_masking = False
+
+    def configure_callbacks(self):
+        from animate124.components.nonfinite_guard import NonfiniteGuard
+
+        return [NonfiniteGuard(self.cfg.max_nonfinite_steps), preflight.OutputFolderCheck()]
 
     def load_weights(self, weights: str, ignore_modules: Optional[List[str]] = None) -> None:
         """Like the host's, but every missing / unexpected key is reported (or raises with strict_weights)."""
@@ -324,9 +335,8 @@ class Animate124System(BaseLift3DSystem):
         if self._save_dir is None or self.global_rank != 0:
             return
         path = os.path.join(os.path.dirname(self.get_save_dir()), "stages.json")
-        with open(path, "w") as f:
-            json.dump({"stages": self.stage_records, "total_steps": total_steps(self.stages),
-                       "stage_starts": stage_starts(self.stages)}, f, indent=2)
+        atomic_io.write_json(path, {"stages": self.stage_records, "total_steps": total_steps(self.stages),
+                                    "stage_starts": stage_starts(self.stages)}, indent=2)
 
     def on_predict_epoch_end(self) -> None:
         """As the host's, but written once under DDP."""

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from animate124.core.atomic_io import write_text
 from animate124.tools.cli import ToolError, check_writable
 
 __all__ = [
@@ -280,8 +281,8 @@ def run(args: argparse.Namespace) -> int:
     rows = evaluate_runs(specs, scorer, args.max_frames, retrieval=args.batch is not None)
     csv_text, md_text = format_tables(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.csv").write_text(csv_text)
-    (out / "metrics.md").write_text(md_text)
+    write_text(out / "metrics.csv", csv_text)
+    write_text(out / "metrics.md", md_text)
     print(md_text, end="")
     print(f"wrote {out / 'metrics.csv'} and {out / 'metrics.md'}")
     return 0

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from animate124.core.atomic_io import save_with, write_text
 from animate124.tools.cli import ToolError, check_writable
 
 __all__ = [
@@ -258,8 +259,8 @@ def save_learned_embeds(out_dir: Path, token: str, embedding: "torch.Tensor") ->
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {token: embedding.detach().to(torch.float32).cpu().contiguous().clone()}
     paths = [out_dir / "learned_embeds.safetensors", out_dir / "learned_embeds.bin"]
-    save_file(state, str(paths[0]))
-    torch.save(state, paths[1])
+    save_with(paths[0], lambda tmp: save_file(state, tmp))  # temp file + rename: never half-written
+    save_with(paths[1], lambda tmp: torch.save(state, tmp))
     return paths
 
 
@@ -359,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "lr": args.lr, "resolution": args.resolution, "seed": args.seed,
         "precision": "fp16" if fp16 else "fp32", "losses": result.losses,
     }
-    (args.out / "invert.json").write_text(json.dumps(log, indent=1))
+    write_text(args.out / "invert.json", json.dumps(log, indent=1))
     tail = result.losses[-min(50, len(result.losses)):]
     print(f"wrote {outputs[0]} and {outputs[1]} (token {args.token!r}, mean loss of last {len(tail)} steps "
           f"{sum(tail) / len(tail):.4f})")
