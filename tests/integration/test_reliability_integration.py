@@ -209,3 +209,183 @@ def test_guard_unit_rules(threestudio):
     assert nonfinite_tensors({"a": [torch.ones(2), torch.tensor([float("nan")])], "b": torch.arange(3)}) == ["a[1]"]
     with pytest.raises(ValueError, match="max_nonfinite_steps=0 must be >= 1"):
         NonfiniteGuard(0)
+
+
+# ---- checks before step 0 ---------------------------------------------------------------------------------------------
+
+
+def _build(threestudio, text: str, cli=()):
+    """What launch.py does before the Trainer: the config, the data module, then the system."""
+    from threestudio.utils.config import load_config
+
+    cfg = load_config(text, cli_args=list(cli), from_string=True)
+    dm = threestudio.find(cfg.data_type)(cfg.data)
+    system = threestudio.find(cfg.system_type)(cfg.system)
+    return cfg, dm, system
+
+
+def _unsafe_pickle(path: Path) -> Path:
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo this file ran code",))
+
+    with open(path, "wb") as f:
+        pickle.dump({"_tok_": RunsCode()}, f)
+    return path
+
+
+def _image(path: Path, mode: str, alpha: int = 255) -> Path:
+    from PIL import Image
+
+    size = (16, 16)
+    if mode == "RGBA":
+        Image.new("RGBA", size, (200, 100, 50, alpha)).save(path)
+    elif mode == "text":
+        path.write_text("not an image")
+    else:
+        Image.new(mode, size).save(path)
+    return path
+
+
+# case -> (how to make the config bad: cli overrides or a function(root) returning them, or a text edit; the message)
+CASES = {
+    "loss_key_typo": (["system.loss.lamda_rgb=1"],
+                      "system.loss has keys ['lamda_rgb'], which a124-system does not read: put loss weights in "
+                      "system.stages[i].loss_weights"),
+    "guidance_type_typo": (("guidance_type: stable-diffusion-guidance", "guidance_type: stable-diffusion-guidanse"),
+                           "system.guidances.sd.guidance_type='stable-diffusion-guidanse' is not a registered type: "
+                           "did you mean ['stable-diffusion-guidance'"),
+    "refine_guidance_type_typo": (("guidance_type: a124-controlnet-tile-guidance",
+                                   "guidance_type: a124-controlnet-tile-guidence"),
+                                  "system.guidances.cn.guidance_type='a124-controlnet-tile-guidence' is not a "
+                                  "registered type: did you mean ['a124-controlnet-tile-guidance'"),
+    "prompt_processor_type_typo": (("prompt_processor_type: a124-video-prompt-processor",
+                                    "prompt_processor_type: a124-video-prompt-procesor"),
+                                   "system.guidances.video.prompt_processor_type='a124-video-prompt-procesor' is not a "
+                                   "registered type: did you mean ['a124-video-prompt-processor'"),
+    "guidance_key_typo": (["system.guidances.cn.guidance.guidance_scael=3"],
+                          "system.guidances.cn.guidance.guidance_scael is not a setting of "
+                          "'a124-controlnet-tile-guidance': did you mean ['guidance_scale'"),
+    "host_guidance_field": (["system.guidance_type=stable-diffusion-guidance"],
+                            "system.guidance_type='stable-diffusion-guidance' is not read by a124-system: declare the "
+                            "guidance as a slot under system.guidances"),
+    "num_frames_zero": (["data.video.num_frames=0"], "data.video.num_frames=0 must be a positive integer"),
+    "zero_rate_range": (["data.video.zero_rate=1.5"], "data.video.zero_rate=1.5 is a probability: use a value in [0, 1]"),
+    "fixed_size_60": (["system.guidances.cn.guidance.fixed_size=60"],
+                      "system.guidances.cn.guidance.fixed_size=60 must be a positive multiple of 64 (the latents are "
+                      "fixed_size/8 and the U-Net halves them 3 times): use e.g. 64"),
+    "video_model_size": (["system.guidances.video.guidance.model_size=[64,60]"],
+                         "system.guidances.video.guidance.model_size=[64, 60] must be [H, W], each a positive multiple "
+                         "of 64"),
+    "refine_prompt_without_token": (["system.guidances.cn.prompt_processor.prompt=a panda is dancing"],
+                                    "system.guidances.cn.prompt_processor.prompt='a panda is dancing' has no "
+                                    "'<token>': write it where the learned subject goes"),
+    "empty_prompt": (('prompt: "a panda is dancing"', 'prompt: " "'),
+                     "system.guidances.video.prompt_processor.prompt is empty: write the text this guidance should "
+                     "follow"),
+    "embedding_missing": (lambda root: [f"system.guidances.cn.prompt_processor.learned_embeds_path={root}/none.bin"],
+                          "system.guidances.cn.prompt_processor.learned_embeds_path='{root}/none.bin' does not exist: "
+                          "make it with `animate124 invert` or fix the path"),
+    "embedding_two_tokens": (lambda root: [f"system.guidances.cn.prompt_processor.learned_embeds_path="
+                                           f"{_write_embeds(root / 'two.safetensors', tokens=2)}"],
+                             "system.guidances.cn.prompt_processor.learned_embeds_path='{root}/two.safetensors' cannot "
+                             "be read (ValueError: textual inversion: '{root}/two.safetensors' must hold exactly one "
+                             "embedding tensor"),
+    "embedding_wrong_width": (lambda root: [f"system.guidances.cn.prompt_processor.learned_embeds_path="
+                                            f"{_write_embeds(root / 'w16.safetensors', width=16)}"],
+                              "system.guidances.cn.prompt_processor.learned_embeds_path='{root}/w16.safetensors' holds "
+                              "a 16-d embedding but the text encoder is 32-d"),
+    "embedding_unsafe_pickle": (lambda root: [f"system.guidances.cn.prompt_processor.learned_embeds_path="
+                                              f"{_unsafe_pickle(root / 'evil.bin')}"],
+                                "system.guidances.cn.prompt_processor.learned_embeds_path: '{root}/evil.bin' is a "
+                                "pickle that calls posix.system when loaded, so it is refused (loading it could run "
+                                "any code): convert it to .safetensors"),
+    "model_path_missing": (["system.guidances.video.guidance.pretrained_model_name_or_path=/nonexistent/t2v"],
+                           "system.guidances.video.guidance.pretrained_model_name_or_path='/nonexistent/t2v' is neither "
+                           "a local folder nor a hub id (owner/name)"),
+    "model_id_malformed": (["system.guidances.sd.prompt_processor.pretrained_model_name_or_path=bad id!"],
+                           "system.guidances.sd.prompt_processor.pretrained_model_name_or_path='bad id!' is neither a "
+                           "local folder nor a hub id"),
+    "image_missing": (lambda root: [f"data.image_path={root}/none.png"],
+                      "data.image_path='{root}/none.png' does not exist: fix the path"),
+    "image_without_alpha": (lambda root: [f"data.image_path={_image(root / 'rgb.png', 'RGB')}"],
+                            "data.image_path='{root}/rgb.png' has no alpha channel (mode RGB): run `animate124 "
+                            "preprocess` on it"),
+    "image_transparent": (lambda root: [f"data.image_path={_image(root / 'clear.png', 'RGBA', alpha=0)}"],
+                          "data.image_path='{root}/clear.png' is fully transparent (alpha 0 everywhere)"),
+    "image_not_an_image": (lambda root: [f"data.image_path={_image(root / 'text.png', 'text')}"],
+                           "data.image_path='{root}/text.png' is not a readable image"),
+    "zero123_condition_missing": (lambda root: [f"system.guidances.zero123.guidance.cond_image_path={root}/none.png"],
+                                  "system.guidances.zero123.guidance.cond_image_path='{root}/none.png' does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_config_fails_before_anything_starts(case, threestudio, tiny_models, rgba, run_dir):
+    from animate124.components.preflight import PreflightError
+
+    how, message = CASES[case]
+    _write_embeds(run_dir / "embeds.safetensors")
+    text, cli = _config(tiny_models, rgba, run_dir, with_cn=True), []
+    if isinstance(how, tuple):
+        assert how[0] in text
+        text = text.replace(how[0], how[1], 1)
+    else:
+        cli = how(run_dir) if callable(how) else how
+    before = _snapshot(run_dir)
+    with pytest.raises(PreflightError) as info:
+        _build(threestudio, text, cli)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "1 problem(s) found before step 0; nothing was started:", lines
+    assert lines[1].startswith("  - " + message.format(root=run_dir)), lines[1]
+    assert "weights_only=False" not in str(info.value)
+    assert _snapshot(run_dir) == before  # nothing written, nothing changed
+    assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_every_problem_is_reported_at_once(threestudio, tiny_models, rgba, run_dir):
+    from animate124.components.preflight import PreflightError
+
+    _write_embeds(run_dir / "embeds.safetensors")
+    with pytest.raises(PreflightError) as info:
+        _build(threestudio, _config(tiny_models, rgba, run_dir, with_cn=True),
+               ["system.loss.lamda_rgb=1", "system.guidances.cn.guidance.fixed_size=100",
+                "system.guidances.cn.prompt_processor.prompt=a panda"])
+    assert [p.split(" ")[0] for p in info.value.problems] == [
+        "system.loss", "system.guidances.cn.prompt_processor.prompt='a", "system.guidances.cn.guidance.fixed_size=100"]
+    assert "use e.g. 128" in info.value.problems[2]
+
+
+def test_no_cuda_and_too_little_vram(threestudio, tiny_models, rgba, run_dir, monkeypatch):
+    import threestudio.utils.misc as misc
+
+    from animate124.components.preflight import PreflightError
+
+    text = _config(tiny_models, rgba, run_dir)
+    monkeypatch.setattr(misc, "get_device", lambda: torch.device("cuda:0"))  # where launch.py places components
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PreflightError, match=r"CUDA is not available \(torch .*\): animate124 trains on an NVIDIA GPU"):
+        _build(threestudio, text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
+    with pytest.raises(PreflightError) as info:
+        _build(threestudio, text, ["system.min_free_vram_gb=20"])
+    assert info.value.problems == [
+        "3.0 GiB of GPU memory is free on cuda:0 (80 GiB total) but this config needs about 20 GiB "
+        "(system.min_free_vram_gb): free the GPU, or use the lighter configs/animate124-lowvram.yaml"]
+    _build(threestudio, text, ["system.min_free_vram_gb=2.5"])  # enough: builds
+
+
+def test_output_folder_without_room_stops_at_fit_start(threestudio, tiny_models, rgba, run_dir, monkeypatch):
+    from collections import namedtuple
+
+    from animate124.components import preflight
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(preflight.PreflightError, match=r"has 0\.0 GiB free but this run writes about 1\.\d GiB"):
+        _run(threestudio, _config(tiny_models, rgba, run_dir), run_dir)
+    assert not list(run_dir.rglob("*.ckpt")) and not list(run_dir.rglob("stages.json"))
+    (run_dir / "file.txt").write_text("the user's file")
+    problems = preflight.check_output_folder(str(run_dir / "file.txt" / "sub"), 0)  # under a file: not writable
+    assert problems and "is not writable" in problems[0] and "set exp_root_dir" in problems[0]
