@@ -389,3 +389,47 @@ def test_output_folder_without_room_stops_at_fit_start(threestudio, tiny_models,
     (run_dir / "file.txt").write_text("the user's file")
     problems = preflight.check_output_folder(str(run_dir / "file.txt" / "sub"), 0)  # under a file: not writable
     assert problems and "is not writable" in problems[0] and "set exp_root_dir" in problems[0]
+
+
+# ---- interrupted runs -------------------------------------------------------------------------------------------------
+
+
+class _StateAtStart:
+    """Per step: the stage that ran and the parameters + Adam state the step started from."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class StateAtStart(pl.Callback):
+            def __init__(self):
+                self.start, self.stage = {}, {}
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self.start[trainer.global_step] = (_params(pl_module), _optimizer_state(trainer.optimizers[0]))
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                self.stage[trainer.global_step] = pl_module.last_step_info["stage"]
+
+        return StateAtStart()
+
+
+def test_resume_mid_each_stage_continues_same_stage_step_and_state(threestudio, tiny_models, rgba, run_dir):
+    """Killed after any step and resumed with resume=: the run goes on in the same stage at the same step, from the
+    same parameters and Adam state, and ends with the same step count (steps 2 + 3 + 2, refine with ControlNet)."""
+    _write_embeds(run_dir / "embeds.safetensors")
+    text = _config(tiny_models, rgba, run_dir, steps=(2, 3, 2), with_cn=True).replace(
+        "every_n_train_steps: 3", "every_n_train_steps: 1")
+    full = _StateAtStart()
+    cfg, _, trainer = _run(threestudio, text, run_dir, callbacks=[full])
+    assert trainer.global_step == 7
+    expected = ["static"] * 2 + ["dynamic"] * 3 + ["refine"] * 2
+    assert [full.stage[s] for s in range(7)] == expected
+    ckpts = Path(cfg.trial_dir) / "ckpts"
+    for resume_at in (1, 3, 6):  # mid static, mid dynamic, mid refine
+        (ckpt,) = ckpts.glob(f"epoch=*-step={resume_at}.ckpt")
+        rec = _StateAtStart()
+        _, _, resumed = _run(threestudio, text, run_dir, resume=str(ckpt), callbacks=[rec])
+        assert [(s, rec.stage[s]) for s in sorted(rec.stage)] == [(s, expected[s]) for s in range(resume_at, 7)]
+        assert resumed.global_step == 7
+        _assert_same(rec.start[resume_at][0], full.start[resume_at][0])  # the weights the step started from
+        _assert_same(rec.start[resume_at][1], full.start[resume_at][1])  # Adam's moments and step counts
