@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["ToolError", "build_parser", "main", "check_writable"]
+__all__ = ["ToolError", "build_parser", "main", "check_writable", "check_out_folder"]
 
 # sub-command -> module under animate124.tools that defines add_arguments(parser) and run(args)
 _TOOLS = {
@@ -83,6 +84,18 @@ def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise ToolError(f"{', '.join(existing)} already exist(s): pass --overwrite to replace, or choose another --out")
+
+
+def check_out_folder(out: Path, names, overwrite: bool) -> None:
+    """--out is a folder (or can be made one) and none of our files there is replaced without --overwrite; the
+    user's other files in it are never touched."""
+    if out.exists() and not out.is_dir():
+        raise ToolError(f"--out {str(out)!r} is a file: give a folder for {', '.join(names)}")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ToolError(f"--out {str(out)!r} cannot be created or written ({str(parent)!r} is not a writable folder): "
+                        "choose another --out")
+    check_writable([out / n for n in names], overwrite)
 
 
 def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:

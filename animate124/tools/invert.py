@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from animate124.core.atomic_io import save_with, write_text
-from animate124.tools.cli import ToolError, check_writable
+from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = [
     "DEFAULT_SD_MODEL",
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ToolError(f"--lr {args.lr} must be a positive number, e.g. 1e-4")
     outputs = [args.out / "learned_embeds.safetensors", args.out / "learned_embeds.bin", args.out / "invert.json"]
-    check_writable(outputs, args.overwrite)
+    check_out_folder(args.out, [o.name for o in outputs], args.overwrite)  # before training, not after
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp16 = args.precision == "fp16" or (args.precision == "auto" and device.startswith("cuda"))
     if fp16 and not device.startswith("cuda"):

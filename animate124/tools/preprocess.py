@@ -15,7 +15,6 @@ photo, background included, and its prediction is cropped and scaled exactly lik
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from animate124.core.atomic_io import save_with
-from animate124.tools.cli import ToolError, check_writable
+from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = [
     "DEFAULT_DEPTH_MODEL",
@@ -300,18 +299,6 @@ def open_image(path: Path):
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/WebP/APNG: the first frame
     return ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
-
-
-def check_out_folder(out: Path, names, overwrite: bool) -> None:
-    """--out is a folder (or can be made one) and none of our files there is replaced without --overwrite; the
-    user's other files in it are never touched."""
-    if out.exists() and not out.is_dir():
-        raise ToolError(f"--out {str(out)!r} is a file: give a folder for {', '.join(names)}")
-    parent = next((p for p in [out, *out.parents] if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
-        raise ToolError(f"--out {str(out)!r} cannot be created or written ({str(parent)!r} is not a writable folder): "
-                        "choose another --out")
-    check_writable([out / n for n in names], overwrite)
 
 
 def _default_device() -> str:
