@@ -433,3 +433,23 @@ def test_resume_mid_each_stage_continues_same_stage_step_and_state(threestudio, 
         assert resumed.global_step == 7
         _assert_same(rec.start[resume_at][0], full.start[resume_at][0])  # the weights the step started from
         _assert_same(rec.start[resume_at][1], full.start[resume_at][1])  # Adam's moments and step counts
+
+
+def test_shipped_configs_pass_the_type_and_key_checks(threestudio):
+    """Every slot and component of every config in configs/ names a registered type and only its keys."""
+    from omegaconf import OmegaConf
+
+    from animate124.components.preflight import _component
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        system = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("system", {})
+        problems = []
+        for part in ("geometry", "material", "background", "renderer", "exporter"):
+            problems += _component(f"system.{part}", system.get(f"{part}_type", ""), system.get(part) or {})
+        for name, slot in (system.get("guidances") or {}).items():
+            problems += _component(f"{name}.guidance", slot.get("guidance_type", ""), slot.get("guidance") or {})
+            problems += _component(f"{name}.prompt_processor", slot.get("prompt_processor_type", ""),
+                                   slot.get("prompt_processor") or {})
+        assert problems == [], (path.name, problems)
