@@ -5,7 +5,9 @@
 #
 # 1. pip-installs this package and its Python dependencies into the active environment (PyPI only; no git clones);
 # 2. links this repo to PATH_TO_THREESTUDIO/custom/threestudio-animate124 unless it is already there;
-# 3. checks that threestudio imports and that every a124-* component registers through launch.py's own loader.
+# 3. checks, in one pass, every package threestudio and our components import (all missing ones listed at once, with
+#    the pip names), the versions against those CI tests, and that every a124-* component registers through
+#    launch.py's own loader.
 # Safe to run again. Never replaces a folder it did not make.
 set -u -o pipefail
 
@@ -38,41 +40,8 @@ else
   echo "      linked $DEST -> $HERE"
 fi
 
-echo "[3/3] checking that threestudio loads the extension"
-cd "$TS" && "$PY" - <<'PYEOF' || exit 1
-import importlib.util, io, os, sys, contextlib, warnings
-warnings.filterwarnings("ignore")
-sys.path.insert(0, os.getcwd())
-try:
-    import threestudio
-except ModuleNotFoundError as e:
-    hints = {
-        "tinycudann": "install tiny-cuda-nn's torch bindings (see threestudio's README, 'Installation')",
-        "nvdiffrast": "install nvdiffrast (see threestudio's README, 'Installation')",
-        "igl": "pip install libigl==2.5.1",
-    }
-    print(f"install.sh: threestudio does not import: {e}. Fix: {hints.get(e.name, 'pip install ' + str(e.name))}",
-          file=sys.stderr)
-    sys.exit(1)
-except ImportError as e:
-    fix = "pip install libigl==2.5.1" if "igl" in str(e) else "see threestudio's requirements.txt"
-    print(f"install.sh: threestudio does not import: {e}. Fix: {fix}", file=sys.stderr)
-    sys.exit(1)
-spec = importlib.util.spec_from_file_location("threestudio_launch", "launch.py")
-launch = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(launch)
-log = io.StringIO()
-with contextlib.redirect_stdout(log):
-    ok = launch.load_custom_module(os.path.join("custom", "threestudio-animate124"))
-if not ok:
-    print(log.getvalue(), file=sys.stderr)
-    print("install.sh: launch.py could not import the extension (traceback above)", file=sys.stderr)
-    sys.exit(1)
-from animate124.components import REGISTERED_NAMES
-missing = [n for n in REGISTERED_NAMES if n not in threestudio.__modules__]
-if missing:
-    print(f"install.sh: these components did not register: {', '.join(missing)}", file=sys.stderr)
-    sys.exit(1)
-print(f"      threestudio {threestudio.__version__}: {len(REGISTERED_NAMES)} a124-* components registered")
-PYEOF
+echo "[3/3] checking threestudio's dependencies and that launch.py's loader registers the extension"
+# every missing package at once, the versions found against the ones CI tests, then the loader check
+"$PY" -m animate124.tools.host_check "$TS" \
+  || die "fix what is listed above (one pip command installs it all), then run install.sh again"
 echo "done. Run: cd $TS && python launch.py --config custom/threestudio-animate124/configs/animate124.yaml --train --gpu 0"

@@ -81,7 +81,7 @@ def _implementations(cuda: bool, asked: list[str] | None) -> list[str]:
     if importlib.util.find_spec("triton") and (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         available.append("triton")
     spec = importlib.util.find_spec("tinycudann")
-    if cuda and spec is not None and "stubs" not in str(spec.origin):
+    if cuda and spec is not None and "host_stand_ins" not in str(spec.origin):
         available.append("tcnn")
     if asked is None:
         return available

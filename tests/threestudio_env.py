@@ -1,25 +1,51 @@
-"""Load a real threestudio checkout and this extension the way ``launch.py`` does (integration tier only).
+"""Which threestudio the integration tier runs against, and loading it (the work is in animate124.tools.host).
 
-Where threestudio comes from, first found wins: ``$THREESTUDIO_ROOT``; ``.deps/threestudio`` beside the repo (a
-git-ignored checkout, see README); a ``threestudio`` package already importable from ``PYTHONPATH``.
-Where threestudio's import-time-only dependencies are missing (``tinycudann``, ``nvdiffrast``, and on a bare GPU
-image also ``wandb``, ``controlnet_aux``, ``igl``, ``IPython``), import stand-ins from ``tests/stubs`` are appended to
-``sys.path`` (appended, so real installs win). Our components never call them.
+Where threestudio comes from, first found wins:
+1. ``$THREESTUDIO_ROOT`` (a checkout holding launch.py);
+2. ``.deps/threestudio`` beside the repo (a git-ignored checkout);
+3. ``../shared/vendor/threestudio`` (threestudio 28d9d80, code only, read-only; CI uses it): copied once to a
+   temporary folder, because the extension must be linked into its ``custom/``;
+4. a ``threestudio`` package already importable from ``PYTHONPATH``.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
-EXTENSION_NAME = "threestudio-animate124"
-STUBS = REPO / "tests" / "stubs"
-# import-time dependencies of threestudio that our code never calls; stand-ins live in tests/stubs
-STUBBED = ("tinycudann", "nvdiffrast", "wandb", "controlnet_aux", "igl", "IPython")
+sys.path.insert(0, str(REPO))
+VENDORED = REPO.parent / "shared" / "vendor" / "threestudio"
+# threestudio's own import-time dependencies that are on PyPI (the rest have stand-ins, see animate124.tools.host)
+HOST_IMPORTS = {"pytorch_lightning": "pytorch-lightning", "cv2": "opencv-python-headless", "envlight": "envlight",
+                "torchmetrics": "torchmetrics", "diffusers": "diffusers", "nerfacc": "nerfacc",
+                "omegaconf": "omegaconf", "typeguard": "typeguard", "matplotlib": "matplotlib", "trimesh": "trimesh",
+                "einops": "einops", "scipy": "scipy"}
+
+
+def _vendored_copy() -> Path | None:
+    if not (VENDORED / "launch.py").is_file():
+        return None
+    # one copy per repo checkout: the copy's custom/ links to this checkout
+    key = hashlib.sha1(f"{VENDORED.resolve()}|{REPO}".encode()).hexdigest()[:8]
+    dest = Path(tempfile.gettempdir()) / f"a124-threestudio-{key}"
+    if not (dest / "launch.py").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+        shutil.copytree(VENDORED, tmp / "ts", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in (tmp / "ts").rglob("*"):  # the vendored copy is read-only; the copy must take custom/ links
+            path.chmod(path.stat().st_mode | 0o200)
+        (tmp / "ts").chmod(0o755)
+        try:
+            (tmp / "ts").rename(dest)  # atomic: parallel test processes never see half a copy
+        except OSError:
+            pass  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def threestudio_root() -> Path | None:
@@ -30,6 +56,9 @@ def threestudio_root() -> Path | None:
     local = REPO / ".deps" / "threestudio"
     if (local / "launch.py").is_file():
         return local
+    vendored = _vendored_copy()
+    if vendored is not None:
+        return vendored
     spec = importlib.util.find_spec("threestudio")
     if spec is not None and spec.origin is not None:
         root = Path(spec.origin).resolve().parents[1]
@@ -40,85 +69,28 @@ def threestudio_root() -> Path | None:
 
 def why_unavailable() -> str | None:
     """A one-line reason the integration tier cannot run here, or None when it can."""
+    if os.environ.get("THREESTUDIO_ROOT") and threestudio_root() is None:
+        return f"THREESTUDIO_ROOT={os.environ['THREESTUDIO_ROOT']} holds no launch.py"
     if threestudio_root() is None:
-        return (
-            "no threestudio checkout: set THREESTUDIO_ROOT or put one in .deps/threestudio "
-            "(see README, 'Integration tests')"
-        )
-    for name in ("pytorch_lightning", "cv2", "envlight", "torchmetrics", "diffusers", "nerfacc"):
-        if importlib.util.find_spec(name) is None:
-            return f"threestudio's import-time dependency '{name}' is not installed (pip install -e '.[integration]')"
+        return ("no threestudio checkout: set THREESTUDIO_ROOT, put one in .deps/threestudio, or keep "
+                "../shared/vendor/threestudio beside the repo (README, 'Tests')")
+    missing = [pkg for mod, pkg in HOST_IMPORTS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        return f"threestudio's import-time dependencies are missing: pip install -e '.[integration]' ({', '.join(missing)})"
     return None
-
-
-def _link_extension(root: Path) -> Path:
-    """Make ``custom/threestudio-animate124`` in the checkout point at this repo (never replaces a real folder)."""
-    target = root / "custom" / EXTENSION_NAME
-    if target.is_symlink() and target.resolve() != REPO:
-        target.unlink()
-    if not target.exists():
-        target.parent.mkdir(exist_ok=True)
-        target.symlink_to(REPO, target_is_directory=True)
-    if target.resolve() != REPO:
-        raise RuntimeError(f"{target} is another copy of the extension; remove it or set THREESTUDIO_ROOT elsewhere")
-    return target
 
 
 _loaded: ModuleType | None = None
 
 
-@contextlib.contextmanager
-def _chdir(path: Path):
-    # launch.py lists custom/ relative to the working directory (contextlib.chdir needs Python 3.11)
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 def load_threestudio() -> ModuleType:
     """Import threestudio, load the extension through launch.py's loader, and run the host on CPU if needed."""
     global _loaded
-    if _loaded is not None:
-        return _loaded
-    root = threestudio_root()
-    assert root is not None, why_unavailable()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    # appended, so a real install earlier on sys.path always wins over the stand-in
-    if any(importlib.util.find_spec(name) is None for name in STUBBED) and str(STUBS) not in sys.path:
-        sys.path.append(str(STUBS))
-    import threestudio
+    if _loaded is None:
+        from animate124.tools.host import load_extension, use_cpu
 
-    _link_extension(root)
-    spec = importlib.util.spec_from_file_location("threestudio_launch", root / "launch.py")
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)
-    with _chdir(root):
-        ok = launch.load_custom_module(os.path.join("custom", EXTENSION_NAME))
-    if not ok:
-        raise RuntimeError("launch.py's loader reported IMPORT FAILED for the extension (traceback above)")
-    _use_cpu_if_no_cuda()
-    _loaded = threestudio
-    return threestudio
-
-
-def _use_cpu_if_no_cuda() -> None:
-    """threestudio fixes every component on cuda:<rank>; point its get_device at the CPU in every module."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    import threestudio.utils.misc as misc
-
-    original = getattr(misc, "_a124_original_get_device", misc.get_device)
-    misc._a124_original_get_device = original
-
-    def get_device():
-        return torch.device("cpu")
-
-    for module in list(sys.modules.values()):
-        if module is not None and vars(module).get("get_device") is original:  # vars: stand-ins raise on getattr
-            module.get_device = get_device
+        root = threestudio_root()
+        assert root is not None, why_unavailable()
+        _loaded = load_extension(root)
+        use_cpu()
+    return _loaded

@@ -5,6 +5,7 @@
     animate124 evaluate RUN_DIR | --batch DIR     CLIP-T, CLIP-I, temporal consistency, retrieval
     animate124 run-benchmark DATA_DIR             the 24-case benchmark, resumable and shardable
     animate124 make-tiny-models DIR               tiny random models for tests (no download)
+    animate124 launch --config ... --train        threestudio's launch.py, on the CPU where there is no CUDA
 
 Importing this module is cheap: every tool imports torch, diffusers and transformers only inside the function that
 runs it, so ``animate124 --help`` answers at once. User errors raise :class:`ToolError`; :func:`main` prints them as one
@@ -28,6 +29,7 @@ _TOOLS = {
     "invert": "animate124.tools.invert",
     "evaluate": "animate124.tools.evaluate",
     "run-benchmark": "animate124.tools.run_benchmark",
+    "launch": "animate124.tools.launch",
 }
 
 
@@ -38,6 +40,9 @@ class ToolError(ValueError):
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen sub-command and return its exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):
+        argv = ["launch", "--", *argv[1:]]  # every argument belongs to launch.py, options included
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

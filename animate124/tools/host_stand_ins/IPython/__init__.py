@@ -1,0 +1,1 @@
+"""Import stand-in for IPython (tests and `animate124 launch-cpu`)."""

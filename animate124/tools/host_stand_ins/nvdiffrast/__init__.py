@@ -1,0 +1,1 @@
+"""Import stand-in for nvdiffrast (tests and `animate124 launch-cpu`)."""

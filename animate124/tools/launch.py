@@ -1,0 +1,74 @@
+"""Run threestudio's own launch.py, here, with what this machine lacks filled in (CPU or GPU).
+
+    cd threestudio && animate124 launch --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train
+
+Every argument goes to launch.py unchanged (--config, --train/--validate/--test/--export, --gpu, key=value ...).
+Two things differ from `python launch.py`, and only where this machine needs them:
+
+* threestudio imports tinycudann, nvdiffrast, wandb, controlnet_aux, libigl and IPython at module level. Each one
+  that is missing or cannot import here gets an import stand-in (our components use none of them; a host feature
+  that does fails with a line naming the package).
+* Without CUDA, launch.py's Trainer (hard-coded ``accelerator="gpu"``) runs on the CPU with one device, and every
+  threestudio component is put on the CPU. Use it for the smoke config (minutes on 2 cores); real configs need a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("launch_args", nargs=argparse.REMAINDER, help="launch.py's arguments, unchanged")
+
+
+def run(args: argparse.Namespace) -> int:
+    argv = list(args.launch_args)
+    return launch(argv[1:] if argv[:1] == ["--"] else argv)
+
+
+def launch(argv: list[str]) -> int:
+    from animate124.tools.cli import ToolError
+
+    root = Path.cwd()
+    if not (root / "launch.py").is_file() or not (root / "threestudio" / "__init__.py").is_file():
+        raise ToolError(f"{root} is not a threestudio checkout (no launch.py): cd into threestudio first, as for launch.py")
+    if not (root / "custom" / "threestudio-animate124").exists():
+        raise ToolError("custom/threestudio-animate124 is missing: run install.sh PATH_TO_THREESTUDIO first")
+    import torch
+
+    from animate124.tools.host import install_stand_ins
+
+    sys.path.insert(0, str(root))
+    replaced = install_stand_ins()
+    if replaced:
+        print(f"animate124 launch: import stand-ins for {', '.join(replaced)} (not used by a124 components)",
+              file=sys.stderr)
+    if not torch.cuda.is_available():
+        _run_on_cpu()
+    sys.argv = ["launch.py", *argv]
+    try:
+        runpy.run_path(str(root / "launch.py"), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0) if not isinstance(done.code, str) else 1
+    return 0
+
+
+def _run_on_cpu() -> None:
+    """launch.py builds ``Trainer(accelerator="gpu", devices=-1, ...)``: on a machine without CUDA, CPU and 1 device."""
+    import pytorch_lightning as pl
+    import threestudio  # noqa: F401  (loads every host module, so use_cpu reaches each get_device reference)
+
+    from animate124.tools.host import use_cpu
+
+    use_cpu()
+    gpu_trainer = pl.Trainer
+
+    class CPUTrainer(gpu_trainer):
+        def __init__(self, *args, **kwargs):
+            kwargs.update(accelerator="cpu", devices=1)
+            super().__init__(*args, **kwargs)
+
+    pl.Trainer = CPUTrainer
+    print("animate124 launch: no CUDA here: running launch.py on the CPU (1 device)", file=sys.stderr)

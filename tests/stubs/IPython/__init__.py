@@ -1,1 +1,0 @@
-"""Import stand-in for IPython (tests only)."""

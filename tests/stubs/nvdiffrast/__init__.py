@@ -1,1 +1,0 @@
-"""Import stand-in for nvdiffrast (tests only)."""
