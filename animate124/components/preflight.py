@@ -257,8 +257,11 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
     if torch.device(device).type != "cuda":
         return []
     if not torch.cuda.is_available():
-        return [f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): "
-                "animate124 trains on an NVIDIA GPU; check `nvidia-smi` and install a CUDA build of torch"]
+        fix = ("torch is a CPU-only build: install a CUDA build of torch" if torch.version.cuda is None else
+               f"torch is built for CUDA {torch.version.cuda} but sees no GPU: check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
+        return [f"CUDA is not available (torch {torch.__version__}): animate124 trains on an NVIDIA GPU; {fix}; "
+                "without a GPU, `animate124 launch --config .../animate124-smoke.yaml --train` runs the smoke config on "
+                "the CPU"]
     need = getattr(cfg, "min_free_vram_gb", None)
     if not need:
         return []

@@ -364,7 +364,8 @@ def test_no_cuda_and_too_little_vram(threestudio, tiny_models, rgba, run_dir, mo
     text = _config(tiny_models, rgba, run_dir)
     monkeypatch.setattr(misc, "get_device", lambda: torch.device("cuda:0"))  # where launch.py places components
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(PreflightError, match=r"CUDA is not available \(torch .*\): animate124 trains on an NVIDIA GPU"):
+    with pytest.raises(PreflightError, match=r"CUDA is not available \(torch .*\): animate124 trains on an NVIDIA GPU; "
+                                             r"torch is (a CPU-only build|built for CUDA .* but sees no GPU).*smoke"):
         _build(threestudio, text)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
@@ -453,3 +454,32 @@ def test_shipped_configs_pass_the_type_and_key_checks(threestudio):
             problems += _component(f"{name}.prompt_processor", slot.get("prompt_processor_type", ""),
                                    slot.get("prompt_processor") or {})
         assert problems == [], (path.name, problems)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_cuda_as_under_launch_py(threestudio, tiny_models, rgba, run_dir):
+    """A fresh process that, like launch.py, leaves the host placing components on cuda:0: the system refuses to
+    build with the one-line CUDA message (nothing else is patched)."""
+    import subprocess
+    import sys
+
+    from threestudio_env import threestudio_root
+
+    script = f"""
+import sys
+from pathlib import Path
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
+from animate124.tools.host import load_extension
+ts = load_extension(Path({str(threestudio_root())!r}))
+from test_system_integration import _config
+from threestudio.utils.config import load_config
+tiny = {{k: Path(v) for k, v in {({k: str(v) for k, v in tiny_models.items()})!r}.items()}}
+cfg = load_config(_config(tiny, Path({str(rgba)!r}), Path({str(run_dir)!r})), from_string=True)
+ts.find(cfg.data_type)(cfg.data)
+ts.find(cfg.system_type)(cfg.system)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=run_dir,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 1
+    assert "PreflightError: 1 problem(s) found before step 0; nothing was started:" in result.stderr
+    assert "  - CUDA is not available (torch " in result.stderr
