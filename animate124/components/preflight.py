@@ -277,11 +277,18 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
 # ---- the data -------------------------------------------------------------------------------------------------------
 
 
-def check_data(cfg: Any) -> None:
-    """The data module's inputs and sizes (cfg: its structured config object)."""
+def check_data_files(cfg: Any) -> None:
+    """The data module's image and depth (at its setup: a smoke run's image is made when the system is built, after
+    the data module)."""
     problems = check_image("data.image_path", cfg.image_path, need_alpha=True)
     if cfg.depth_path:
         problems += check_image("data.depth_path", cfg.depth_path, need_alpha=False)
+    raise_if(problems)
+
+
+def check_data(cfg: Any) -> None:
+    """The data module's sizes and probabilities (cfg: its structured config object)."""
+    problems = []
     sizes = {"data.height": cfg.height, "data.width": cfg.width, "data.eval_height": cfg.eval_height,
              "data.eval_width": cfg.eval_width, "data.random_camera.height": cfg.random_camera.height,
              "data.random_camera.width": cfg.random_camera.width, "data.random_camera.batch_size":

@@ -216,12 +216,14 @@ def test_guard_unit_rules(threestudio):
 
 
 def _build(threestudio, text: str, cli=()):
-    """What launch.py does before the Trainer: the config, the data module, then the system."""
+    """What launch.py does before the Trainer (the config, the data module, the system), then the data module's
+    setup, the first thing Trainer.fit runs (no step, no model load)."""
     from threestudio.utils.config import load_config
 
     cfg = load_config(text, cli_args=list(cli), from_string=True)
     dm = threestudio.find(cfg.data_type)(cfg.data)
     system = threestudio.find(cfg.system_type)(cfg.system)
+    dm.setup("fit")  # what Trainer.fit runs first: the data files are checked here
     return cfg, dm, system
 
 
