@@ -5,16 +5,8 @@
 # Expects, as the device machine gets them: wheels in .gpu/whl (packages the image lacks, omegaconf 2.3.0 among them),
 # threestudio in .gpu/threestudio (or $THREESTUDIO_ROOT), the shared examples in .gpu/data. Logs go to $OUT.
 set -u -o pipefail
-repo=$PWD; OUT=${OUT:-$repo/gpu-results}; mkdir -p "$OUT"
-if ls .gpu/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$repo:${PYTHONPATH:-} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-export THREESTUDIO_ROOT=${THREESTUDIO_ROOT:-$repo/.gpu/threestudio} A124_SHARED_DATA=${A124_SHARED_DATA:-$repo/.gpu/data}
-export A124_TINY_MODELS=${A124_TINY_MODELS:-/tmp/a124-tiny}
-if [ -f .gpu/torch_extensions.tgz ]; then mkdir -p /tmp/te && tar xzf .gpu/torch_extensions.tgz -C /tmp/te; fi
-export TORCH_EXTENSIONS_DIR=/tmp/te
+repo=$PWD
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch, triton, omegaconf, diffusers, transformers, pytorch_lightning as pl, nerfacc; print('torch', torch.__version__, 'triton', triton.__version__, 'omegaconf', omegaconf.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'pytorch-lightning', pl.__version__, 'nerfacc', nerfacc.__version__)" | tee -a "$OUT/card.txt"
 t0=$(date +%s)
@@ -24,7 +16,7 @@ echo "== 1. CUDA unit cases + tests/gpu"
 echo "== 2. integration tier ($(( $(date +%s) - t0 )) s)"
 python3 -m pytest tests/integration -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/integration.log"
 echo "== 3. smoke config through launch.py ($(( $(date +%s) - t0 )) s)"
-ts=$THREESTUDIO_ROOT; mkdir -p "$ts/custom"; ln -sfn "$repo" "$ts/custom/threestudio-animate124"
+ts=$THREESTUDIO_ROOT
 ( cd "$ts" && export PYTHONPATH=$PYTHONPATH:$repo/animate124/tools/host_stand_ins && s=$(date +%s) \
   && python3 launch.py --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train --gpu 0 2>&1 | grep -vi warn | tail -8 \
   && echo "smoke train wall: $(( $(date +%s) - s )) s" \
