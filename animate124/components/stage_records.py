@@ -1,4 +1,4 @@
-"""Per-stage wall time and peak VRAM, written to ``<trial>/stages.json`` and to the loggers.
+"""Per-stage wall time, median step time and peak VRAM, written to ``<trial>/stages.json`` and to the loggers.
 
 A Lightning callback that the ``a124-system`` returns from ``configure_callbacks()``. It watches the stage index the
 system is in before each batch; a record closes when the stage changes and at the end of
@@ -8,14 +8,15 @@ global rank 0 only.
 """
 from __future__ import annotations
 
-import json
 import os
+import statistics
 import time
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 
+from animate124.core.atomic_io import write_json
 from animate124.core.stages import stage_at, stage_starts, total_steps
 
 
@@ -25,19 +26,28 @@ class StageRecords(pl.Callback):
         self.records: list[dict] = []
         self._open: Optional[dict] = None  # {"stage", "index", "start_step", "t0"}
         self._resumed: Optional[dict] = None
+        self._step_t0: Optional[float] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_t0 = time.perf_counter()
         index, stage, _, _ = stage_at(pl_module.stages, pl_module.true_global_step)
         if self._open is not None and self._open["index"] == index:
             return
         self._close(trainer, pl_module)
         step = pl_module.true_global_step
-        self._open = {"stage": stage.name, "index": index, "start_step": step, "t0": time.time()}
+        self._open = {"stage": stage.name, "index": index, "start_step": step, "t0": time.time(), "step_s": []}
         resumed, self._resumed = self._resumed, None
         if resumed is not None and resumed["stage"] == stage.name:  # resumed inside this stage: keep its record whole
             self._open.update(start_step=resumed["start_step"], t0=time.time() - resumed["elapsed_s"])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # whole step: forward, backward, optimizer, bookkeeping (the stage's first step also loads its guidances)
+        if self._open is not None and self._step_t0 is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._open["step_s"].append(time.perf_counter() - self._step_t0)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close(trainer, pl_module)
@@ -64,6 +74,9 @@ class StageRecords(pl.Callback):
             "end_step": step,
             "steps": step - clock["start_step"],
             "wall_time_s": round(time.time() - clock["t0"], 3),
+            # median over the steps this process ran in the stage, its first (guidance loading) left out
+            "median_step_s": round(statistics.median(clock["step_s"][1:] or clock["step_s"]), 4)
+            if clock.get("step_s") else None,
             "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         }
         self.records.append(record)
@@ -76,6 +89,5 @@ class StageRecords(pl.Callback):
             logger.log_metrics(metrics, step=step)
         if pl_module._save_dir is not None:
             path = os.path.join(os.path.dirname(pl_module.get_save_dir()), "stages.json")
-            with open(path, "w") as f:
-                json.dump({"stages": self.records, "total_steps": total_steps(pl_module.stages),
-                           "stage_starts": stage_starts(pl_module.stages)}, f, indent=2)
+            write_json(path, {"stages": self.records, "total_steps": total_steps(pl_module.stages),
+                              "stage_starts": stage_starts(pl_module.stages)}, indent=2)

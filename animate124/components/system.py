@@ -17,10 +17,13 @@ import threestudio
 import torch
 from threestudio.systems.base import BaseLift3DSystem
 
+from animate124.components import preflight
 from animate124.components.choices import check_choice
+from animate124.components.ddp_check import DDPConsistencyCheck
 from animate124.components.eval_outputs import EvalOutputsMixin
 from animate124.components.guidance_slots import GuidanceSlots
 from animate124.components.host_compat import load_weights_reporting
+from animate124.components.nonfinite_guard import NonfiniteGuard
 from animate124.components.stage_records import StageRecords
 from animate124.core import losses
 from animate124.core.stages import Stage, parse_stages, stage_at, starts_later_stage
@@ -69,6 +72,10 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         tiny_models_dir: Optional[str] = None
         """Smoke runs only: the folder of the tiny random models; the system does not read it (the smoke config's
         ``${a124_smoke_assets:...}`` resolver makes the models there)."""
+        max_nonfinite_steps: int = 5
+        """Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run (nonfinite_guard)."""
+        min_free_vram_gb: Optional[float] = None
+        """Refuse to start with less free GPU memory than this (None: no check); the message names the lowvram config."""
 
         def __post_init__(self) -> None:
             check_choice("a124-system", "controlnet_condition", self.controlnet_condition, ("frozen", "current"))
@@ -82,6 +89,7 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
         self.slots = parse_slots(self.cfg.guidances)
         check_weights(self.stages, self.slots, self.cfg.static_ref_interval)
+        preflight.check_system(self.cfg, self.slots, self.stages)  # every stage's inputs, before any model loads
         self.guidance_slots = GuidanceSlots(self.slots)
         self._stage_index: Optional[int] = None
         self.frozen_geometry = self.frozen_estimator = None
@@ -89,7 +97,8 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         self._seed, self._generator, self._generator_state = torch.initial_seed(), None, None
 
     def configure_callbacks(self):
-        return [StageRecords()]
+        return [StageRecords(), NonfiniteGuard(self.cfg.max_nonfinite_steps), preflight.OutputFolderCheck(),
+                DDPConsistencyCheck()]
 
     def load_weights(self, weights: str, ignore_modules: Optional[List[str]] = None) -> None:
         self.weights_report = load_weights_reporting(self, weights, ignore_modules, self.cfg.strict_weights,

@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from animate124.core.atomic_io import save_with
+
 __all__ = [
     "DensityFn",
     "ColorFn",
@@ -351,7 +353,7 @@ def write_morph_glb(
         buffers=[gl.Buffer(byteLength=len(blob.data))],
     )
     gltf.set_binary_blob(bytes(blob.data))
-    gltf.save_binary(str(path))
+    save_with(path, gltf.save_binary)
 
 
 def write_mesh_sequence(
@@ -373,7 +375,7 @@ def write_mesh_sequence(
             colors = (mesh.vertex_colors.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         tm = trimesh.Trimesh(mesh.vertices.numpy(), mesh.faces.numpy(), vertex_colors=colors, process=False)
         path = os.path.join(str(directory), f"{name}_{k:04d}_t{mesh.time:.4f}.{fmt}")
-        tm.export(path)
+        save_with(path, tm.export)  # temp file + rename: a crash never leaves a half-written mesh
         paths.append(path)
     return paths
 

@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from animate124.core.safe_files import load_tensors
+
 PLACEHOLDER = "<token>"
 """The placeholder users write in prompts (``"a <token> is dancing"``)."""
 
@@ -45,12 +47,7 @@ def read_learned_embeds(path: str | Path) -> tuple[str, Float[Tensor, "n D"]]:
             f"textual inversion: no embedding file at {str(path)!r}; make one from the input image with "
             f"`animate124 invert` (see `animate124 invert --help`) or fix the path"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        data = load_file(str(path))
-    else:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    data = load_tensors(path)  # safetensors or a tensors-only pickle; code-running pickles are refused
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # Automatic1111 format
         data = {path.stem: next(iter(data["string_to_param"].values()))}
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)} if isinstance(data, dict) else {}

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["ToolError", "build_parser", "main", "check_writable", "natural_key"]
+__all__ = ["ToolError", "build_parser", "main", "check_writable", "check_out_folder", "natural_key"]
 
 # sub-command -> module under animate124.tools that defines add_arguments(parser) and run(args)
 _TOOLS = {
@@ -115,6 +116,18 @@ def natural_key(path) -> list:
 
     Ours rather than the natsort package: two lines do not warrant a dependency."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
+
+
+def check_out_folder(out: Path, names, overwrite: bool) -> None:
+    """--out is a folder (or can be made one) and none of our files there is replaced without --overwrite; the
+    user's other files in it are never touched."""
+    if out.exists() and not out.is_dir():
+        raise ToolError(f"--out {str(out)!r} is a file: give a folder for {', '.join(names)}")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ToolError(f"--out {str(out)!r} cannot be created or written ({str(parent)!r} is not a writable folder): "
+                        "choose another --out")
+    check_writable([out / n for n in names], overwrite)
 
 
 def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from animate124.tools.cli import ToolError, check_writable, natural_key
+from animate124.core.atomic_io import write_text
+from animate124.tools.cli import ToolError, check_out_folder, natural_key
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -274,14 +275,14 @@ def run(args: argparse.Namespace) -> int:
         image = args.image.resolve() if args.image is not None else None  # the user's path: relative to the cwd
         specs = [load_run(args.run_dir, image, args.prompt, args.frames_glob, args.panel)]
     out = args.out or (args.batch if args.batch is not None else args.run_dir)
-    check_writable([out / "metrics.csv", out / "metrics.md"], args.overwrite)
+    check_out_folder(out, ["metrics.csv", "metrics.md"], args.overwrite)  # --out a file: fails before scoring
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = ClipScorer(args.clip_model, device)
     rows = evaluate_runs(specs, scorer, args.max_frames, retrieval=args.batch is not None)
     csv_text, md_text = format_tables(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.csv").write_text(csv_text)
-    (out / "metrics.md").write_text(md_text)
+    write_text(out / "metrics.csv", csv_text)
+    write_text(out / "metrics.md", md_text)
     print(md_text, end="")
     print(f"wrote {out / 'metrics.csv'} and {out / 'metrics.md'}")
     return 0

@@ -20,7 +20,8 @@ import json
 import math
 from pathlib import Path
 
-from animate124.tools.cli import ToolError, check_writable
+from animate124.core.atomic_io import write_text
+from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = ["DEFAULT_SD_MODEL", "load_sd_parts", "load_image", "add_arguments", "run"]
 
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torchvision") is None:
         raise ToolError("invert needs torchvision for its image augmentations: pip install -e '.[tools]'")
     outputs = [args.out / "learned_embeds.safetensors", args.out / "learned_embeds.bin", args.out / "invert.json"]
-    check_writable(outputs, args.overwrite)
+    check_out_folder(args.out, [o.name for o in outputs], args.overwrite)  # before training, not after
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp16 = args.precision == "fp16" or (args.precision == "auto" and device.startswith("cuda"))
     if fp16 and not device.startswith("cuda"):
@@ -116,13 +117,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    image = load_image(args.image)  # a file that is not an image fails here, before SD loads
     parts = load_sd_parts(args.model, device, fp16)
     try:
         check_placeholder_token(parts["tokenizer"], args.token, args.init)
     except ValueError as error:
         raise ToolError(f"--token/--init: {error}") from error
     result = train_token(
-        parts, load_image(args.image), args.token, args.init, args.steps, args.batch_size, args.lr,
+        parts, image, args.token, args.init, args.steps, args.batch_size, args.lr,
         args.resolution, args.seed, mixed_precision=fp16,
     )
     save_learned_embeds(args.out, args.token, result.embedding)
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "lr": args.lr, "resolution": args.resolution, "seed": args.seed,
         "precision": "fp16" if fp16 else "fp32", "losses": result.losses,
     }
-    (args.out / "invert.json").write_text(json.dumps(log, indent=1))
+    write_text(args.out / "invert.json", json.dumps(log, indent=1))
     tail = result.losses[-min(50, len(result.losses)):]
     print(f"wrote {outputs[0]} and {outputs[1]} (token {args.token!r}, mean loss of last {len(tail)} steps "
           f"{sum(tail) / len(tail):.4f})")

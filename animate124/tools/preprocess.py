@@ -21,12 +21,15 @@ from typing import Callable
 
 import numpy as np
 
-from animate124.tools.cli import ToolError, check_writable
+from animate124.core.atomic_io import save_with
+from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = [
     "DEFAULT_DEPTH_MODEL",
     "Preprocessed",
     "preprocess_image",
+    "normalise_mode",
+    "cut_out",
     "has_real_alpha",
     "remove_background",
     "recentre",
@@ -58,7 +61,8 @@ def preprocess_image(
     """Cut out, recentre and (optionally) estimate depth for one PIL image.
 
     Args:
-        image: a PIL image, any mode. With a real alpha channel it is kept; otherwise ``background_fn`` (default
+        image: a PIL image, any mode (16-bit, palette, grayscale + alpha, ... are normalised by
+            :func:`normalise_mode`). With a real alpha channel it is kept; otherwise ``background_fn`` (default
             :func:`remove_background`, i.e. rembg) produces the RGBA.
         size: side of the square output in pixels.
         border_ratio: fraction of ``size`` left empty around the object: its longer bbox side becomes
@@ -66,11 +70,21 @@ def preprocess_image(
         depth_fn: maps the original RGB photo (H, W, 3) uint8 to a float depth map (H, W); None skips depth.
         background_fn: maps an RGB PIL image to an RGBA PIL image of the same size.
     """
+    check_geometry(size, border_ratio)
+    image = normalise_mode(image)
+    return finish(image, cut_out(image, background_fn), size, border_ratio, depth_fn)
+
+
+def check_geometry(size: int, border_ratio: float) -> None:
     if size < 8:
         raise ToolError(f"--size {size} is too small: use at least 8 (512 is the default)")
     if not 0.0 <= border_ratio < 1.0:
         raise ToolError(f"--border-ratio {border_ratio} is outside [0, 1): use e.g. 0.2 (0 = object touches the edge)")
-    # 1. the mask: keep a real alpha, otherwise remove the background
+
+
+def cut_out(image, background_fn: Callable | None = None) -> np.ndarray:
+    """The (H, W, 4) uint8 RGBA of an RGB/RGBA image (see :func:`normalise_mode`): its own alpha when real,
+    otherwise ``background_fn`` (rembg). Raises ToolError when the object is empty (alpha 0 everywhere)."""
     if has_real_alpha(image):
         rgba_full = image.convert("RGBA")
     else:
@@ -78,7 +92,12 @@ def preprocess_image(
     rgba_full = np.asarray(rgba_full)
     if not (rgba_full[..., 3] > 0).any():
         raise ToolError("the mask is empty (alpha is 0 everywhere): supply an RGBA image whose object is opaque")
-    # 2. recentre the object and its depth with the same crop, scale and offset
+    return rgba_full
+
+
+def finish(image, rgba_full: np.ndarray, size: int, border_ratio: float,
+           depth_fn: Callable[[np.ndarray], np.ndarray] | None) -> Preprocessed:
+    """Recentre the cut-out and its depth (computed on the original photo) with the same crop, scale and offset."""
     rgba = recentre(rgba_full, size, border_ratio)
     mask = rgba[..., 3] > 0
     depth = None
@@ -86,6 +105,35 @@ def preprocess_image(
         raw = np.asarray(depth_fn(np.array(image.convert("RGB"))), dtype=np.float32)
         depth = normalise_depth(recentre(raw, size, border_ratio, bbox_from=rgba_full[..., 3]), mask)
     return Preprocessed(rgba=rgba, depth=depth, preview=_preview(rgba, depth))
+
+
+def normalise_mode(image):
+    """Any PIL mode -> "RGB" or "RGBA" (8 bits per channel), keeping transparency.
+
+    16-bit and 32-bit grayscale ("I;16", "I") are scaled from their bit depth, not clipped at 255; float ("F") is
+    read as [0, 1] when its maximum is at most 1, else [0, 255]; palette and grayscale images keep their transparency.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("RGB", "RGBA"):
+        return image
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if top > 255 else 1.0
+        gray = Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
+        if "transparency" in image.info:
+            return Image.fromarray(np.dstack([np.asarray(gray.convert("RGB")),
+                                              np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)]),
+                                   "RGBA")
+        return gray.convert("RGB")
+    if mode in ("LA", "La", "PA", "RGBa") or (mode in ("P", "L", "RGB", "1") and "transparency" in image.info):
+        return image.convert("RGBA")
+    return image.convert("RGB")  # "1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"
 
 
 def has_real_alpha(image) -> bool:
@@ -203,30 +251,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
+OUTPUTS = ("rgba.png", "preview.png", "depth.png")
+
+
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image, ImageOps
+    from PIL import Image
     from tqdm import tqdm
 
-    if not args.image.is_file():
-        raise ToolError(f"IMAGE {str(args.image)!r} does not exist: give the path of a photo")
-    names = ["rgba.png", "preview.png"] + ([] if args.no_depth else ["depth.png"])
-    check_writable([args.out / n for n in names], args.overwrite)
+    # every input check before any model loads: a bad file must not wait for the depth model
+    check_geometry(args.size, args.border_ratio)
+    names = [n for n in OUTPUTS if not (args.no_depth and n == "depth.png")]
+    check_out_folder(args.out, names, args.overwrite)
+    image = normalise_mode(open_image(args.image))
+    rgba_full = cut_out(image)  # rembg when there is no real alpha; fails here on an empty mask
     with tqdm(total=3, desc="preprocess", unit="step") as bar:
-        image = ImageOps.exif_transpose(Image.open(args.image))  # phone photos: apply the EXIF rotation
         depth_fn = None
         if not args.no_depth:
             depth_fn = estimate_depth(args.depth_model, device=args.device or _default_device())
         bar.update()
-        result = preprocess_image(image, args.size, args.border_ratio, depth_fn=depth_fn)
+        result = finish(image, rgba_full, args.size, args.border_ratio, depth_fn)
         bar.update()
         args.out.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(result.rgba, "RGBA").save(args.out / "rgba.png")
-        if result.depth is not None:
-            Image.fromarray(result.depth, "L").save(args.out / "depth.png")
-        Image.fromarray(result.preview, "RGB").save(args.out / "preview.png")
+        arrays = {"rgba.png": (result.rgba, "RGBA"), "preview.png": (result.preview, "RGB"),
+                  "depth.png": (result.depth, "L")}
+        for name in names:  # each file complete or absent: a temporary file renamed into place
+            array, mode = arrays[name]
+            save_with(args.out / name, lambda tmp, a=array, m=mode: Image.fromarray(a, m).save(tmp, format="PNG"))
         bar.update()
     print(f"wrote {', '.join(str(args.out / n) for n in names)}")
     return 0
+
+
+def open_image(path: Path):
+    """The decoded image, EXIF rotation applied; one ToolError line when it is missing or not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if path.is_dir():
+        raise ToolError(f"IMAGE {str(path)!r} is a folder: give the path of one photo")
+    if not path.is_file():
+        raise ToolError(f"IMAGE {str(path)!r} does not exist: give the path of a photo")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ToolError(f"IMAGE {str(path)!r} is not an image Pillow can read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}): give a PNG, JPEG or WebP") from None
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animated GIF/WebP/APNG: the first frame
+    return ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
 
 
 def _default_device() -> str:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from animate124.core.atomic_io import write_text
 from animate124.tools.cli import ToolError, natural_key
 
 __all__ = [
@@ -240,7 +241,7 @@ def run_steps(steps: Sequence[Step], runner: Runner, env: dict, progress: Callab
                 progress(f"[{step.case}] {step.name}: finished but no test frame matches {step.extra['frames_glob']}")
                 return False
         if status == 0 and "run_json" in step.extra:
-            (step.cwd / "run.json").write_text(json.dumps(step.extra["run_json"], indent=1))
+            write_text(step.cwd / "run.json", json.dumps(step.extra["run_json"], indent=1))
             outputs.append(step.cwd / "run.json")
         missing = [str(p) for p in outputs if not p.exists()]
         if status != 0 or missing:
@@ -413,7 +414,7 @@ def _write_done(path: Path, step: Step, command, seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"step": step.name, "command": command, "outputs": [str(p) for p in step.outputs],
               "reused": command is None, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path.write_text(json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))
 
 
 def _abs_glob(pattern: str) -> list[Path]:

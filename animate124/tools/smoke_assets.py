@@ -24,9 +24,8 @@ def ensure_smoke_assets(out_dir: str, wait_s: float = 1.0) -> None:
         while not os.path.exists(marker):
             time.sleep(wait_s)
         return
-    tiny = tiny_models
     print(f"making tiny random models in {out_dir} (smoke run)")
-    tiny.make_tiny_models(out_dir, kinds=tiny.ALL_KINDS)
+    tiny_models.make_tiny_models(out_dir, kinds=tiny_models.ALL_KINDS)
     write_smoke_image(os.path.join(out_dir, "smoke_rgba.png"))
     write_smoke_embedding(os.path.join(out_dir, "smoke_embeds.safetensors"), os.path.join(out_dir, "sd"))
     open(marker, "w").close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 from animate124.tools import preprocess
 from animate124.tools.cli import main
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "examples"
+EXAMPLES = Path(os.environ.get("A124_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) / "examples"
 PANDA = EXAMPLES / "panda-dance" / "rgba.png"
 
 pytestmark = pytest.mark.unit
@@ -197,3 +198,120 @@ def test_exif_rotation_is_applied(tmp_path):
                  "--border-ratio", "0", "--no-depth"]) == 0
     y0, y1, x0, x1 = _bbox(np.asarray(Image.open(tmp_path / "o" / "rgba.png"))[..., 3])
     assert (y1 - y0, x1 - x0) == (64, 21)  # 60 x 20 scaled by 64/60, standing up
+
+
+# ---- bad files and folders: one line, checked before any model loads, nothing of the user's replaced -----------------
+
+
+def _no_depth_model(monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the depth model was loaded before the input was checked")
+
+    monkeypatch.setattr(preprocess, "estimate_depth", loaded)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_all_transparent_image_fails_before_the_depth_model(tmp_path, monkeypatch, capsys):
+    _no_depth_model(monkeypatch)
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert main(["preprocess", str(tmp_path / "clear.png"), "--out", str(tmp_path / "o")]) == 1
+    assert _error_line(capsys) == ("animate124 preprocess: error: the mask is empty (alpha is 0 everywhere): supply an "
+                                   "RGBA image whose object is opaque")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content,what", [(b"not an image at all", "is not an image Pillow can read"),
+                                          (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "is not an image Pillow can read")])
+def test_not_an_image(tmp_path, monkeypatch, capsys, content, what):
+    _no_depth_model(monkeypatch)
+    (tmp_path / "photo.png").write_bytes(content)
+    assert main(["preprocess", str(tmp_path / "photo.png"), "--out", str(tmp_path / "o")]) == 1
+    line = _error_line(capsys)
+    assert what in line and line.endswith("give a PNG, JPEG or WebP"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_is_a_folder(tmp_path, monkeypatch, capsys):
+    _no_depth_model(monkeypatch)
+    assert main(["preprocess", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "is a folder: give the path of one photo" in _error_line(capsys)
+
+
+def test_out_is_a_file(tmp_path, monkeypatch, capsys):
+    _no_depth_model(monkeypatch)
+    Image.new("RGBA", (20, 20), (255, 0, 0, 255)).save(tmp_path / "in.png")
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    assert main(["preprocess", str(tmp_path / "in.png"), "--out", str(tmp_path / "notes.txt")]) == 1
+    assert _error_line(capsys).endswith("notes.txt' is a file: give a folder for rgba.png, preview.png, depth.png")
+    assert (tmp_path / "notes.txt").read_text() == "the user's notes"
+
+
+def test_out_folder_with_the_users_files(tmp_path, capsys):
+    """Other files in --out are never touched; ours are replaced only with --overwrite, then completely."""
+    image = np.zeros((20, 20, 4), np.uint8)
+    image[5:15, 5:15] = (10, 200, 30, 255)
+    Image.fromarray(image, "RGBA").save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "photo.jpg").write_bytes(b"the user's photo")
+    (out / "preview.png").write_bytes(b"the user's own preview")
+    assert main(["preprocess", str(tmp_path / "in.png"), "--out", str(out), "--no-depth", "--size", "16"]) == 1
+    assert "preview.png already exist(s): pass --overwrite" in _error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["photo.jpg", "preview.png"]
+    assert (out / "preview.png").read_bytes() == b"the user's own preview"
+    assert main(["preprocess", str(tmp_path / "in.png"), "--out", str(out), "--no-depth", "--size", "16",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["photo.jpg", "preview.png", "rgba.png"]  # no temp files left
+    assert (out / "photo.jpg").read_bytes() == b"the user's photo"
+    assert Image.open(out / "preview.png").size == (32, 16)
+
+
+def _through_tool(tmp_path, image_path, size=16) -> np.ndarray:
+    out = tmp_path / f"out-{image_path.stem}"
+    assert main(["preprocess", str(image_path), "--out", str(out), "--no-depth", "--size", str(size),
+                 "--border-ratio", "0.5"]) == 0
+    return np.asarray(Image.open(out / "rgba.png"))
+
+
+def test_unusual_modes_give_correct_rgba(tmp_path):
+    """Palette with transparency, grayscale + alpha, 16-bit grayscale: colours and alpha as the 8-bit RGBA image."""
+    # palette: index 0 transparent, index 1 red; the object is the 8x8 centre of a 16x16 image
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    pal.paste(1, (4, 4, 12, 12))
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "palette.png", transparency=0)
+    rgba = _through_tool(tmp_path, tmp_path / "palette.png")
+    assert rgba[8, 8].tolist() == [255, 0, 0, 255] and rgba[0, 0, 3] == 0
+    # grayscale + alpha
+    la = np.zeros((16, 16, 2), np.uint8)
+    la[4:12, 4:12] = (90, 255)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    rgba = _through_tool(tmp_path, tmp_path / "la.png")
+    assert rgba[8, 8].tolist() == [90, 90, 90, 255] and rgba[0, 0, 3] == 0
+
+
+def test_16_bit_and_float_grayscale_are_scaled_not_clipped():
+    values = np.array([[0, 257 * 128, 65535]], np.uint16)
+    image = Image.fromarray(values)  # mode I;16
+    assert image.mode.startswith("I")
+    assert np.asarray(preprocess.normalise_mode(image))[0, :, 0].tolist() == [0, 128, 255]
+    as_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")
+    assert np.asarray(preprocess.normalise_mode(as_float))[0, :, 0].tolist() == [0, 128, 255]
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
+    assert preprocess.normalise_mode(cmyk).mode == "RGB"
+
+
+def test_16_bit_rgba_png(tmp_path):
+    """A 64-bit RGBA PNG (16 bits per channel, written with OpenCV) is read as its 8-bit equivalent."""
+    cv2 = pytest.importorskip("cv2")
+    bgra = np.zeros((16, 16, 4), np.uint16)
+    bgra[4:12, 4:12] = (0, 257 * 100, 65535, 65535)  # B, G, R, A
+    cv2.imwrite(str(tmp_path / "deep.png"), bgra)
+    rgba = _through_tool(tmp_path, tmp_path / "deep.png")
+    assert rgba[8, 8].tolist() == [255, 100, 0, 255] and rgba[0, 0, 3] == 0

@@ -1,0 +1,79 @@
+"""Load tensors from files without running code: safetensors, or torch pickles restricted to tensors.
+
+A pickle may name any Python function to call while it loads; ``torch.load(weights_only=True)`` refuses such files,
+but its message suggests turning the check off. :func:`load_tensors` refuses them with one line that says what the file
+would have called and how to convert it.
+"""
+from __future__ import annotations
+
+import pickle
+import pickletools
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UnsafeFileError", "load_tensors"]
+
+
+class UnsafeFileError(ValueError):
+    """The file is a pickle that would run code when loaded."""
+
+
+def load_tensors(path: str | Path) -> Any:
+    """The contents of a ``.safetensors`` file (dict of tensors) or of a torch pickle holding only tensors and
+    containers, on the CPU.
+
+    Raises:
+        UnsafeFileError: the pickle references code (one line: what it would call, how to convert the file).
+        ValueError: the file is neither (corrupt, truncated, another format).
+    """
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({error})") from error
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        names = [found.group(1)] if found else _code_references(path)
+        what = f"calls {', '.join(names[:3])}" if names else "references code"
+        raise UnsafeFileError(
+            f"{str(path)!r} is a pickle that {what} when loaded, so it is refused (loading it could run any code): "
+            "convert it to .safetensors where it was made (safetensors.torch.save_file on its tensors) or re-create "
+            "it with `animate124 invert`, which writes .safetensors"
+        ) from None
+    except (RuntimeError, KeyError, EOFError, OSError) as error:
+        raise ValueError(f"{str(path)!r} is not a torch tensor file ({type(error).__name__}: {error})") from error
+
+
+_TENSOR_MODULES = ("torch", "collections", "numpy", "builtins", "_codecs")
+
+
+def _code_references(path: Path) -> list[str]:
+    """Callables a pickle names (read with pickletools, which never executes it), besides tensor rebuilding."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+        return [n for n in dict.fromkeys(names) if not n.startswith(_TENSOR_MODULES)]
+    except Exception:  # noqa: BLE001 - naming the callable is a courtesy; the file is refused either way
+        return []
