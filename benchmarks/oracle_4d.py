@@ -111,7 +111,7 @@ def run_oracle_4d(
         "psnr_white_baseline": _psnr(torch.ones_like(target), target),
         "eval_views": views,
         "eval_times": times,
-        "stages": list(system.stage_records),
+        "stages": [r for cb in trainer.callbacks if hasattr(cb, "records") for r in cb.records],
         "steps": {"static": static_steps, "dynamic": dynamic_steps},
         "train_wall_s": round(train_s, 1),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -89,7 +89,7 @@ def _unused_host_fields(cfg: Any) -> List[str]:
     problems = []
     loss = dict(getattr(cfg, "loss", None) or {})
     if loss:
-        from animate124.components.system import OWN_LOSSES
+        from animate124.core.step_plan import OWN_TERMS as OWN_LOSSES
 
         problems.append(
             f"system.loss has keys {sorted(loss)}, which a124-system does not read: put loss weights in "

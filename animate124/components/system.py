@@ -83,8 +83,6 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
     cfg: Config
 
     def configure(self) -> None:
-        if self.cfg.guidance_type or self.cfg.prompt_processor_type:
-            raise ValueError("a124-system: declare guidances under system.guidances (slots), not system.guidance_type")
         super().configure()
         self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
         self.slots = parse_slots(self.cfg.guidances)

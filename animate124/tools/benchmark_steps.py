@@ -398,19 +398,21 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
 
         def _wrap_system(self):
             recorder.wrap(system.renderer, "forward", "render")
-            load = system._load_slot
+            slots = system.guidance_slots
+            keep_only = slots.keep_only
 
-            def timed_load(name):
-                loaded = name in system._guidances
+            def timed_keep_only(names, *args, **kwargs):
+                before = set(slots.guidances)
                 recorder.sync()
                 t0 = time.perf_counter()
-                load(name)
+                keep_only(names, *args, **kwargs)
                 recorder.sync()
-                if not loaded:
-                    self.load_s[name] = time.perf_counter() - t0
-                    recorder.attach_slot(name, system._guidances.get(name), system._prompt_processors.get(name))
+                new = [n for n in slots.guidances if n not in before]
+                for name in new:  # the loads of one stage start, shared between its new slots
+                    self.load_s[name] = (time.perf_counter() - t0) / len(new)
+                    recorder.attach_slot(name, slots.guidances.get(name), slots.prompt_processors.get(name))
 
-            system._load_slot = timed_load
+            slots.keep_only = timed_keep_only
 
         def _role(self, step: int):
             pos = stage_at(system.stages, step)
@@ -462,9 +464,9 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                 gc.collect()
                 memory["stale_guidances"] = sorted(
                     slot for slot, refs in recorder.modules.items()
-                    if slot not in system._guidances and any(r() is not None for r in refs)
+                    if slot not in system.guidance_slots.guidances and any(r() is not None for r in refs)
                 )
-                memory["guidances"] = sorted(system._guidances)
+                memory["guidances"] = sorted(system.guidance_slots.guidances)
                 memory["resident_gb"] = _gb(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
             if cur["role"] == "measure" and cur["offset"] == warmup + steps - 1 and torch.cuda.is_available():
                 memory["peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated())
@@ -643,9 +645,9 @@ def _model_overrides(config, models_dir, overrides: list[str], workdir: Path) ->
         if sd is None:
             raise ValueError("system.learned_embeds_path is ??? and no textual-inversion slot names an SD 1.5 folder "
                              "to size an embedding for: set system.learned_embeds_path")
-        from animate124.components.system import _write_smoke_embedding
+        from animate124.tools.smoke_assets import write_smoke_embedding
 
-        _write_smoke_embedding(str(embeds), sd)
+        write_smoke_embedding(str(embeds), sd)
         out.append(f"system.learned_embeds_path={embeds}")
     return out
 
@@ -667,10 +669,10 @@ def _slot_sd_folder(raw, slots: dict, out: list[str]) -> str | None:
 
 
 def _write_image(path: Path) -> None:
-    from animate124.components.system import _write_smoke_image
+    from animate124.tools.smoke_assets import write_smoke_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_smoke_image(str(path), size=256)
+    write_smoke_image(str(path), size=256)
 
 
 def _loggers(trial_dir: str) -> list:
