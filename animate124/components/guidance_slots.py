@@ -20,29 +20,7 @@ class GuidanceSlots:
     def __init__(self, slots: Dict[str, GuidanceSlot]) -> None:
         self.slots = slots
         self.guidances: Dict[str, Any] = {}
-        self.prompt_processors: Dict[str, Any] = {}
-        self._check_configs()
-
-    def _check_configs(self) -> None:
-        """Check every slot's type names and config keys now, before step 0, without loading a model (a slot is
-        otherwise built only when its stage starts, maybe hours into the run)."""
-        from threestudio.utils.config import parse_structured
-
-        for name, slot in self.slots.items():
-            for part, type_name, cfg in (("guidance", slot.guidance_type, slot.guidance),
-                                         ("prompt_processor", slot.prompt_processor_type, slot.prompt_processor)):
-                if not type_name:
-                    continue
-                try:
-                    config_class = threestudio.find(type_name).Config
-                except KeyError:
-                    raise ValueError(f"system.guidances.{name}.{part}_type={type_name!r} is not a registered name "
-                                     "(is its extension installed?)") from None
-                try:
-                    parse_structured(config_class, cfg)
-                except Exception as err:  # the host raises KeyError / TypeError / omegaconf errors, each its own way
-                    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                    raise ValueError(f"system.guidances.{name}.{part} ({type_name}): {reason}") from err
+        self.prompt_processors: Dict[str, Any] = {}  # type names and keys: checked by preflight.check_system
 
     def keep_only(self, names: Iterable[str], device: torch.device, epoch: int, step: int) -> None:
         """Free every loaded slot not in ``names``, then load the missing ones (scheduled for ``step``)."""

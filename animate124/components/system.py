@@ -232,15 +232,7 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         if name == "time_smoothness":
             return self.geometry.time_smoothness_loss(self.cfg.time_smoothness_points, self.cfg.time_smoothness_dt,
                                                       generator=self.generator())
-        if name == "rgb":
-            return losses.rgb_mse(out["comp_rgb"], view_batch["rgb"], view_batch["mask"], out["comp_rgb_bg"])
-        if name == "mask":
-            return losses.mask_bce(out["opacity"], view_batch["mask"])
-        if name == "depth":
-            return losses.depth_pearson(out["depth"], view_batch["ref_depth"], view_batch["mask"])
-        if name == "normal_smoothness_2d":
-            return losses.normal_smoothness_2d(out["comp_normal"])
-        return getattr(losses, name)(out["opacity"])  # sparsity, opaque
+        return losses.render_term(name, out, view_batch)
 
     @torch.no_grad()
     def _render_frozen(self, view_batch: dict) -> torch.Tensor:

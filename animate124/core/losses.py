@@ -11,7 +11,7 @@ from torch import Tensor
 
 Mask = Bool[Tensor, "B H W 1"] | Float[Tensor, "B H W 1"]
 
-__all__ = ["rgb_mse", "mask_bce", "depth_pearson", "normal_smoothness_2d", "sparsity", "opaque"]
+__all__ = ["rgb_mse", "mask_bce", "depth_pearson", "normal_smoothness_2d", "sparsity", "opaque", "render_term"]
 
 
 def rgb_mse(rgb: Float[Tensor, "B H W 3"], ref_rgb: Float[Tensor, "B H W 3"], mask: Mask,
@@ -71,3 +71,19 @@ def opaque(opacity: Float[Tensor, "B H W 1"], clamp: float = 1e-3) -> Float[Tens
     """Entropy of the opacity (BCE of the clamped opacity against itself): pushes pixels to fully on or off."""
     p = opacity.float().clamp(clamp, 1.0 - clamp)
     return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()
+
+
+def render_term(name: str, out: dict, view_batch: dict) -> Float[Tensor, ""]:
+    """The system's own loss ``name`` on one render ``out`` (renderer outputs) of ``view_batch`` (its batch):
+    rgb, mask, depth (reference view), normal_smoothness_2d, sparsity, opaque."""
+    if name == "rgb":
+        return rgb_mse(out["comp_rgb"], view_batch["rgb"], view_batch["mask"], out["comp_rgb_bg"])
+    if name == "mask":
+        return mask_bce(out["opacity"], view_batch["mask"])
+    if name == "depth":
+        return depth_pearson(out["depth"], view_batch["ref_depth"], view_batch["mask"])
+    if name == "normal_smoothness_2d":
+        return normal_smoothness_2d(out["comp_normal"])
+    if name in ("sparsity", "opaque"):
+        return sparsity(out["opacity"]) if name == "sparsity" else opaque(out["opacity"])
+    raise ValueError(f"render_term: unknown term {name!r}; one of rgb, mask, depth, normal_smoothness_2d, sparsity, opaque")

@@ -63,3 +63,20 @@ def test_sparsity_and_opaque_by_hand():
     # entropy: 0 clamps to 1e-3; 0.5 gives log 2
     h0 = -(1e-3 * math.log(1e-3) + (1 - 1e-3) * math.log(1 - 1e-3))
     assert losses.opaque(opacity).item() == pytest.approx((h0 + math.log(2)) / 2, rel=1e-5)
+
+
+def test_render_term_is_the_named_loss_on_the_render_and_its_batch():
+    g = torch.Generator().manual_seed(0)
+    out = {"comp_rgb": torch.rand(1, 4, 4, 3, generator=g), "comp_rgb_bg": torch.ones(1, 4, 4, 3),
+           "opacity": torch.rand(1, 4, 4, 1, generator=g), "depth": torch.rand(1, 4, 4, 1, generator=g),
+           "comp_normal": torch.rand(1, 4, 4, 3, generator=g)}
+    batch = {"rgb": torch.rand(1, 4, 4, 3, generator=g), "mask": torch.rand(1, 4, 4, 1, generator=g) > 0.5,
+             "ref_depth": torch.rand(1, 4, 4, 1, generator=g)}
+    assert losses.render_term("rgb", out, batch) == losses.rgb_mse(out["comp_rgb"], batch["rgb"], batch["mask"],
+                                                                   out["comp_rgb_bg"])
+    assert losses.render_term("opaque", out, batch) == losses.opaque(out["opacity"])
+    assert losses.render_term("sparsity", out, batch) == losses.sparsity(out["opacity"])
+    assert losses.render_term("depth", out, batch) == losses.depth_pearson(out["depth"], batch["ref_depth"],
+                                                                           batch["mask"])
+    with pytest.raises(ValueError, match="unknown term 'rbg'"):
+        losses.render_term("rbg", out, batch)
