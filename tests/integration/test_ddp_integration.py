@@ -29,6 +29,10 @@ def test_two_rank_ddp_on_cpu(threestudio, tiny_models, shared_data, tmp_path):
     assert ranks[0]["clips"] != ranks[1]["clips"]
     # outputs are written once: one stages.json with the three stages, one validation video holding every frame
     trial = Path(ranks[0]["trial_dir"])
+    # ... and the system's own DDP check, gathered from both ranks at train end, agrees
+    check = json.loads((trial / "ddp_check.json").read_text())
+    assert check["world_size"] == 2 and check["identical"] and check["differing"] == []
+    assert len(set(check["model_fingerprint"])) == 1 and check["tensors"] > 10
     record = json.loads((trial / "stages.json").read_text())
     assert [r["stage"] for r in record["stages"]] == ["static", "dynamic", "refine"]
     save = trial / "save"
