@@ -306,8 +306,9 @@ def _write_zero123(path: Path, cfg: dict, device: str) -> None:
     must not import. ``clip_camera_projection`` is one ``Linear(D + 4 -> D)`` named ``proj``."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
+
+    from animate124.testing.tiny_models import write_zero123_extras
 
     _built(lambda: UNet2DConditionModel(**cfg["zero123_unet"]), device).save_pretrained(
         path / "unet", safe_serialization=True)
@@ -317,26 +318,7 @@ def _write_zero123(path: Path, cfg: dict, device: str) -> None:
         path / "image_encoder", safe_serialization=True)
     CLIPImageProcessor().save_pretrained(path / "feature_extractor")  # CLIP's 224 px preprocessing
     dim = int(cfg["zero123_image_encoder"]["projection_dim"])
-    proj = _built(lambda: torch.nn.Linear(dim + 4, dim), device)
-    proj_dir = path / "clip_camera_projection"
-    proj_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"proj.weight": proj.weight.detach().contiguous(), "proj.bias": proj.bias.detach().contiguous()},
-              str(proj_dir / "diffusion_pytorch_model.safetensors"))
-    (proj_dir / "config.json").write_text(json.dumps(
-        {"_class_name": "CLIPCameraProjection", "embedding_dim": dim, "additional_embeddings": 4}, indent=2))
-    model_index = {
-        "_class_name": "Zero123Pipeline",
-        "_diffusers_version": _diffusers_version(),
-        "clip_camera_projection": ["zero123", "CLIPCameraProjection"],
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    write_zero123_extras(path, _built(lambda: torch.nn.Linear(dim + 4, dim), device))
 
 
 def _write_text_to_video(path: Path, cfg: dict, device: str) -> None:
@@ -378,9 +360,3 @@ def _link_fp16_variants(folder: Path) -> None:
         variant = weights.with_name(weights.name[: -len(".safetensors")] + ".fp16.safetensors")
         if not variant.exists():
             variant.symlink_to(weights.name)
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__

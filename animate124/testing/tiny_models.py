@@ -284,7 +284,6 @@ def _write_zero123(path: Path):
     module must not import. ``clip_camera_projection`` is a single ``Linear(D + 4 -> D)`` named ``proj``."""
     import torch
     from diffusers import DDIMScheduler
-    from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     _tiny_unet2d(in_channels=8).save_pretrained(path / "unet", safe_serialization=True)
@@ -296,29 +295,8 @@ def _write_zero123(path: Path):
     ).eval()
     vision.save_pretrained(path / "image_encoder", safe_serialization=True)
     _tiny_image_processor().save_pretrained(path / "feature_extractor")
-    proj_dir = path / "clip_camera_projection"
-    proj_dir.mkdir(parents=True, exist_ok=True)
     _seeded()
-    proj = torch.nn.Linear(TINY_HIDDEN + 4, TINY_HIDDEN)
-    save_file(
-        {"proj.weight": proj.weight.detach().contiguous(), "proj.bias": proj.bias.detach().contiguous()},
-        str(proj_dir / "diffusion_pytorch_model.safetensors"),
-    )
-    proj_config = {"_class_name": "CLIPCameraProjection", "embedding_dim": TINY_HIDDEN, "additional_embeddings": 4}
-    (proj_dir / "config.json").write_text(json.dumps(proj_config, indent=2))
-    model_index = {
-        "_class_name": "Zero123Pipeline",
-        "_diffusers_version": _diffusers_version(),
-        "clip_camera_projection": ["zero123", "CLIPCameraProjection"],
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    write_zero123_extras(path, torch.nn.Linear(TINY_HIDDEN + 4, TINY_HIDDEN))
 
 
 def _write_clip(path: Path):
@@ -342,6 +320,33 @@ def _tiny_image_processor():
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def write_zero123_extras(path: Path, proj) -> None:
+    """The parts of a Zero123 folder beyond the diffusers models, as the host's ``zero123-unified-guidance`` loads
+    it: the camera projection ``proj`` (a ``Linear(dim + 4, dim)``) and a ``model_index.json`` naming the host's
+    ``zero123`` library for it."""
+    from safetensors.torch import save_file
+
+    proj_dir = path / "clip_camera_projection"
+    proj_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"proj.weight": proj.weight.detach().contiguous(), "proj.bias": proj.bias.detach().contiguous()},
+              str(proj_dir / "diffusion_pytorch_model.safetensors"))
+    config = {"_class_name": "CLIPCameraProjection", "embedding_dim": proj.out_features, "additional_embeddings": 4}
+    (proj_dir / "config.json").write_text(json.dumps(config, indent=2))
+    model_index = {
+        "_class_name": "Zero123Pipeline",
+        "_diffusers_version": _diffusers_version(),
+        "clip_camera_projection": ["zero123", "CLIPCameraProjection"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
 
 
 def _diffusers_version() -> str:
