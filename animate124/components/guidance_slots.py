@@ -33,7 +33,10 @@ class GuidanceSlots:
         for name in [n for n in names if n not in self.guidances]:
             slot = self.slots[name]
             alias_host_zero123()
-            with torch.autocast(device.type, enabled=False):  # loaded inside training_step: no 16-mixed autocast
+            # loaded inside training_step: no 16-mixed autocast; and the global random state is left as it was, so a
+            # seeded run draws the same numbers whether a model's random init ran (transformers 4.x) or a cache hit
+            forked = [device] if device.type == "cuda" else []
+            with torch.autocast(device.type, enabled=False), torch.random.fork_rng(devices=forked):
                 self.guidances[name] = threestudio.find(slot.guidance_type)(slot.guidance)
                 if slot.prompt_processor_type:
                     self.prompt_processors[name] = threestudio.find(slot.prompt_processor_type)(slot.prompt_processor)
