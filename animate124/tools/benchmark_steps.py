@@ -40,6 +40,8 @@ import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
+from animate124.core.atomic_io import write_json
+
 UNET_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel", "ControlNetModel")
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 NOTE = "random weights: honest for time and memory, never for quality"
@@ -81,21 +83,23 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="a124-bench-"))
+
+    def save(result: dict) -> None:  # after training and after each evaluation piece: a run cut short keeps its numbers
+        result["overhead"]["import_s"] = round(import_s, 3)
+        if args.out is not None:
+            write_json(args.out, result, indent=2)
+
     try:
         result = benchmark_config(
             config, models_dir=args.models, overrides=args.overrides, warmup=args.warmup, steps=args.steps,
             replays=args.replays, eval_images=args.eval_images, export_times=args.export_times, workdir=workdir,
-            started=started,
+            started=started, on_progress=save,
         )
     except (ValueError, FileNotFoundError) as error:
         raise ToolError(str(error).splitlines()[0]) from error
-    result["overhead"]["import_s"] = round(import_s, 3)
-    text = json.dumps(result, indent=2)
+    save(result)
     if args.out is None:
-        print(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        print(json.dumps(result, indent=2))
     print(summary_table(result), file=sys.stderr)
     return 0
 
@@ -133,9 +137,12 @@ def benchmark_config(
     export_times: int = 2,
     workdir: str | Path,
     started: float | None = None,
+    on_progress=None,
 ) -> dict:
     """Benchmark ``config`` in this process (threestudio already imported, ``a124-*`` registered); see the module
-    docstring for what is measured. Returns the result as a JSON-ready dict."""
+    docstring for what is measured. Returns the result as a JSON-ready dict; ``on_progress(result)``, when given, gets
+    the result so far after training and after each evaluation piece (``eval`` entries not yet timed say
+    ``"pending"``)."""
     import pytorch_lightning as pl
     import threestudio
     import torch
@@ -195,11 +202,28 @@ def benchmark_config(
     overhead["first_step_excess_s"] = stages[0].get("switch_s")
     # 3. validation, test videos, export: a few images / times, scaled to the config
     autocast = _autocast(device, str(cfg.trainer.get("precision", "32")))
-    evals = {
-        "validation": _guarded(_time_eval, system, dm, "validate", eval_images, autocast),
-        "test": _guarded(_time_eval, system, dm, "test", eval_images, autocast),
-        "export": _guarded(_time_export, system, export_times),
+    evals = {name: {"pending": True} for name in ("validation", "test", "export")}
+    context = dict(config=config, device=device, cfg=cfg, cli=cli, warmup=warmup, steps=steps, stages=stages,
+                   full_steps=full_steps, val_every=val_every, overhead=overhead, fit_error=fit_error)
+    pieces = {
+        "validation": (_time_eval, system, dm, "validate", eval_images, autocast),
+        "test": (_time_eval, system, dm, "test", eval_images, autocast),
+        "export": (_time_export, system, export_times),
     }
+    for name, (measure, *margs) in pieces.items():
+        if on_progress is not None:
+            on_progress(_assemble(evals=evals, **context))
+        t0 = time.perf_counter()
+        evals[name] = _guarded(measure, *margs)
+        print(f"animate124 benchmark: {name} timed in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return _assemble(evals=evals, **context)
+
+
+def _assemble(*, config, device, cfg, cli, warmup, steps, stages, full_steps, val_every, overhead, fit_error,
+              evals) -> dict:
+    """The JSON result from what has been measured so far (projection pieces not measured are listed as missing)."""
+    import torch
+
     n_val_runs = sum(full_steps) // val_every if val_every else 0
     projected = {
         "train_s": sum(st["steps_in_config"] * st["step_ms"]["mean"] / 1000 + st["switch_s"]

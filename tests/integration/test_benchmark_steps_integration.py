@@ -43,10 +43,17 @@ def run_dir(tmp_path, monkeypatch):
 def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir):
     from animate124.tools.benchmark_steps import benchmark_config, summary_table
 
+    progress = []
     result = benchmark_config(REPO / "configs" / "animate124.yaml", models_dir=None,
                               overrides=tiny_overrides(tiny_models), warmup=1, steps=2, replays=1, eval_images=2,
-                              export_times=1, workdir=run_dir / "bench")
+                              export_times=1, workdir=run_dir / "bench", on_progress=lambda r: progress.append(json.dumps(r)))
     json.dumps(result)  # JSON-ready
+    # the result so far after training and after each evaluation piece (a run cut short keeps its step numbers)
+    partial = [json.loads(text) for text in progress]
+    assert [[name for name, ev in r["eval"].items() if ev.get("pending")] for r in partial] == [
+        ["validation", "test", "export"], ["test", "export"], ["export"]]
+    assert partial[0]["projected"]["missing"] == ["validation", "test", "export"]
+    assert partial[0]["stages"] == json.loads(json.dumps(result["stages"]))
     assert result["error"] is None and result["projected"]["missing"] == [], (result["error"], result["eval"])
     stages = {st["name"]: st for st in result["stages"]}
     assert list(stages) == ["static", "dynamic", "refine"]
