@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mesh times exported to time the export, scaled to the config's n_times (0: skip)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as on launch.py's command line (repeatable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile (torch.profiler) the warm-up steps after each stage's first, and one "
+                             "validation image, into OUT.profile.txt: the operators and the Python lines that cost "
+                             "time (the timed steps stay unprofiled); needs --warmup >= 2 and --out")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the short run writes its trial folder (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
@@ -74,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"config {args.config} does not exist")
     if args.warmup < 1 or args.steps < 2:
         raise ToolError(f"--warmup {args.warmup} / --steps {args.steps}: need at least 1 warm-up and 2 timed steps")
+    if args.profile and (args.warmup < 2 or args.out is None):
+        raise ToolError("--profile needs --warmup 2 or more (the first step of a stage loads and compiles) and --out")
     if args.out is not None and args.out.exists():
         raise ToolError(f"{args.out} already exists: choose another --out (results are never overwritten)")
     config = args.config.resolve()
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         result = benchmark_config(
             config, models_dir=args.models, overrides=args.overrides, warmup=args.warmup, steps=args.steps,
             replays=args.replays, eval_images=args.eval_images, export_times=args.export_times, workdir=workdir,
-            started=started, on_progress=save,
+            started=started, on_progress=save, profile_to=_profile_path(args.out) if args.profile else None,
         )
     except (ValueError, FileNotFoundError) as error:
         raise ToolError(str(error).splitlines()[0]) from error
@@ -102,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     print(summary_table(result), file=sys.stderr)
     return 0
+
+
+def _profile_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".profile.txt")
 
 
 def load_host() -> None:
@@ -138,11 +148,13 @@ def benchmark_config(
     workdir: str | Path,
     started: float | None = None,
     on_progress=None,
+    profile_to: str | Path | None = None,
 ) -> dict:
     """Benchmark ``config`` in this process (threestudio already imported, ``a124-*`` registered); see the module
     docstring for what is measured. Returns the result as a JSON-ready dict; ``on_progress(result)``, when given, gets
     the result so far after training and after each evaluation piece (``eval`` entries not yet timed say
-    ``"pending"``)."""
+    ``"pending"``). ``profile_to``: write torch.profiler tables of warm-up steps 1.. of each stage and of one
+    validation image there."""
     import pytorch_lightning as pl
     import threestudio
     import torch
@@ -179,7 +191,8 @@ def benchmark_config(
     system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
     overhead["system_build_s"] = round(time.perf_counter() - t0, 3)
     recorder = CallRecorder(device)
-    timer = StepTimer(recorder, system, warmup=warmup, steps=steps, replays=replays)
+    profiler = Profiles(profile_to) if profile_to else None
+    timer = StepTimer(recorder, system, warmup=warmup, steps=steps, replays=replays, profiler=profiler)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=_loggers(cfg.trial_dir),
         callbacks=[timer], inference_mode=False, enable_progress_bar=False, enable_checkpointing=False,
@@ -206,7 +219,7 @@ def benchmark_config(
     context = dict(config=config, device=device, cfg=cfg, cli=cli, warmup=warmup, steps=steps, stages=stages,
                    full_steps=full_steps, val_every=val_every, overhead=overhead, fit_error=fit_error)
     pieces = {
-        "validation": (_time_eval, system, dm, "validate", eval_images, autocast),
+        "validation": (_time_eval, system, dm, "validate", eval_images, autocast, profiler),
         "test": (_time_eval, system, dm, "test", eval_images, autocast),
         "export": (_time_export, system, export_times),
     }
@@ -402,7 +415,54 @@ class CallRecorder:
             torch.cuda.synchronize(self.device)
 
 
-def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replays: int):
+class Profiles:
+    """Profiled windows written one after another to a text file: per window the operators by self device and by self
+    CPU time (torch.profiler), and the Python functions by cumulative time (cProfile), to find what a step spends
+    beyond its floor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"animate124 benchmark --profile ({NOTE})\n")
+        self.current = None
+
+    def start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        import cProfile
+
+        self.current = (profile(activities=activities), cProfile.Profile())
+        self.current[0].__enter__()
+        self.current[1].enable()
+
+    def stop(self, title: str) -> None:
+        import torch
+
+        if self.current is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        import io
+        import pstats
+
+        (prof, python), self.current = self.current, None
+        python.disable()
+        prof.__exit__(None, None, None)
+        events = prof.key_averages()
+        stream = io.StringIO()
+        pstats.Stats(python, stream=stream).sort_stats("cumulative").print_stats(
+            r"animate124|threestudio|lightning|diffusers|torch/(optim|nn/functional)", 40)
+        cuda_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        parts = [f"\n===== {title} =====", "-- operators by self device time", events.table(sort_by=cuda_key, row_limit=25),
+                 "-- operators by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=25),
+                 "-- Python functions by cumulative time (cProfile)", stream.getvalue().split("\n", 4)[-1]]
+        with open(self.path, "a") as f:
+            f.write("\n".join(parts) + "\n")
+
+
+def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replays: int, profiler=None):
     """A Lightning callback timing every step of the shortened run (built on call: Lightning is imported late)."""
     import pytorch_lightning as pl
     import torch
@@ -447,15 +507,21 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             recorder.sync()
             now = recorder.clock()
+            step = pl_module.true_global_step
+            name, role, offset = self._role(step)
+            if profiler is not None and offset == warmup:  # the profiled warm-up steps of this stage are over
+                profiler.stop(f"stage {name}: warm-up steps 1..{warmup - 1} (after its first)")
+                recorder.sync()
+                now = recorder.clock()
             self._close(now)
             if self.first_step_start is None:
                 self.first_step_start = time.perf_counter()
-            step = pl_module.true_global_step
-            name, role, offset = self._role(step)
             if role == "trailing":  # the stage's timed window is over: its floor, while its networks are loaded
                 self.floors[name] = recorder.replay(replays)
             recorder.active = role == "measure"
             recorder.pending = []
+            if profiler is not None and offset == 1 and warmup >= 2:
+                profiler.start()
             self.current = {"step": step, "stage": name, "role": role, "offset": offset, "t0": now,
                             "fwd0": recorder.mark(), "fwd1": None, "bwd1": None, "finite": None}
 
@@ -570,7 +636,7 @@ def _guarded(measure, *args) -> dict:
         return {"error": reason}
 
 
-def _time_eval(system, dm, split: str, images: int, autocast) -> dict:
+def _time_eval(system, dm, split: str, images: int, autocast, profiler=None) -> dict:
     """Render ``images`` views of the split through the system's own step, then its epoch end (the video), and scale
     the per-image times to the split's size."""
     import torch
@@ -593,6 +659,10 @@ def _time_eval(system, dm, split: str, images: int, autocast) -> dict:
             step(batch, index)
             sync()
             times.append((time.perf_counter() - t0) * 1000)
+            if profiler is not None and index == 0:  # profiled apart from the timed images
+                profiler.start()
+                step(batch, index)
+                profiler.stop(f"{split} image ({len(times)} timed apart)")
     t0 = time.perf_counter()
     epoch_end()
     video_ms = (time.perf_counter() - t0) * 1000
