@@ -22,7 +22,8 @@ ts=$THREESTUDIO_ROOT
 echo "== 2. CUDA unit cases + tests/gpu ($(( $(date +%s) - t0 )) s)"
 { python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -3
   python3 -m pytest tests/unit -k cuda -q -p no:cacheprovider 2>&1 | tail -3; } | tee "$OUT/gpu_tier.log"
-echo "== 3. integration tier ($(( $(date +%s) - t0 )) s)"
-timeout ${INTEGRATION_TIMEOUT:-900} python3 -m pytest tests/integration -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/integration.log"
+echo "== 3. integration tier ($(( $(date +%s) - t0 )) s)"   # INTEGRATION_TIMEOUT=0: skip (CPU-bound; CI runs it)
+[ "${INTEGRATION_TIMEOUT:-900}" = 0 ] && echo "skipped (INTEGRATION_TIMEOUT=0)" || \
+timeout ${INTEGRATION_TIMEOUT:-900} python3 -m pytest tests/integration -q -p no:cacheprovider -rf --tb=line 2>&1 | tail -25 | tee "$OUT/integration.log"
 tar czf "$OUT/torch_extensions.tgz" -C /tmp/te . 2>/dev/null
 echo "== done in $(( $(date +%s) - t0 )) s"

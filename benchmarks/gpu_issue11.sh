@@ -4,7 +4,7 @@
 # a table at the end. Each benchmark saves its JSON after training and after each evaluation piece, so a process cut
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
-#   A124_BENCH="default fast" ...                 (which runs, of: default fast lowvram knobs profile)
+#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram knobs lowramvae profile)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -16,7 +16,7 @@ OUT=$(cd "$OUT" && pwd)
 ts=$THREESTUDIO_ROOT
 models=${A124_FULL_MODELS:-/tmp/a124-full-size}
 budget_s=${A124_BUDGET_S:-470}
-runs=" ${A124_BENCH:-default fast lowvram knobs} "   # stop starting new work after this many seconds
+runs=" ${A124_BENCH:-default knobs fast lowvram} "   # stop starting new work after this many seconds
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
@@ -50,8 +50,12 @@ want lowvram && bench lowvram 240 "$repo/configs/animate124-lowvram.yaml" --warm
 # where the default's time goes beyond its floor: torch.profiler + cProfile tables (default-profile.profile.txt)
 want profile && bench default-profile 300 "$repo/configs/animate124.yaml" --warmup 3 --steps 3 --eval-images 2 \
   --export-times 1 --profile
-# memory knob against the default: VAE gradients through 4 of the 16 frames per step (low_ram_vae), no evaluation
-want knobs && bench default-lowramvae4 200 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 \
+# memory knobs against the default, no evaluation: without VAE checkpointing (the default's memory saving), and
+# with VAE gradients through 4 of the 16 frames per step (low_ram_vae)
+want knobs && bench default-no-vae-checkpoint 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \
+  --eval-images 2 --export-times 0 --set system.guidances.video.guidance.vae_checkpoint=false \
+  --set system.guidances.video.guidance.vae_chunk_size=null --set system.guidances.cn.guidance.vae_checkpoint=false
+want lowramvae && bench default-lowramvae4 200 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 \
   --export-times 0 --set system.guidances.video.guidance.low_ram_vae=4
 
 # 3. the table (one line per stage; projections against the goals: default <= 60 min, fast <= 30 min, low-VRAM <= 12 GB)
@@ -59,7 +63,7 @@ python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
-for name in ("default", "fast", "lowvram", "default-lowramvae4", "default-profile"):
+for name in ("default", "default-no-vae-checkpoint", "fast", "lowvram", "default-lowramvae4", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

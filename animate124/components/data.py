@@ -13,6 +13,7 @@ tested against the host's helpers); projection / mvp matrices from the host.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -103,16 +104,23 @@ class ImageVideoDataModuleConfig:
     seed: int = 0
 
 
-def _camera_batch(traj: cams.CameraTrajectory, height: int, width: int, noise: float = 0.0, generator=None) -> dict:
+RAYS_PENDING = "rays_pending"
+"""Key of a camera batch whose rays are still to be made: its value holds the ray offsets ([2, 3], or [0, 3] for
+none), drawn when the batch was collated so the seeded draws stay in order."""
+
+
+def _camera_batch(traj: cams.CameraTrajectory, height: int, width: int, noise: float = 0.0, generator=None,
+                  defer_rays: bool = False) -> dict:
     """Host-style camera batch (rays, mvp, angles, lights) for a trajectory: rays from the core (seeded ray noise),
-    projection / mvp matrices from the host's helpers."""
+    projection / mvp matrices from the host's helpers. ``defer_rays``: leave the rays to :func:`complete_rays`."""
     fovy, c2w = traj.fovy, traj.c2w
-    rays_o, rays_d = cams.get_rays(c2w, fovy, height, width, noise_scale=noise, generator=generator)
+    offsets = cams.ray_offsets(noise, generator) if noise > 0 else torch.zeros(0, 3)
+    rays = {RAYS_PENDING: offsets} if defer_rays else dict(zip(("rays_o", "rays_d"), cams.get_rays(
+        c2w, fovy, height, width, offsets=offsets if noise > 0 else None)))
     proj = get_projection_matrix(fovy, width / height, 0.01, 100.0)
     positions = traj.camera_positions
     return {
-        "rays_o": rays_o,
-        "rays_d": rays_d,
+        **rays,
         "mvp_mtx": get_mvp_matrix(c2w, proj),
         "proj_mtx": proj,
         "c2w": c2w,
@@ -153,6 +161,20 @@ def load_reference(cfg: ImageVideoDataModuleConfig) -> dict:
     return out
 
 
+def complete_rays(batch: dict) -> dict:
+    """Make the rays of every camera batch (nested dicts too) that :func:`_camera_batch` deferred, on the device of
+    its ``c2w``; in place, and returns ``batch``. Batches with rays are left as they are."""
+    for value in batch.values():
+        if isinstance(value, dict):
+            complete_rays(value)
+    offsets = batch.pop(RAYS_PENDING, None)
+    if offsets is not None:
+        batch["rays_o"], batch["rays_d"] = cams.get_rays(
+            batch["c2w"], batch["fovy"], int(batch["height"]), int(batch["width"]),
+            offsets=offsets if offsets.numel() else None)
+    return batch
+
+
 class ClipIterableDataset(IterableDataset, Updateable):
     """Endless training batches: ``{"ref": ..., "random": ..., "video": ...}`` (see the module docstring)."""
 
@@ -174,9 +196,12 @@ class ClipIterableDataset(IterableDataset, Updateable):
         while True:
             yield {}
 
-    def collate(self, _batch) -> dict:
+    def collate(self, _batch, defer_rays: bool = False) -> dict:
+        """One training batch. ``defer_rays``: leave the rays to :func:`complete_rays` (the data module's
+        ``on_after_batch_transfer`` makes them on the training device: 16 x 128 x 128 rays cost about 65 ms per
+        camera batch on a GPU machine's CPU, three per step, while the GPU waited)."""
         cfg, g = self.cfg, self.generator
-        ref = _camera_batch(self.ref_traj, cfg.height, cfg.width, cfg.rays_noise_scale, g)
+        ref = _camera_batch(self.ref_traj, cfg.height, cfg.width, cfg.rays_noise_scale, g, defer_rays)
         ref.update(self.reference)
         rc = cfg.random_camera
         random = cams.sample_random_cameras(
@@ -189,9 +214,9 @@ class ClipIterableDataset(IterableDataset, Updateable):
             clip.times, vc.elevation_range, vc.azimuth_range, vc.distance_range, vc.fovy, vc.elevation_delta_range,
             vc.azimuth_delta_range, vc.distance_delta_range, vc.delta_mode, vc.fixed_camera_prob, generator=g,
         )
-        video = _camera_batch(traj, vc.height, vc.width)
+        video = _camera_batch(traj, vc.height, vc.width, defer_rays=defer_rays)
         video["start_from_zero"] = clip.start_from_zero
-        return {"ref": ref, "random": _camera_batch(random, rc.height, rc.width), "video": video}
+        return {"ref": ref, "random": _camera_batch(random, rc.height, rc.width, defer_rays=defer_rays), "video": video}
 
 
 class TrajectoryDataset(Dataset):
@@ -254,7 +279,12 @@ class ImageVideoDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # num_workers 0: the host updates datasets in place between steps
-        return DataLoader(self.train_dataset, batch_size=None, num_workers=0, collate_fn=self.train_dataset.collate)
+        return DataLoader(self.train_dataset, batch_size=None, num_workers=0,
+                          collate_fn=functools.partial(self.train_dataset.collate, defer_rays=True))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # the training batches' rays, made on the device the batch was moved to
+        return complete_rays(batch) if isinstance(batch, dict) else batch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=1, num_workers=0)

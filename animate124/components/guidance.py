@@ -82,6 +82,10 @@ class VideoSDSGuidance(_SDSGuidance):
         low_ram_vae: int = 0
         """Encode only this many random frames with gradient (0 = all)."""
         vae_chunk_size: Optional[int] = None
+        """Encode at most this many frames per VAE call."""
+        vae_checkpoint: bool = False
+        """Recompute each chunk's VAE encoder in the backward instead of keeping its activations (set
+        ``vae_chunk_size`` too): less memory, one more encoder forward per step."""
 
     cfg: Config
 
@@ -99,7 +103,8 @@ class VideoSDSGuidance(_SDSGuidance):
         return self.model(
             rgb, cond_embeddings=cond, uncond_embeddings=uncond, guidance_scale=self.cfg.guidance_scale,
             weighting=self.cfg.weighting_strategy, min_step=self.min_step, max_step=self.max_step,
-            low_ram_vae=self.cfg.low_ram_vae, vae_chunk_size=self.cfg.vae_chunk_size, generator=self.generator,
+            low_ram_vae=self.cfg.low_ram_vae, vae_chunk_size=self.cfg.vae_chunk_size,
+            vae_checkpoint=self.cfg.vae_checkpoint, generator=self.generator,
         )
 
 
@@ -122,6 +127,9 @@ class ControlNetTileGuidance(_SDSGuidance):
         controlnet_prompt: str = "best quality"
         """ControlNet text of the conditional half (the unconditional half uses the negative prompt's embedding)."""
         controlnet_conditioning_scale: float = 1.0
+        vae_checkpoint: bool = False
+        """Encode the frames one at a time, recomputing each one's VAE encoder in the backward: less memory, one
+        more encoder forward per step."""
 
     cfg: Config
 
@@ -145,7 +153,8 @@ class ControlNetTileGuidance(_SDSGuidance):
             controlnet_embeddings=self.controlnet_embeddings, num_frames=min(self.cfg.n_frames, rgb.shape[0]),
             fixed_size=self.cfg.fixed_size, guidance_scale=self.cfg.guidance_scale,
             conditioning_scale=self.cfg.controlnet_conditioning_scale, weighting=self.cfg.weighting_strategy,
-            min_step=self.min_step, max_step=self.max_step, generator=self.generator,
+            min_step=self.min_step, max_step=self.max_step, vae_checkpoint=self.cfg.vae_checkpoint,
+            generator=self.generator,
         )
         out.update(min_step=self.min_step, max_step=self.max_step)
         return out

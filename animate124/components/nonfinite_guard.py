@@ -61,9 +61,22 @@ class NonfiniteGuard(pl.Callback):
     # ---- the step ------------------------------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bad_terms = self._nonfinite_terms(trainer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad_grads = [p for p in params if not bool(torch.isfinite(p.grad).all())]
+        step = getattr(pl_module, "last_step", None)
+        terms = dict(step["losses"], loss=step["loss"]) if step else {}
+        # one wait for the GPU per step: every term and gradient checked on the device, one flag each read back
+        checks = [torch.isfinite(v).all() for v in terms.values()] + [torch.isfinite(p.grad).all() for p in params]
+        finite = torch.stack(checks).tolist() if checks else []
+        if all(finite) and (step is not None or not self._nonfinite_terms(trainer)):
+            self.in_row = 0
+            return
+        if step is not None:
+            names = list(terms)
+            bad = [n for n, ok in zip(names, finite) if not ok]
+            bad_terms = [b for b in bad if b != "loss"] or bad
+        else:  # a system without last_step: the logged losses
+            bad_terms = self._nonfinite_terms(trainer)
+        bad_grads = [p for p, ok in zip(params, finite[len(terms):]) if not ok]
         if not bad_terms and not bad_grads:
             self.in_row = 0
             return

@@ -222,11 +222,20 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
             self.log(f"train_params/lambda_{name}", weight)
         self.log("train/stage", float(self._stage_index))
         self.log("train/loss", loss, prog_bar=True)
-        # what ran at this step (logged above; tests read it)
-        self.last_step_info = {"stage": stage.name, "guidances": [n for n, _ in plan.slots], "terms": sorted(terms),
-                               "anchor": plan.anchor, "loss": float(loss.detach()),
-                               "losses": {name: float(value.detach()) for name, (value, _) in terms.items()}}
+        # what ran at this step (logged above; tests and the non-finite guard read it). Tensors, not floats: reading
+        # a value waits for the GPU, and a wait here, before the backward is launched, idles it
+        self.last_step = {"stage": stage.name, "guidances": [n for n, _ in plan.slots], "terms": sorted(terms),
+                          "anchor": plan.anchor, "loss": loss.detach(),
+                          "losses": {name: value.detach() for name, (value, _) in terms.items()}}
         return {"loss": loss}
+
+    @property
+    def last_step_info(self) -> Optional[dict]:
+        """:attr:`last_step` with the losses as floats (waits for the GPU)."""
+        step = getattr(self, "last_step", None)
+        if step is None:
+            return None
+        return {**step, "loss": float(step["loss"]), "losses": {k: float(v) for k, v in step["losses"].items()}}
 
     def _own_term(self, name: str, out: Optional[dict], view_batch: Optional[dict]) -> torch.Tensor:
         if name == "time_smoothness":

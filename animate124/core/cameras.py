@@ -129,6 +129,7 @@ def get_rays(
     normalize: bool = True,
     noise_scale: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    offsets: Optional[Float[Tensor, "2 3"]] = None,
 ) -> tuple[Float[Tensor, "T H W 3"], Float[Tensor, "T H W 3"]]:
     """World-space rays of every pixel, as the host's data modules build them.
 
@@ -138,7 +139,9 @@ def get_rays(
         height, width: image size in pixels.
         normalize: unit-length ``rays_d`` (the host's default and what its renderers need).
         noise_scale: std of one random 3-vector added to all origins and one to all directions (the host's
-            ``rays_noise_scale`` for the reference view); drawn on CPU from ``generator``.
+            ``rays_noise_scale`` for the reference view); drawn on CPU from ``generator`` (:func:`ray_offsets`).
+        offsets: [2, 3] origin and direction offsets drawn earlier with :func:`ray_offsets` (instead of
+            ``noise_scale``: the draw on the CPU, the rays where ``c2w`` lives).
 
     Returns:
         rays_o, rays_d: [T, H, W, 3].
@@ -155,12 +158,20 @@ def get_rays(
     directions[..., :2] = directions[..., :2] / focal[:, None, None, None]
     rays_d = (directions[:, :, :, None, :] * c2w[:, None, None, :3, :3]).sum(-1)
     rays_o = c2w[:, None, None, :3, 3].expand(rays_d.shape)
-    if noise_scale > 0:
-        noise = torch.randn(2, 3, generator=generator, dtype=torch.float64).to(c2w) * noise_scale
-        rays_o, rays_d = rays_o + noise[0], rays_d + noise[1]
+    if offsets is None and noise_scale > 0:
+        offsets = ray_offsets(noise_scale, generator)
+    if offsets is not None:
+        offsets = offsets.to(c2w)
+        rays_o, rays_d = rays_o + offsets[0], rays_d + offsets[1]
     if normalize:
         rays_d = F.normalize(rays_d, dim=-1)
     return rays_o, rays_d
+
+
+def ray_offsets(noise_scale: float, generator: Optional[torch.Generator] = None) -> Float[Tensor, "2 3"]:
+    """The origin and direction offsets of :func:`get_rays`' ``noise_scale`` (one float64 draw from ``generator``,
+    scaled in float32)."""
+    return torch.randn(2, 3, generator=generator, dtype=torch.float64).float() * noise_scale
 
 
 def make_trajectory(

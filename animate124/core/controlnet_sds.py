@@ -99,6 +99,7 @@ class ControlNetTileSDS(sds.FrozenPrior):
         min_step: int = 20,
         max_step: int = 980,
         sample_posterior: bool = True,
+        vae_checkpoint: bool = False,
         generator: torch.Generator | None = None,
         return_intermediates: bool = False,
     ) -> dict[str, Tensor]:
@@ -115,6 +116,8 @@ class ControlNetTileSDS(sds.FrozenPrior):
             fixed_size: square side the frames are resized to before the VAE (latents ``fixed_size / 8``).
             guidance_scale: standard CFG scale; conditioning_scale: ControlNet residual scale.
             weighting, min_step, max_step, sample_posterior, generator: as in ``VideoSDS``.
+            vae_checkpoint: encode the frames one at a time and run each one's encoder again in the backward (one
+                frame's encoder activations held at a time instead of ``k``, for one more encoder forward).
 
         Returns:
             ``loss_sds_cn``, ``grad_norm``, ``timestep`` ``[k]`` (one per frame), ``frame_indices`` ``[k]``; with
@@ -133,7 +136,8 @@ class ControlNetTileSDS(sds.FrozenPrior):
             cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size)
         )
         # 3.-5. latents with gradient; one timestep per frame, noise, ControlNet + U-Net, guidance, weighting, loss
-        latents = sds.encode_latents(self.vae, images, sample_posterior=sample_posterior, generator=generator)
+        latents = sds.encode_latents(self.vae, images, sample_posterior=sample_posterior, generator=generator,
+                                     chunk_size=1 if vae_checkpoint else None, checkpoint=vae_checkpoint)
         step = sds.sds_step(
             latents, lambda noisy, t: self._predict_noise(noisy, t, text, cond_image, conditioning_scale),
             self.alphas_cumprod, guidance_scale=guidance_scale, weighting=weighting, min_step=min_step,

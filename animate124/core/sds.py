@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -246,10 +247,12 @@ def encode_latents(
     generator: torch.Generator | None = None,
     graded: Tensor | None = None,
     chunk_size: int | None = None,
+    checkpoint: bool = False,
 ) -> Float[Tensor, "N 4 h w"]:
     """Latents ``× vae.config.scaling_factor`` (fp32) of images in [0, 1]: the posterior sampled with ``generator``
-    (``mean + std · ε'``, upstream) or its mean. ``graded`` / ``chunk_size``: see ``encode_moments``."""
-    mean, std = encode_moments(vae, images * 2 - 1, graded, chunk_size)
+    (``mean + std · ε'``, upstream) or its mean. ``graded`` / ``chunk_size`` / ``checkpoint``: see
+    ``encode_moments``."""
+    mean, std = encode_moments(vae, images * 2 - 1, graded, chunk_size, checkpoint)
     latents = mean
     if sample_posterior:
         latents = mean + std * randn(mean.shape, generator=generator, device=mean.device)
@@ -283,16 +286,20 @@ def encode_moments(
     images: Float[Tensor, "N 3 H W"],
     graded: Tensor | None = None,
     chunk_size: int | None = None,
+    checkpoint: bool = False,
 ) -> tuple[Float[Tensor, "N 4 h w"], Float[Tensor, "N 4 h w"]]:
     """Posterior mean and standard deviation (fp32, *unscaled*) of images in [-1, 1], in the VAE's dtype.
 
     ``graded`` (``[N]`` bool, default all True): rows encoded with gradient; the others run under ``no_grad`` and get
-    no gradient. ``chunk_size``: at most this many images per encoder call. An encoder without a posterior
-    (``AutoencoderTiny``: ``encode(x).latents``) gives its latents as the mean and a zero std.
+    no gradient. ``chunk_size``: at most this many images per encoder call. ``checkpoint``: keep no encoder
+    activations for the backward, which runs each graded chunk's encoder again (one more encoder forward, in
+    exchange for holding one chunk's activations at a time instead of every graded image's; pair it with a
+    ``chunk_size``). An encoder without a posterior (``AutoencoderTiny``: ``encode(x).latents``) gives its latents as
+    the mean and a zero std.
     """
     n = images.shape[0]
     if (graded is None or bool(graded.all())) and (chunk_size is None or chunk_size >= n):
-        return _moments(vae, images)  # common case: one call, no bookkeeping
+        return _graded_moments(vae, images, checkpoint)  # common case: one call, no bookkeeping
     graded = torch.ones(n, dtype=torch.bool) if graded is None else graded.cpu()
     chunk = chunk_size or n
     means, stds = [None] * n, [None] * n
@@ -301,7 +308,7 @@ def encode_moments(
         for start in range(0, len(rows), chunk):
             idx = rows[start : start + chunk]
             with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
-                mean, std = _moments(vae, images[idx])
+                mean, std = _graded_moments(vae, images[idx], checkpoint)
             for j, i in enumerate(idx):
                 means[i], stds[i] = mean[j], std[j]
     return torch.stack(means), torch.stack(stds)
@@ -417,6 +424,13 @@ def freeze(*modules) -> None:
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Reshape ``[B]`` to ``[B, 1, …, 1]`` to broadcast against ``like``."""
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.device)
+
+
+def _graded_moments(vae, images: Tensor, checkpoint: bool) -> tuple[Tensor, Tensor]:
+    if checkpoint and torch.is_grad_enabled() and images.requires_grad:
+        # the encoder has no randomness: the recomputation in the backward repeats the forward exactly
+        return torch.utils.checkpoint.checkpoint(_moments, vae, images, use_reentrant=False)
+    return _moments(vae, images)
 
 
 def _moments(vae, images: Tensor) -> tuple[Tensor, Tensor]:

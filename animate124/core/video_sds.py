@@ -90,6 +90,7 @@ class VideoSDS(sds.FrozenPrior):
         *,
         low_ram_vae: int = 0,
         vae_chunk_size: int | None = None,
+        vae_checkpoint: bool = False,
         sample_posterior: bool = True,
         generator: torch.Generator | None = None,
     ) -> Float[Tensor, "B 4 T h w"]:
@@ -97,7 +98,9 @@ class VideoSDS(sds.FrozenPrior):
 
         ``low_ram_vae = n > 0``: in each clip exactly ``n`` random frames are encoded with gradient, the others under
         ``no_grad`` (they get no gradient). ``vae_chunk_size``: encode at most this many images per VAE call (lower
-        peak memory in the forward pass; the backward still keeps every graded frame's activations).
+        peak memory in the forward pass; the backward still keeps every graded frame's activations, unless
+        ``vae_checkpoint``: then the backward runs each chunk's encoder again and holds one chunk's activations at a
+        time; see ``sds.encode_moments``).
         ``sample_posterior``: ``mean + std · ε'`` (upstream) or the mean.
         """
         b, t = frames.shape[:2]
@@ -109,7 +112,7 @@ class VideoSDS(sds.FrozenPrior):
             graded = torch.stack([o < low_ram_vae for o in order]).reshape(-1)  # n True per clip
         latents = sds.encode_latents(
             self.vae, frames.reshape(b * t, *frames.shape[2:]), sample_posterior=sample_posterior,
-            generator=generator, graded=graded, chunk_size=vae_chunk_size,
+            generator=generator, graded=graded, chunk_size=vae_chunk_size, checkpoint=vae_checkpoint,
         )
         return latents.reshape(b, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
 
@@ -127,6 +130,7 @@ class VideoSDS(sds.FrozenPrior):
         max_step: int = 980,
         low_ram_vae: int = 0,
         vae_chunk_size: int | None = None,
+        vae_checkpoint: bool = False,
         sample_posterior: bool = True,
         generator: torch.Generator | None = None,
         return_intermediates: bool = False,
@@ -140,7 +144,7 @@ class VideoSDS(sds.FrozenPrior):
             guidance_scale: standard CFG scale (101 = upstream's 100 in its ``ε_c + s(ε_c − ε_u)`` form).
             weighting: ``w(t)``, see ``sds.sds_weight``.
             min_step, max_step: inclusive timestep range (see ``sds.timestep_range`` for annealing).
-            low_ram_vae, vae_chunk_size, sample_posterior: see ``encode_frames``.
+            low_ram_vae, vae_chunk_size, vae_checkpoint, sample_posterior: see ``encode_frames``.
             generator: drives timesteps, noise, posterior samples and the low-RAM frame choice.
             return_intermediates: also return ``latents``, ``noise``, ``eps_pred``, ``grad``, ``weight``.
 
@@ -159,6 +163,7 @@ class VideoSDS(sds.FrozenPrior):
             images,
             low_ram_vae=low_ram_vae,
             vae_chunk_size=vae_chunk_size,
+            vae_checkpoint=vae_checkpoint,
             sample_posterior=sample_posterior,
             generator=generator,
         )

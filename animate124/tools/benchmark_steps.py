@@ -213,7 +213,9 @@ def benchmark_config(
     overhead["slot_load_s"] = {k: round(v, 3) for k, v in timer.load_s.items()}
     stages = timer.stage_results(full_steps)
     overhead["first_step_excess_s"] = stages[0].get("switch_s")
-    # 3. validation, test videos, export: a few images / times, scaled to the config
+    # 3. validation, test videos, export: a few images / times, scaled to the config; on the training device (the
+    # trainer's teardown moved the system to the CPU, where launch.py's own validation never runs)
+    system.to(device)
     autocast = _autocast(device, str(cfg.trainer.get("precision", "32")))
     evals = {name: {"pending": True} for name in ("validation", "test", "export")}
     context = dict(config=config, device=device, cfg=cfg, cli=cli, warmup=warmup, steps=steps, stages=stages,
