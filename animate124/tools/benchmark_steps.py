@@ -676,7 +676,8 @@ def _time_eval(system, dm, split: str, images: int, autocast, profiler=None) -> 
 
 def _time_export(system, times: int) -> dict:
     """The system's export (meshes per time + animated glb, no videos) on ``times`` of the exporter's times, evenly
-    spread, scaled linearly to all of them."""
+    spread, scaled linearly to all of them; at the "auto" density threshold (a few benchmark steps leave the field
+    far from a trained one's level)."""
     import torch
 
     cfg = system.cfg.exporter  # the exporter reads its times when built: change the config, then build it
@@ -684,8 +685,9 @@ def _time_export(system, times: int) -> dict:
     if times <= 0 or n_full <= 0:
         return {"skipped": "--export-times 0" if times <= 0 else "the exporter config has no times / n_times"}
     used = min(times, n_full)
-    saved = {key: cfg[key] for key in ("times", "n_times", "save_video") if key in cfg}
-    cfg.times, cfg.n_times, cfg.save_video = None, used, False
+    saved = {key: cfg[key] for key in ("times", "n_times", "save_video", "threshold") if key in cfg}
+    # threshold "auto": a few benchmark steps leave the field far from the config's density level (no surface)
+    cfg.times, cfg.n_times, cfg.save_video, cfg.threshold = None, used, False, "auto"
     try:
         t0 = time.perf_counter()
         system.on_predict_start()  # builds the exporter, as trainer.predict does
@@ -694,7 +696,7 @@ def _time_export(system, times: int) -> dict:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1000
     finally:
-        for key in ("times", "n_times", "save_video"):
+        for key in ("times", "n_times", "save_video", "threshold"):
             if key in saved:
                 cfg[key] = saved[key]
             else:
