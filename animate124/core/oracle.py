@@ -151,14 +151,14 @@ def oracle_sds(
     Both CFG halves are the exact prediction (the oracle needs no text), so ``ε̂`` is exact at any ``guidance_scale``.
     Returns ``loss`` (gradient ``g / B`` on ``latents``), ``grad``, ``timestep`` ``[B]``.
     """
-    b = latents.shape[0]
-    # 1. noise one timestep per sample (the real guidances' draw)
-    t = sds.sample_timesteps(b, min_step, max_step, generator=generator, device=latents.device)
-    noise = sds.randn(latents.shape, generator=generator, device=latents.device)
-    noisy = sds.add_noise(latents.detach().float(), noise, alphas_cumprod, t)
-    # 2. the exact denoiser in place of the U-Net, combined as classifier-free guidance
-    eps = exact_noise_prediction(noisy, target_latents.detach(), alphas_cumprod, t)
-    eps_pred = sds.cfg_combine(eps, eps, guidance_scale)
-    # 3. weighting, gradient, reparameterised loss
-    grad = sds.sds_gradient(eps_pred, noise, sds.sds_weight(alphas_cumprod, t, weighting))
-    return {"loss": sds.sds_loss(latents, grad, b), "grad": grad, "timestep": t}
+    # the real guidances' step (timestep and noise draws, CFG, weighting, loss); the exact denoiser of the target in
+    # place of the U-Net, as both CFG halves
+    target = target_latents.detach()
+
+    def exact(noisy: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        eps = exact_noise_prediction(noisy, target, alphas_cumprod, t)
+        return eps, eps
+
+    step = sds.sds_step(latents, exact, alphas_cumprod, guidance_scale=guidance_scale, weighting=weighting,
+                        min_step=min_step, max_step=max_step, generator=generator)
+    return {"loss": step.loss, "grad": step.grad, "timestep": step.timestep}
