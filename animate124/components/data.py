@@ -10,6 +10,10 @@ Every training batch holds three parts, so one data module serves every stage (t
 Validation renders an orbit while animating (64 frames by default); test renders turntables at fixed times, the
 front view over time and the orbit while animating. Cameras and rays come from the core (``core/cameras.py``,
 tested against the host's helpers); projection / mvp matrices from the host.
+
+Training rays are made on the training device: the loader's batches carry ``rays_pending`` instead of
+``rays_o`` / ``rays_d``, and the data module's ``on_after_batch_transfer`` (which Lightning calls after moving the
+batch) makes them. Iterating ``train_dataloader()`` outside Lightning, call :func:`complete_rays` on each batch.
 """
 from __future__ import annotations
 
