@@ -367,3 +367,27 @@ def test_seeded_steps_repeat_pinned_dynamic_loss_and_fresh_optimizer_per_stage(t
     _run(threestudio, cfg_text.replace("anchor_interval: 2", "anchor_interval: 2\n  fresh_optimizer_per_stage: false"),
          run_dir, max_steps=3, callbacks=[with_carry])
     assert with_carry.counts == [1, 2, 3]
+
+
+def test_training_rays_made_after_the_transfer_match_the_collated_ones(threestudio, tiny_models, shared_data, run_dir):
+    """The loader leaves the training rays to the data module's on_after_batch_transfer (made on the training
+    device); they equal the rays the collate makes itself from the same seeded draws, reference-view noise included."""
+    from animate124.components.data import RAYS_PENDING, complete_rays
+
+    text = _config(tiny_models, shared_data / "examples" / REF / "rgba.png", run_dir)  # ray noise 2e-3 (default)
+    deferred_dm, direct_dm = _datamodule(threestudio, text), _datamodule(threestudio, text)
+    deferred_dm.setup("fit")
+    direct_dm.setup("fit")
+    loader_batch = next(iter(deferred_dm.train_dataloader()))
+    assert all(RAYS_PENDING in loader_batch[view] and "rays_o" not in loader_batch[view]
+               for view in ("ref", "random", "video"))
+    assert loader_batch["ref"][RAYS_PENDING].shape == (2, 3)  # the reference view's noise, drawn in the collate
+    batch = deferred_dm.on_after_batch_transfer(loader_batch, 0)
+    direct = direct_dm.train_dataset.collate(None)  # same seed, same draws, rays made at once
+    for view in ("ref", "random", "video"):
+        assert RAYS_PENDING not in batch[view]
+        for key in ("rays_o", "rays_d"):
+            torch.testing.assert_close(batch[view][key], direct[view][key], rtol=0, atol=0)
+        assert batch[view]["rays_o"].shape[:3] == (batch[view]["c2w"].shape[0], batch[view]["height"],
+                                                  batch[view]["width"])
+    assert complete_rays(batch) is batch  # a batch with rays is left as it is
