@@ -269,8 +269,8 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
     free_gb = free / 2**30
     if free_gb < need:
         return [f"{free_gb:.1f} GiB of GPU memory is free on {device} ({total / 2**30:.0f} GiB total) but this config "
-                f"needs about {need:g} GiB (system.min_free_vram_gb): free the GPU, or use the lighter "
-                f"{LOWVRAM_CONFIG}"]
+                f"needs about {need:g} GiB (system.min_free_vram_gb): free the GPU, use a lighter config "
+                f"({LOWVRAM_CONFIG}), or set system.min_free_vram_gb=null to try anyway"]
     return []
 
 

@@ -376,7 +376,8 @@ def test_no_cuda_and_too_little_vram(threestudio, tiny_models, rgba, run_dir, mo
         _build(threestudio, text, ["system.min_free_vram_gb=20"])
     assert info.value.problems == [
         "3.0 GiB of GPU memory is free on cuda:0 (80 GiB total) but this config needs about 20 GiB "
-        "(system.min_free_vram_gb): free the GPU, or use the lighter configs/animate124-lowvram.yaml"]
+        "(system.min_free_vram_gb): free the GPU, use a lighter config (configs/animate124-lowvram.yaml), or set "
+        "system.min_free_vram_gb=null to try anyway"]
     _build(threestudio, text, ["system.min_free_vram_gb=2.5"])  # enough: builds
 
 

@@ -36,18 +36,20 @@ PRESETS = {
         "system.stages.2.steps": 1000, "trainer.max_steps": 7500,
         # no VAE checkpointing: the fast preset trades memory (38.7 GB on an H200) for step time
         "system.guidances.cn.guidance.vae_checkpoint": ABSENT, "system.guidances.video.guidance.vae_checkpoint": ABSENT,
-        "system.guidances.video.guidance.vae_chunk_size": ABSENT,
+        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 38.7,
     },
     "animate124-lowvram": {
         "name": "animate124-lowvram", "data.video.height": 64, "data.video.width": 64,
         "system.guidances.cn.guidance.fixed_size": 512, "system.guidances.cn.guidance.n_frames": 1,
         "system.guidances.video.guidance.low_ram_vae": 4, "system.renderer.num_samples_per_ray": 128,
+        "system.min_free_vram_gb": 12.6,
     },
     "animate124-zeroscope": {
         "name": "animate124-zeroscope", "data.video.height": 80, "data.video.width": 144,
         "system.guidances.video.guidance.model_size": [320, 576],
         "system.guidances.video.guidance.pretrained_model_name_or_path": "cerspense/zeroscope_v2_576w",
         "system.guidances.video.prompt_processor.pretrained_model_name_or_path": "cerspense/zeroscope_v2_576w",
+        "system.min_free_vram_gb": ABSENT,  # not measured with ZeroScope
     },
 }
 
