@@ -4,7 +4,7 @@
 # a table at the end. Each benchmark saves its JSON after training and after each evaluation piece, so a process cut
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
-#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram knobs lowramvae profile)
+#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram knobs speed lowramvae profile)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -55,6 +55,12 @@ want profile && bench default-profile 300 "$repo/configs/animate124.yaml" --warm
 want knobs && bench default-no-vae-checkpoint 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \
   --eval-images 2 --export-times 0 --set system.guidances.video.guidance.vae_checkpoint=false \
   --set system.guidances.video.guidance.vae_chunk_size=null --set system.guidances.cn.guidance.vae_checkpoint=false
+# candidate speed changes against the default (not yet measured): fused Adam (the profile put Adam at about 20 ms of
+# GPU time per static step), and a non-zero alpha threshold in the marcher (fewer samples; check the synthetic fit)
+want speed && bench default-fused-adam 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
+  --export-times 0 --set system.optimizer.args.fused=true
+want speed && bench default-alpha-thre 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
+  --export-times 0 --set system.renderer.alpha_thre=0.01
 want lowramvae && bench default-lowramvae4 200 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 \
   --export-times 0 --set system.guidances.video.guidance.low_ram_vae=4
 
@@ -63,7 +69,8 @@ python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
-for name in ("default", "default-no-vae-checkpoint", "fast", "lowvram", "default-lowramvae4", "default-profile"):
+for name in ("default", "default-no-vae-checkpoint", "default-fused-adam", "default-alpha-thre", "fast", "lowvram",
+             "default-lowramvae4", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"
