@@ -63,6 +63,20 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def example_rgba(tmp_path_factory) -> Path:
+    """The panda example's rgba.png from ../shared/data or, without it (a user's checkout), a generated cut-out RGBA
+    image of the same kind, so the integration tier runs anywhere; tests pinned to the panda use ``shared_data``."""
+    path = SHARED_DATA / "examples" / "panda-dance" / "rgba.png"
+    if path.is_file():
+        return path
+    from animate124.tools.smoke_assets import write_smoke_image
+
+    out = tmp_path_factory.mktemp("example") / "rgba.png"
+    write_smoke_image(str(out), size=256)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """Tiny random diffusion/CLIP models in the real folder layouts, made once per session."""
     from animate124.testing.tiny_models import make_tiny_models

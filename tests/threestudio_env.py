@@ -2,10 +2,11 @@
 
 Where threestudio comes from, first found wins:
 1. ``$THREESTUDIO_ROOT`` (a checkout holding launch.py);
-2. ``.deps/threestudio`` beside the repo (a git-ignored checkout);
-3. ``../shared/vendor/threestudio`` (threestudio 28d9d80, code only, read-only; CI uses it): copied once to a
+2. the checkout this repo is installed in, as users install it (``threestudio/custom/threestudio-animate124``);
+3. ``.deps/threestudio`` beside the repo (a git-ignored checkout);
+4. ``../shared/vendor/threestudio`` (threestudio 28d9d80, code only, read-only; CI uses it): copied once to a
    temporary folder, because the extension must be linked into its ``custom/``;
-4. a ``threestudio`` package already importable from ``PYTHONPATH``.
+5. a ``threestudio`` package already importable from ``PYTHONPATH``.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def threestudio_root() -> Path | None:
     env = os.environ.get("THREESTUDIO_ROOT")
     if env:
         return Path(env).resolve() if (Path(env) / "launch.py").is_file() else None
+    host = REPO.parents[1]  # threestudio/custom/threestudio-animate124 -> threestudio
+    if REPO.parent.name == "custom" and (host / "launch.py").is_file() and (host / "threestudio").is_dir():
+        return host
     local = REPO / ".deps" / "threestudio"
     if (local / "launch.py").is_file():
         return local
@@ -72,8 +76,8 @@ def why_unavailable() -> str | None:
     if os.environ.get("THREESTUDIO_ROOT") and threestudio_root() is None:
         return f"THREESTUDIO_ROOT={os.environ['THREESTUDIO_ROOT']} holds no launch.py"
     if threestudio_root() is None:
-        return ("no threestudio checkout: set THREESTUDIO_ROOT, put one in .deps/threestudio, or keep "
-                "../shared/vendor/threestudio beside the repo (README, 'Tests')")
+        return ("no threestudio checkout: clone this repo into threestudio/custom/, set THREESTUDIO_ROOT, put one in "
+                ".deps/threestudio, or keep ../shared/vendor/threestudio beside the repo (README, 'Tests')")
     missing = [pkg for mod, pkg in HOST_IMPORTS.items() if importlib.util.find_spec(mod) is None]
     if missing:
         return f"threestudio's import-time dependencies are missing: pip install -e '.[integration]' ({', '.join(missing)})"

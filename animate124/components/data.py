@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from animate124.core import cameras as cams
 from animate124.core.frame_times import sample_frame_times
 from animate124.components.choices import check_choice
-from animate124.components.preflight import check_data, check_data_files
+from animate124.components import preflight
 
 
 @dataclass
@@ -270,11 +270,11 @@ class ImageVideoDataModule(pl.LightningDataModule):
         # merge onto the structured defaults so nested sections keep their defaults; unknown keys raise
         merged = OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {})
         self.cfg = OmegaConf.to_object(merged)
-        check_data(self.cfg)  # sizes and probabilities: before the system and its models load
+        preflight.register_data_module(self, self.cfg)  # checked with the system's config, before models load
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
-            check_data_files(self.cfg)  # before step 0; a smoke run's image exists only once the system is built
+            preflight.check_data_module(self, self.cfg)  # again before step 0 (any system; files written since)
             self.train_dataset = ClipIterableDataset(self.cfg, load_reference(self.cfg))
         if stage in (None, "fit", "validate"):
             self.val_dataset = TrajectoryDataset(self.cfg, "val")

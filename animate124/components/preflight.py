@@ -2,9 +2,10 @@
 
 A mistake in the refine stage's inputs would otherwise surface only when refinement starts, most of a run later.
 :func:`check_system` runs in the system's ``configure`` (before the Trainer starts and before any diffusion model
-loads), :func:`check_data` in the data module's constructor, and :class:`OutputFolderCheck` at ``on_fit_start`` (the
-first moment the output folder is known). Every problem found is reported at once, one line each naming the fix, in a
-single :class:`PreflightError`; nothing starts.
+loads) and includes the data module's problems (:func:`data_problems`: it is built just before and registers its
+config); :func:`check_data_module` checks the data again at its setup, and :class:`OutputFolderCheck` runs at
+``on_fit_start`` (the first moment the output folder is known). Every problem found is reported at once, one line
+each naming the fix, in a single :class:`PreflightError`; nothing starts.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -58,7 +60,7 @@ def check_system(cfg: Any, slots: Dict[str, Any], stages: Iterable[Any], device:
     prompt_processor, input), ``stages`` the parsed stages (to know which slots ever run), ``device`` the one the
     host places components on (None: ``threestudio.utils.misc.get_device()``).
     """
-    problems: List[str] = []
+    problems: List[str] = pending_data_problems()  # the data module's, built just before (launch.py)
     used = {g for stage in stages for g in stage.guidances}
     problems += _unused_host_fields(cfg)
     for part in ("geometry", "material", "background", "renderer", "exporter"):
@@ -277,17 +279,33 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
 # ---- the data -------------------------------------------------------------------------------------------------------
 
 
-def check_data_files(cfg: Any) -> None:
-    """The data module's image and depth (at its setup: a smoke run's image is made when the system is built, after
-    the data module)."""
-    problems = check_image("data.image_path", cfg.image_path, need_alpha=True)
-    if cfg.depth_path:
-        problems += check_image("data.depth_path", cfg.depth_path, need_alpha=False)
-    raise_if(problems)
+# The data module is built before the system (launch.py) and only sees ``data``: it registers its config here instead
+# of raising, so the system's preflight reports the data's problems with its own, in one list and before any model
+# loads; the data module's setup checks again (a system other than a124-system, or files written in between).
+_PENDING_DATA: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def check_data(cfg: Any) -> None:
-    """The data module's sizes and probabilities (cfg: its structured config object)."""
+def register_data_module(data_module: Any, cfg: Any) -> None:
+    _PENDING_DATA[data_module] = cfg
+
+
+def pending_data_problems() -> List[str]:
+    """The problems of the data modules registered since the last call (checked now), then forgets them."""
+    problems: List[str] = []
+    for cfg in list(_PENDING_DATA.values()):
+        problems += data_problems(cfg)
+    _PENDING_DATA.clear()
+    return problems
+
+
+def check_data_module(data_module: Any, cfg: Any) -> None:
+    """At the data module's setup: its problems, raised (and forgotten by :func:`pending_data_problems`)."""
+    _PENDING_DATA.pop(data_module, None)
+    raise_if(data_problems(cfg))
+
+
+def data_problems(cfg: Any) -> List[str]:
+    """The data module's sizes and probabilities, then its image and depth (cfg: its structured config object)."""
     problems = []
     sizes = {"data.height": cfg.height, "data.width": cfg.width, "data.eval_height": cfg.eval_height,
              "data.eval_width": cfg.eval_width, "data.random_camera.height": cfg.random_camera.height,
@@ -303,7 +321,10 @@ def check_data(cfg: Any) -> None:
         value = getattr(cfg.video, key)
         if not 0.0 <= value <= 1.0:
             problems.append(f"data.video.{key}={value} is a probability: use a value in [0, 1]")
-    raise_if(problems)
+    problems += check_image("data.image_path", cfg.image_path, need_alpha=True)
+    if cfg.depth_path:
+        problems += check_image("data.depth_path", cfg.depth_path, need_alpha=False)
+    return problems
 
 
 def check_image(where: str, path: str, need_alpha: bool) -> List[str]:
@@ -342,7 +363,8 @@ def _first_line(error: BaseException) -> str:
 
 
 class OutputFolderCheck(pl.Callback):
-    """At fit start: the trial folder is writable and its disk holds the checkpoints this run will write."""
+    """At fit start: the trial folder is writable, its disk holds the checkpoints this run will write, and a run that
+    does not resume does not train into a folder holding an earlier run's results."""
 
     def __init__(self, margin_gb: float = 1.0) -> None:
         super().__init__()
@@ -353,7 +375,29 @@ class OutputFolderCheck(pl.Callback):
             return
         folder = os.path.dirname(pl_module.get_save_dir())
         need = self.margin_gb * 2**30 + checkpoint_bytes(pl_module) * planned_checkpoints(trainer)
-        raise_if(check_output_folder(folder, need))
+        problems = check_output_folder(folder, need)
+        if getattr(trainer, "ckpt_path", None) is None:
+            problems += check_no_earlier_run(folder)
+        raise_if(problems)
+
+
+def check_no_earlier_run(folder: str) -> List[str]:
+    """A fresh run (no ``resume=``) must not write over an earlier run's checkpoints, stage records or renders, as
+    happens with ``use_timestamp=false`` and a tag used before."""
+    found = []
+    ckpts = os.path.join(folder, "ckpts")
+    if os.path.isdir(ckpts) and any(name.endswith(".ckpt") for name in os.listdir(ckpts)):
+        found.append("ckpts/*.ckpt")
+    if os.path.isfile(os.path.join(folder, "stages.json")):
+        found.append("stages.json")
+    save = os.path.join(folder, "save")
+    if os.path.isdir(save) and os.listdir(save):
+        found.append("save/")
+    if not found:
+        return []
+    return [f"the trial folder {folder!r} already holds an earlier run ({', '.join(found)}): resume it with "
+            f"resume={os.path.join(ckpts, 'last.ckpt')}, or start a new trial (another tag, or use_timestamp=true); "
+            "nothing of it was overwritten"]
 
 
 def check_output_folder(folder: str, need_bytes: float) -> List[str]:

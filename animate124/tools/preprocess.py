@@ -203,7 +203,8 @@ def estimate_depth(model_id: str = DEFAULT_DEPTH_MODEL, device: str = "cpu") -> 
     except (OSError, ValueError) as error:
         raise ToolError(
             f"could not load the depth model --depth-model {model_id!r} ({type(error).__name__}): give a local folder "
-            "saved with save_pretrained, allow the download once, or pass --no-depth"
+            "saved with save_pretrained, allow the download once, or pass --no-depth (offline, HF_HUB_OFFLINE=1 skips "
+            "the download retries)"
         ) from error
 
     @torch.no_grad()

@@ -40,7 +40,19 @@ def run_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir):
+@pytest.fixture()
+def one_thread():
+    """On the CPU a step and its floor are both the process's CPU time; with several threads on a loaded machine,
+    threads waiting for work add CPU time to either side at random, so the comparison runs on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir, one_thread):
     from animate124.tools.benchmark_steps import benchmark_config, summary_table
 
     progress = []

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_system_integration import REF, StepRecorder, _config, _run
+from test_system_integration import StepRecorder, _config, _run
 
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_rank_ddp_on_cpu(threestudio, tiny_models, shared_data, tmp_path):
-    rgba = shared_data / "examples" / REF / "rgba.png"
+def test_two_rank_ddp_on_cpu(threestudio, tiny_models, example_rgba, tmp_path):
+    rgba = example_rgba
     config = tmp_path / "ddp.yaml"
     config.write_text(_config(tiny_models, rgba, tmp_path, steps=(2, 2, 2)))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}

@@ -115,12 +115,12 @@ def test_bad_times_fail_at_configure(threestudio):
                                                          background=background)
 
 
-def test_system_export_flow_writes_into_it_export(threestudio, tiny_models, shared_data, tmp_path, monkeypatch):
-    from test_system_integration import REF, _config
+def test_system_export_flow_writes_into_it_export(threestudio, tiny_models, example_rgba, tmp_path, monkeypatch):
+    from test_system_integration import _config
     from threestudio.utils.config import load_config
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(_config(tiny_models, shared_data / "examples" / REF / "rgba.png", tmp_path), from_string=True)
+    cfg = load_config(_config(tiny_models, example_rgba, tmp_path), from_string=True)
     cfg.system.exporter_type = "a124-mesh-sequence-exporter"
     cfg.system.exporter = {"n_times": 2, "resolution": 24, "threshold": THRESHOLD}
     system = threestudio.find(cfg.system_type)(cfg.system)

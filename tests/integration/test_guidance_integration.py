@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_system_integration import REF, StepRecorder, _config, _run
+from test_system_integration import StepRecorder, _config, _run
 
 T, H, W = 4, 16, 16
 
@@ -132,8 +132,8 @@ def _StateAtStepStart():
     return rec
 
 
-def test_system_refine_with_controlnet_slot(threestudio, tiny_models, shared_data, cwd):
-    rgba = shared_data / "examples" / REF / "rgba.png"
+def test_system_refine_with_controlnet_slot(threestudio, tiny_models, example_rgba, cwd):
+    rgba = example_rgba
     _write_embeds(cwd / "embeds.safetensors")
     rec = _StateAtStepStart()
     cfg, system, trainer = _run(threestudio, _config(tiny_models, rgba, cwd, steps=(1, 1, 2), with_cn=True), cwd,

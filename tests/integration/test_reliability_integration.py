@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_system_integration import REF, _config, _run
+from test_system_integration import _config, _run
 
 NAN_STEPS: set = set()  # global steps at which the poisoned SD guidance returns a NaN loss
 _CURRENT = {"step": -1}
@@ -25,8 +25,8 @@ def run_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture()
-def rgba(shared_data):
-    return shared_data / "examples" / REF / "rgba.png"
+def rgba(example_rgba):
+    return example_rgba
 
 
 def _write_embeds(path, width=32, tokens=1, key="_tiny_tok_") -> Path:
@@ -353,10 +353,13 @@ def test_every_problem_is_reported_at_once(threestudio, tiny_models, rgba, run_d
     with pytest.raises(PreflightError) as info:
         _build(threestudio, _config(tiny_models, rgba, run_dir, with_cn=True),
                ["system.loss.lamda_rgb=1", "system.guidances.cn.guidance.fixed_size=100",
-                "system.guidances.cn.prompt_processor.prompt=a panda"])
+                "system.guidances.cn.prompt_processor.prompt=a panda", "data.video.num_frames=0",
+                f"data.image_path={run_dir}/none.png"])
+    # the data module's problems (it is built first) with the system's, in one list
     assert [p.split(" ")[0] for p in info.value.problems] == [
-        "system.loss", "system.guidances.cn.prompt_processor.prompt='a", "system.guidances.cn.guidance.fixed_size=100"]
-    assert "use e.g. 128" in info.value.problems[2]
+        "data.video.num_frames=0", f"data.image_path='{run_dir}/none.png'", "system.loss",
+        "system.guidances.cn.prompt_processor.prompt='a", "system.guidances.cn.guidance.fixed_size=100"]
+    assert "use e.g. 128" in info.value.problems[4]
 
 
 def test_no_cuda_and_too_little_vram(threestudio, tiny_models, rgba, run_dir, monkeypatch):
@@ -394,6 +397,28 @@ def test_output_folder_without_room_stops_at_fit_start(threestudio, tiny_models,
     (run_dir / "file.txt").write_text("the user's file")
     problems = preflight.check_output_folder(str(run_dir / "file.txt" / "sub"), 0)  # under a file: not writable
     assert problems and "is not writable" in problems[0] and "set exp_root_dir" in problems[0]
+
+
+def test_a_fresh_run_never_trains_into_an_earlier_runs_folder(threestudio, tiny_models, rgba, run_dir):
+    """use_timestamp=false and the same tag: the second run (no resume=) stops at fit start, its checkpoints, stage
+    records and renders untouched; resuming the same folder is still allowed."""
+    from animate124.components.preflight import PreflightError
+
+    text = _config(tiny_models, rgba, run_dir, steps=(1, 1, 1))
+    cfg, _, _ = _run(threestudio, text, run_dir)
+    trial = Path(cfg.trial_dir)
+    kept = {path: path.read_bytes() for path in [*trial.glob("ckpts/*.ckpt"), trial / "stages.json"]}
+    assert len(kept) >= 2
+    with pytest.raises(PreflightError) as info:
+        _run(threestudio, text, run_dir)
+    (problem,) = info.value.problems
+    assert problem == (f"the trial folder {str(trial)!r} already holds an earlier run (ckpts/*.ckpt, stages.json, "
+                       f"save/): resume it with resume={trial / 'ckpts' / 'last.ckpt'}, or start a new trial (another "
+                       "tag, or use_timestamp=true); nothing of it was overwritten")
+    assert {path: path.read_bytes() for path in kept} == kept
+    (step2,) = trial.glob("ckpts/epoch=*-step=2.ckpt")
+    _, _, resumed = _run(threestudio, text, run_dir, resume=str(step2))  # resuming that folder: allowed
+    assert resumed.global_step == 3
 
 
 # ---- interrupted runs -------------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def _grad(info, prefix):
     return any(v for k, v in info["grads"].items() if k.startswith(prefix))
 
 
-def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, shared_data, run_dir):
-    rgba = shared_data / "examples" / REF / "rgba.png"
+def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, example_rgba, run_dir):
+    rgba = example_rgba
     cfg_text = _config(tiny_models, rgba, run_dir)
     rec = StepRecorder()
     cfg, system, trainer = _run(threestudio, cfg_text, run_dir, callbacks=[rec])
@@ -218,12 +218,12 @@ def test_all_stages_in_one_run_then_resume_mid_stage(threestudio, tiny_models, s
                                                                                        ("dynamic", 2, 5)]
 
 
-def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, tiny_models, shared_data, run_dir):
+def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, tiny_models, example_rgba, run_dir):
     """Per-stage configs chain through system.weights; unlike the host's silent strict=False, every missing or
     unexpected key is reported, and strict_weights turns that into an error."""
     from threestudio.utils.config import load_config
 
-    rgba = shared_data / "examples" / REF / "rgba.png"
+    rgba = example_rgba
     cfg, system, trainer = _run(threestudio, _config(tiny_models, rgba, run_dir, steps=(2, 1, 1)), run_dir, max_steps=2)
     ckpt = Path(cfg.trial_dir) / "weights.ckpt"  # saved here: pytorch-lightning 2.0.0 writes no last.ckpt at step 2
     trainer.save_checkpoint(str(ckpt))
@@ -261,12 +261,12 @@ def test_stage_by_stage_weights_report_missing_and_unexpected_keys(threestudio, 
     (("time_smoothness: 0.001}", "time_smoothness: 0.001, sparsity: 1.0}"),
      r"stage 'dynamic': loss weight 'sparsity' cannot be used"),
 ])
-def test_bad_slot_configs_and_weights_fail_at_construction(threestudio, tiny_models, shared_data, run_dir, edit, match):
+def test_bad_slot_configs_and_weights_fail_at_construction(threestudio, tiny_models, example_rgba, run_dir, edit, match):
     """A typo in a slot's config or a weight a stage cannot compute fails when the system is built (before any
     guidance loads), not when the stage starts."""
     from threestudio.utils.config import load_config
 
-    text = _config(tiny_models, shared_data / "examples" / REF / "rgba.png", run_dir)
+    text = _config(tiny_models, example_rgba, run_dir)
     assert edit[0] in text
     cfg = load_config(text.replace(edit[0], edit[1], 1), from_string=True)
     with pytest.raises(ValueError, match=match):
@@ -343,11 +343,11 @@ def test_seeded_steps_repeat_pinned_dynamic_loss_and_fresh_optimizer_per_stage(t
     """Same seed -> the same losses for 3 steps (static, then two dynamic steps); the first dynamic step's total loss
     is pinned; the optimizer state restarts at the stage boundary (upstream runs each stage with a fresh optimizer)."""
     rgba = shared_data / "examples" / REF / "rgba.png"
-    cfg_text = _config(tiny_models, rgba, run_dir, steps=(1, 2, 1))
     runs = []
-    for _ in range(2):
+    for i in range(2):  # two trial folders: a fresh run never writes into an earlier run's
         rec, opt = StepRecorder(), OptimizerSteps()
-        _run(threestudio, cfg_text, run_dir, max_steps=3, callbacks=[rec, opt])
+        _run(threestudio, _config(tiny_models, rgba, run_dir / f"run{i}", steps=(1, 2, 1)), run_dir, max_steps=3,
+             callbacks=[rec, opt])
         runs.append((rec.steps, opt.counts))
     (first, counts), (second, _) = runs
     assert [s["stage"] for s in first] == ["static", "dynamic", "dynamic"]
@@ -364,17 +364,18 @@ def test_seeded_steps_repeat_pinned_dynamic_loss_and_fresh_optimizer_per_stage(t
         assert first[1]["loss"] == pytest.approx(PINNED_DYNAMIC_LOSS[_stack()], rel=1e-4)
     assert counts == [1, 1, 2]  # Adam's step count restarts at the first dynamic step
     with_carry = OptimizerSteps()
+    cfg_text = _config(tiny_models, rgba, run_dir / "carry", steps=(1, 2, 1))
     _run(threestudio, cfg_text.replace("anchor_interval: 2", "anchor_interval: 2\n  fresh_optimizer_per_stage: false"),
          run_dir, max_steps=3, callbacks=[with_carry])
     assert with_carry.counts == [1, 2, 3]
 
 
-def test_training_rays_made_after_the_transfer_match_the_collated_ones(threestudio, tiny_models, shared_data, run_dir):
+def test_training_rays_made_after_the_transfer_match_the_collated_ones(threestudio, tiny_models, example_rgba, run_dir):
     """The loader leaves the training rays to the data module's on_after_batch_transfer (made on the training
     device); they equal the rays the collate makes itself from the same seeded draws, reference-view noise included."""
     from animate124.components.data import RAYS_PENDING, complete_rays
 
-    text = _config(tiny_models, shared_data / "examples" / REF / "rgba.png", run_dir)  # ray noise 2e-3 (default)
+    text = _config(tiny_models, example_rgba, run_dir)  # ray noise 2e-3 (default)
     deferred_dm, direct_dm = _datamodule(threestudio, text), _datamodule(threestudio, text)
     deferred_dm.setup("fit")
     direct_dm.setup("fit")
