@@ -73,6 +73,11 @@ GITHUB_ONLY = (
                 "stage 2); no a124 component uses it"),
 )
 GITHUB_ONLY_NAMES = tuple(req.module for req in GITHUB_ONLY)
+# not needed for real runs; named once so the first smoke run does not fail on them
+OPTIONAL = (
+    Requirement("open_clip", "-e '.[testing]'", "the smoke config and `animate124 make-tiny-models` (CLIP's "
+                "vocabulary for the tiny models)"),
+)
 # what CI tests: threestudio's pins and current releases
 TESTED = {
     "omegaconf": ("2.3.0", "2.4"),
@@ -132,6 +137,12 @@ def report() -> tuple[list[str], list[Requirement]]:
     return lines, github
 
 
+def optional_lines() -> list[str]:
+    """One line per missing optional package: what needs it and the pip command (informational)."""
+    return [f"      optional: {req.module} is not installed; needed by {req.why}: pip install {req.install}"
+            for req in OPTIONAL if problem(req)]
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -143,6 +154,8 @@ def main(argv: Optional[list] = None) -> int:
     for req in github:
         print(f"      {req.module} is not usable here ({problem(req)}). Needed only by {req.why}. "
               f"To install it (needs CUDA and a compiler): {req.install}")
+    for line in optional_lines():
+        print(line)
     if lines:
         print("host_check: " + "\n".join(lines), file=sys.stderr)
         return 1

@@ -45,3 +45,12 @@ def test_version_line_marks_untested_versions_and_the_hub_break(monkeypatch):
     assert "diffusers 0.19.3, transformers 4.28.1;" in line
     assert "pip install 'huggingface_hub<0.26'" in line
     assert "\n" not in line
+
+
+def test_a_missing_optional_package_is_named_with_what_needs_it(monkeypatch):
+    monkeypatch.setattr(host_check, "OPTIONAL", (
+        Requirement("json", "-e '.[x]'", "nothing"),  # importable: not listed
+        Requirement("a124_absent_open_clip", "-e '.[testing]'", "the smoke config"),
+    ))
+    assert host_check.optional_lines() == [
+        "      optional: a124_absent_open_clip is not installed; needed by the smoke config: pip install -e '.[testing]'"]
