@@ -56,9 +56,12 @@ want knobs && bench default-no-vae-checkpoint 200 "$repo/configs/animate124.yaml
   --eval-images 2 --export-times 0 --set system.guidances.video.guidance.vae_checkpoint=false \
   --set system.guidances.video.guidance.vae_chunk_size=null --set system.guidances.cn.guidance.vae_checkpoint=false
 # candidate speed changes against the default (not yet measured): fused Adam (the profile put Adam at about 20 ms of
-# GPU time per static step), and a non-zero alpha threshold in the marcher (fewer samples; check the synthetic fit)
+# GPU time per static step), forward-difference normals (3 density queries per sample instead of 6), and a non-zero
+# alpha threshold in the marcher (fewer samples; check the synthetic fit)
 want speed && bench default-fused-adam 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
   --export-times 0 --set system.optimizer.args.fused=true
+want speed && bench default-forward-normals 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
+  --export-times 0 --set system.geometry.normal_type=finite_difference_forward
 want speed && bench default-alpha-thre 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
   --export-times 0 --set system.renderer.alpha_thre=0.01
 want lowramvae && bench default-lowramvae4 200 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 \
@@ -69,7 +72,8 @@ python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
-for name in ("default", "default-no-vae-checkpoint", "default-fused-adam", "default-alpha-thre", "fast", "lowvram",
+for name in ("default", "default-no-vae-checkpoint", "default-fused-adam", "default-forward-normals",
+             "default-alpha-thre", "fast", "lowvram",
              "default-lowramvae4", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue

@@ -51,6 +51,9 @@ class DynamicField(nn.Module):
             std^2)), ``"none"``, or a float added before the activation. |x| in world units.
         density_blob_scale, density_blob_std: blob parameters (threestudio defaults 10, 0.5).
         normal_eps: finite-difference step (world units) for normals (threestudio 0.01).
+        normal_difference: ``"central"`` (6 extra density queries per point, upstream Animate124's
+            ``finite_difference``) or ``"forward"`` (3, reusing the point's own density: threestudio's
+            ``finite_difference``; error O(eps) instead of O(eps^2), about half the normals' field work).
         generator: optional CPU generator for all initialisations (grids and MLPs).
     """
 
@@ -73,6 +76,7 @@ class DynamicField(nn.Module):
         density_blob_scale: float = 10.0,
         density_blob_std: float = 0.5,
         normal_eps: float = 0.01,
+        normal_difference: str = "central",
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
@@ -85,6 +89,9 @@ class DynamicField(nn.Module):
         self.density_blob_scale = float(density_blob_scale)
         self.density_blob_std = float(density_blob_std)
         self.normal_eps = float(normal_eps)
+        if normal_difference not in ("central", "forward"):
+            raise ValueError(f"normal_difference must be 'central' or 'forward'; got {normal_difference!r}.")
+        self.normal_difference = normal_difference
         grid = dict(n_levels=n_levels, n_features_per_level=n_features_per_level, log2_hashmap_size=log2_hashmap_size,
                     base_resolution=base_resolution, per_level_scale=per_level_scale, implementation=implementation)
         self.encoding = HashGridEncoding(3, **grid, generator=generator)
@@ -127,9 +134,9 @@ class DynamicField(nn.Module):
     ) -> dict[str, Tensor]:
         """Density ``[N,1]``, raw features ``[N,C]`` and, with ``output_normal``, normals ``[N,3]``.
 
-        Normals are central finite differences of the density (6 extra density queries per point, offsets clamped to
-        the bbox as threestudio's ``finite_difference_laplacian``): ``n = normalize(-grad sigma)``, pointing out of
-        dense regions.
+        Normals are finite differences of the density (``normal_difference``: central, 6 extra density queries per
+        point, or forward, 3; offsets clamped to the bbox as threestudio's): ``n = normalize(-grad sigma)``, pointing
+        out of dense regions.
         """
         h = self.encode(points, times)
         out = {
@@ -137,7 +144,7 @@ class DynamicField(nn.Module):
             "features": self._mlp(self.feature_network, h),
         }
         if output_normal:
-            out["normal"] = self._finite_difference_normal(points, times)
+            out["normal"] = self._finite_difference_normal(points, times, out["density"])
         return out
 
     # --- regulariser -------------------------------------------------------------------------------------------------
@@ -201,15 +208,19 @@ class DynamicField(nn.Module):
             return 0.0
         return float(self.density_bias)
 
-    def _finite_difference_normal(self, points: Tensor, times: Tensor) -> Tensor:
+    def _finite_difference_normal(self, points: Tensor, times: Tensor, density: Tensor) -> Tensor:
         eps = self.normal_eps
-        offsets = torch.tensor(
-            [[eps, 0, 0], [-eps, 0, 0], [0, eps, 0], [0, -eps, 0], [0, 0, eps], [0, 0, -eps]],
-            device=points.device, dtype=torch.float32,
-        )
+        forward = self.normal_difference == "forward"
+        steps = [[eps, 0, 0], [0, eps, 0], [0, 0, eps]] if forward else [
+            [eps, 0, 0], [-eps, 0, 0], [0, eps, 0], [0, -eps, 0], [0, 0, eps], [0, 0, -eps]]
+        offsets = torch.tensor(steps, device=points.device, dtype=torch.float32)
+        k = offsets.shape[0]
         shifted = (points.float()[:, None, :] + offsets).clamp(-self.radius, self.radius).reshape(-1, 3)
-        sigma = self.forward_density(shifted, times.float().repeat_interleave(6)).view(-1, 6)
-        grad = 0.5 * (sigma[:, 0::2] - sigma[:, 1::2]) / eps
+        sigma = self.forward_density(shifted, times.float().repeat_interleave(k)).view(-1, k)
+        if forward:
+            grad = (sigma - density.float().reshape(-1, 1)) / eps
+        else:
+            grad = 0.5 * (sigma[:, 0::2] - sigma[:, 1::2]) / eps
         return F.normalize(-grad, dim=-1)
 
 

@@ -130,3 +130,16 @@ def test_system_export_flow_writes_into_it_export(threestudio, tiny_models, exam
     export = tmp_path / "save" / f"it{system.true_global_step}-export"
     files = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
     assert files == ["mesh.glb", "mesh/mesh_0000_t0.0000.obj", "mesh/mesh_0001_t1.0000.obj"], files
+
+
+@pytest.mark.parametrize("normal_type, difference", [("finite_difference", "central"),
+                                                     ("finite_difference_laplacian", "central"),
+                                                     ("finite_difference_forward", "forward")])
+def test_geometry_normal_type_picks_the_finite_difference(threestudio, normal_type, difference):
+    geometry = threestudio.find("a124-4d-volume")({**GEOMETRY, "normal_type": normal_type})
+    assert geometry.field.normal_difference == difference
+
+
+def test_geometry_rejects_an_unknown_normal_type(threestudio):
+    with pytest.raises(ValueError, match=r"normal_type='analytic'.*finite_difference_forward"):
+        threestudio.find("a124-4d-volume")({**GEOMETRY, "normal_type": "analytic"})

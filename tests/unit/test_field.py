@@ -95,6 +95,34 @@ def test_trunc_exp_clamps_the_backward():
     torch.testing.assert_close(x.grad, torch.tensor([math.e, math.exp(15.0)]))
 
 
+def test_forward_difference_normals_match_central_ones_with_half_the_density_queries():
+    central, forward = make_field(normal_eps=0.01), make_field(normal_eps=0.01, normal_difference="forward")
+    forward.load_state_dict(central.state_dict())
+    with torch.no_grad():
+        for f in (central, forward):  # a field that varies in space and time, beyond the blob
+            f.encoding.embeddings.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+            f.encoding_time.embeddings.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(1)
+    p = F.normalize(torch.randn(512, 3, generator=g), dim=-1) * (0.2 + 0.5 * torch.rand(512, 1, generator=g))
+    t = torch.rand(512, generator=g)
+    queries = {}
+    for name, f in (("central", central), ("forward", forward)):
+        counted = f.forward_density
+
+        def counting(points, times, counted=counted, name=name):
+            queries[name] = queries.get(name, 0) + points.shape[0]
+            return counted(points, times)
+
+        f.forward_density = counting
+        out = f(p, t, output_normal=True)
+        queries[name + "_normal"] = out["normal"]
+    assert queries["central"] == 6 * 512 and queries["forward"] == 3 * 512
+    cos = (queries["central_normal"] * queries["forward_normal"]).sum(-1)
+    assert cos.median() > 0.99 and (cos > 0.9).float().mean() > 0.95, cos.quantile(torch.tensor([0.05, 0.5]))
+    with pytest.raises(ValueError, match="normal_difference must be 'central' or 'forward'"):
+        make_field(normal_difference="backward")
+
+
 def test_normals_of_a_blob_point_outward():
     # Zero MLP output: sigma = softplus(10 (1 - |x| / 0.5)), a radial blob, so -grad sigma points away from 0.
     field = make_field(normal_eps=0.01)
