@@ -109,8 +109,8 @@ class ImageVideoDataModuleConfig:
 
 
 RAYS_PENDING = "rays_pending"
-"""Key of a camera batch whose rays are still to be made: its value holds the ray offsets ([2, 3], or [0, 3] for
-none), drawn when the batch was collated so the seeded draws stay in order."""
+"""Key of a camera batch whose rays are still to be made: its value holds the ray offsets ([2, 3], zeros without ray
+noise), drawn when the batch was collated so the seeded draws stay in order."""
 
 
 def _camera_batch(traj: cams.CameraTrajectory, height: int, width: int, noise: float = 0.0, generator=None,
@@ -118,9 +118,9 @@ def _camera_batch(traj: cams.CameraTrajectory, height: int, width: int, noise: f
     """Host-style camera batch (rays, mvp, angles, lights) for a trajectory: rays from the core (seeded ray noise),
     projection / mvp matrices from the host's helpers. ``defer_rays``: leave the rays to :func:`complete_rays`."""
     fovy, c2w = traj.fovy, traj.c2w
-    offsets = cams.ray_offsets(noise, generator) if noise > 0 else torch.zeros(0, 3)
+    offsets = cams.ray_offsets(noise, generator) if noise > 0 else torch.zeros(2, 3)  # adding zeros changes nothing
     rays = {RAYS_PENDING: offsets} if defer_rays else dict(zip(("rays_o", "rays_d"), cams.get_rays(
-        c2w, fovy, height, width, offsets=offsets if noise > 0 else None)))
+        c2w, fovy, height, width, offsets=offsets)))
     proj = get_projection_matrix(fovy, width / height, 0.01, 100.0)
     positions = traj.camera_positions
     return {
@@ -174,8 +174,7 @@ def complete_rays(batch: dict) -> dict:
     offsets = batch.pop(RAYS_PENDING, None)
     if offsets is not None:
         batch["rays_o"], batch["rays_d"] = cams.get_rays(
-            batch["c2w"], batch["fovy"], int(batch["height"]), int(batch["width"]),
-            offsets=offsets if offsets.numel() else None)
+            batch["c2w"], batch["fovy"], int(batch["height"]), int(batch["width"]), offsets=offsets)
     return batch
 
 
@@ -270,11 +269,11 @@ class ImageVideoDataModule(pl.LightningDataModule):
         # merge onto the structured defaults so nested sections keep their defaults; unknown keys raise
         merged = OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {})
         self.cfg = OmegaConf.to_object(merged)
-        preflight.register_data_module(self, self.cfg)  # checked with the system's config, before models load
+        preflight.register_data_module(self)  # checked with the system's config, before models load
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
-            preflight.check_data_module(self, self.cfg)  # again before step 0 (any system; files written since)
+            preflight.check_data_module(self)  # again before step 0 (any system; files written since)
             self.train_dataset = ClipIterableDataset(self.cfg, load_reference(self.cfg))
         if stage in (None, "fit", "validate"):
             self.val_dataset = TrajectoryDataset(self.cfg, "val")

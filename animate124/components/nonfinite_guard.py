@@ -43,6 +43,11 @@ def nonfinite_tensors(tree: Any, prefix: str = "") -> List[str]:
     return bad
 
 
+def _named(bad: List[str]) -> List[str]:
+    """The total is non-finite whenever a term is: name the terms, or the total ("loss") when no term is."""
+    return [b for b in bad if b != "loss"] or bad
+
+
 def _uses_grad_scaler(trainer: pl.Trainer) -> bool:
     plugin = getattr(trainer, "precision_plugin", None) or getattr(trainer.strategy, "precision_plugin", None)
     return getattr(plugin, "scaler", None) is not None
@@ -67,13 +72,8 @@ class NonfiniteGuard(pl.Callback):
         # one wait for the GPU per step: every term and gradient checked on the device, one flag each read back
         checks = [torch.isfinite(v).all() for v in terms.values()] + [torch.isfinite(p.grad).all() for p in params]
         finite = torch.stack(checks).tolist() if checks else []
-        if all(finite) and (step is not None or not self._nonfinite_terms(trainer)):
-            self.in_row = 0
-            return
         if step is not None:
-            names = list(terms)
-            bad = [n for n, ok in zip(names, finite) if not ok]
-            bad_terms = [b for b in bad if b != "loss"] or bad
+            bad_terms = _named([name for name, ok in zip(terms, finite) if not ok])
         else:  # a system without last_step: the logged losses
             bad_terms = self._nonfinite_terms(trainer)
         bad_grads = [p for p, ok in zip(params, finite[len(terms):]) if not ok]
@@ -110,8 +110,7 @@ class NonfiniteGuard(pl.Callback):
             v = float(value) if torch.is_tensor(value) else value
             if isinstance(v, float) and not math.isfinite(v):
                 bad.append(key[len("train/loss_"):] if key.startswith("train/loss_") else "loss")
-        # the total is non-finite whenever a term is: name the terms, or the total when no term is logged
-        return [b for b in bad if b != "loss"] or bad
+        return _named(bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 A mistake in the refine stage's inputs would otherwise surface only when refinement starts, most of a run later.
 :func:`check_system` runs in the system's ``configure`` (before the Trainer starts and before any diffusion model
-loads) and includes the data module's problems (:func:`data_problems`: it is built just before and registers its
-config); :func:`check_data_module` checks the data again at its setup, and :class:`OutputFolderCheck` runs at
+loads) and includes the data module's problems (:func:`data_problems`: it is built just before and registers
+itself); :func:`check_data_module` checks the data again at its setup, and :class:`OutputFolderCheck` runs at
 ``on_fit_start`` (the first moment the output folder is known). Every problem found is reported at once, one line
 each naming the fix, in a single :class:`PreflightError`; nothing starts.
 """
@@ -282,26 +282,26 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
 # The data module is built before the system (launch.py) and only sees ``data``: it registers its config here instead
 # of raising, so the system's preflight reports the data's problems with its own, in one list and before any model
 # loads; the data module's setup checks again (a system other than a124-system, or files written in between).
-_PENDING_DATA: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_PENDING_DATA: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def register_data_module(data_module: Any, cfg: Any) -> None:
-    _PENDING_DATA[data_module] = cfg
+def register_data_module(data_module: Any) -> None:
+    _PENDING_DATA.add(data_module)
 
 
 def pending_data_problems() -> List[str]:
     """The problems of the data modules registered since the last call (checked now), then forgets them."""
     problems: List[str] = []
-    for cfg in list(_PENDING_DATA.values()):
-        problems += data_problems(cfg)
+    for data_module in list(_PENDING_DATA):
+        problems += data_problems(data_module.cfg)
     _PENDING_DATA.clear()
     return problems
 
 
-def check_data_module(data_module: Any, cfg: Any) -> None:
+def check_data_module(data_module: Any) -> None:
     """At the data module's setup: its problems, raised (and forgotten by :func:`pending_data_problems`)."""
-    _PENDING_DATA.pop(data_module, None)
-    raise_if(data_problems(cfg))
+    _PENDING_DATA.discard(data_module)
+    raise_if(data_problems(data_module.cfg))
 
 
 def data_problems(cfg: Any) -> List[str]:

@@ -197,17 +197,21 @@ def test_weight_names_listed():
     assert math.isclose(sds.sds_weight(torch.tensor([0.5]), torch.tensor([0]), "sds").item(), 0.5)
 
 
-def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
+def _tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(8, 8),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=4,
         layers_per_block=1,
     ).eval()
+
+
+def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
+    vae = _tiny_vae()
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     mean, std = sds.encode_moments(vae, x)
     graded = torch.tensor([True, False, True, False])
@@ -232,16 +236,7 @@ def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
 
 
 def test_checkpointed_encode_gives_the_same_values_and_gradients_and_keeps_one_chunk_of_activations():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        layers_per_block=1,
-    ).eval()
+    vae = _tiny_vae()
     x0 = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     w = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
 
