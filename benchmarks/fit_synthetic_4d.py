@@ -85,6 +85,7 @@ def run_fit(
     grid_lr: float = 1e-2,
     mlp_lr: float = 1e-3,
     estimator: str = "none",
+    alpha_thre: float = 0.0,
     occ_resolution: int = 64,
     occ_time_slices: int = 16,
     implementation: str = "auto",
@@ -133,7 +134,7 @@ def run_fit(
 
     # 3. Train on random rays of all training views and times.
     n_train = train["rgb"].shape[0]
-    losses = []
+    losses, n_samples = [], []
     warmup = min(10, steps // 10)  # Triton/nerfacc compile on the first calls: time only the steps after these
     t0 = time.perf_counter()
     for step in range(steps):
@@ -145,7 +146,8 @@ def run_fit(
         idx = torch.randint(n_train, (rays_per_step,), generator=gen, device=device)
         out = render_rays(field_fn, train["rays_o"][idx], train["rays_d"][idx], train["times"][idx],
                           num_samples=num_samples, aabb=AABB, estimator=occ, bg_color=white, randomized=True,
-                          generator=gen)
+                          generator=gen, alpha_thre=alpha_thre, density_fn=field.forward_density)
+        n_samples.append(out.weights.shape[0])
         loss = F.mse_loss(out.comp_rgb, train["rgb"][idx])
         if lambda_time_smooth > 0:
             loss = loss + lambda_time_smooth * field.time_smoothness_loss(n_points=rays_per_step, generator=gen)
@@ -159,7 +161,7 @@ def run_fit(
     train_s = time.perf_counter() - t0
     # 4. Evaluate (deterministic samples).
     t_eval = time.perf_counter()
-    result = {name: _evaluate(field_fn, data, num_samples, occ, white) for name, data in sets.items()}
+    result = {name: _evaluate(field_fn, data, num_samples, occ, white, alpha_thre) for name, data in sets.items()}
     eval_s = time.perf_counter() - t_eval
     return {
         "psnr_unseen_views": result["unseen_views"],
@@ -178,18 +180,26 @@ def run_fit(
         "rays_per_step": rays_per_step,
         "num_samples": num_samples,
         "estimator": estimator,
+        "alpha_thre": alpha_thre,
+        # samples evaluated with gradient per ray, over the last 20% of the steps (what the pruning saves)
+        "samples_per_ray_last": _mean(n_samples[-max(1, steps // 5):]) / rays_per_step,
     }
 
 
 @torch.no_grad()
-def _evaluate(field_fn, data: dict, num_samples: int, occ: Optional[TimeOccupancyGrid], white) -> float:
+def _evaluate(field_fn, data: dict, num_samples: int, occ: Optional[TimeOccupancyGrid], white,
+              alpha_thre: float = 0.0) -> float:
     chunk, se = 16384, 0.0
     for i in range(0, data["rgb"].shape[0], chunk):
         out = render_rays(field_fn, data["rays_o"][i : i + chunk], data["rays_d"][i : i + chunk],
                           data["times"][i : i + chunk], num_samples=num_samples, aabb=AABB, estimator=occ,
-                          bg_color=white)
+                          bg_color=white, alpha_thre=alpha_thre)
         se += (out.comp_rgb.clamp(0, 1) - data["rgb"][i : i + chunk]).square().sum().item()
     return _psnr(se / data["rgb"].numel())
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _psnr(mse: float) -> float:
@@ -229,6 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--mlp-lr", type=float, default=1e-3)
     p.add_argument("--estimator", choices=["none", "occ"], default="none",
                    help="occ: time-aware occupancy grid (nerfacc ray marching on CUDA)")
+    p.add_argument("--alpha-thre", type=float, default=0.0,
+                   help="drop samples with alpha below this or behind transmittance 1e-4 (renderer's alpha_thre)")
     p.add_argument("--occ-resolution", type=int, default=64)
     p.add_argument("--occ-time-slices", type=int, default=16)
     p.add_argument("--implementation", choices=["auto", "torch", "triton", "tcnn"], default="auto")
@@ -243,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         density_bias=_float_or_name(a.density_bias), lambda_time_smooth=a.lambda_time_smooth, n_levels=a.n_levels,
         log2_hashmap_size=a.log2_hashmap_size,
         base_resolution=a.base_resolution, per_level_scale=a.per_level_scale, grid_lr=a.grid_lr, mlp_lr=a.mlp_lr,
-        estimator=a.estimator, occ_resolution=a.occ_resolution, occ_time_slices=a.occ_time_slices,
+        estimator=a.estimator, alpha_thre=a.alpha_thre, occ_resolution=a.occ_resolution, occ_time_slices=a.occ_time_slices,
         implementation=a.implementation, ref_samples=a.ref_samples, seed=a.seed,
         log_every=a.log_every,
     )

@@ -4,7 +4,8 @@
 # a table at the end. Each benchmark saves its JSON after training and after each evaluation piece, so a process cut
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
-#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram knobs speed lowramvae profile)
+#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile fit, the groups knobs speed
+#                                       lowramvae, or one knob's name: default-normal-checkpoint ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -50,31 +51,38 @@ want lowvram && bench lowvram 240 "$repo/configs/animate124-lowvram.yaml" --warm
 # where the default's time goes beyond its floor: torch.profiler + cProfile tables (default-profile.profile.txt)
 want profile && bench default-profile 300 "$repo/configs/animate124.yaml" --warmup 3 --steps 3 --eval-images 2 \
   --export-times 1 --profile
-# memory knobs against the default, no evaluation: without VAE checkpointing (the default's memory saving), and
-# with VAE gradients through 4 of the 16 frames per step (low_ram_vae)
-want knobs && bench default-no-vae-checkpoint 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \
-  --eval-images 2 --export-times 0 --set system.guidances.video.guidance.vae_checkpoint=false \
+# one change against the default each, training steps only (names usable in A124_BENCH; `knobs` and `speed` are
+# groups): without VAE checkpointing; without the marcher's alpha threshold (every sample of an occupied cell gets a
+# gradient, as before 2026-11-30's third session); checkpointed normal queries; forward-difference normals; fused Adam
+knob() {  # name group --set args...
+  local name=$1 group=$2; shift 2
+  { want "$name" || want "$group"; } && bench "$name" 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \
+    --eval-images 2 --export-times 0 "$@"
+}
+knob default-train speed   # the baseline for the knobs below, measured the same way
+knob default-no-vae-checkpoint knobs --set system.guidances.video.guidance.vae_checkpoint=false \
   --set system.guidances.video.guidance.vae_chunk_size=null --set system.guidances.cn.guidance.vae_checkpoint=false
-# candidate speed changes against the default (not yet measured): fused Adam (the profile put Adam at about 20 ms of
-# GPU time per static step), forward-difference normals (3 density queries per sample instead of 6), and a non-zero
-# alpha threshold in the marcher (fewer samples; check the synthetic fit)
-want speed && bench default-fused-adam 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
-  --export-times 0 --set system.optimizer.args.fused=true
-want speed && bench default-forward-normals 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
-  --export-times 0 --set system.geometry.normal_type=finite_difference_forward
-want speed && bench default-alpha-thre 200 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 --eval-images 2 \
-  --export-times 0 --set system.renderer.alpha_thre=0.01
-want lowramvae && bench default-lowramvae4 200 "$repo/configs/animate124.yaml" --warmup 2 --steps 4 --eval-images 2 \
-  --export-times 0 --set system.guidances.video.guidance.low_ram_vae=4
+knob default-no-alpha-thre speed --set system.renderer.alpha_thre=0.0
+knob default-normal-checkpoint knobs --set system.geometry.normal_checkpoint=true
+knob default-forward-normals speed --set system.geometry.normal_type=finite_difference_forward
+knob default-fused-adam speed --set system.optimizer.args.fused=true
+knob default-lowramvae4 lowramvae --set system.guidances.video.guidance.low_ram_vae=4
+# the synthetic fit with the time-sliced occupancy grid, without and with the marcher's alpha threshold
+for thre in 0.0 0.01; do
+  want "fit" || continue
+  [ "$(elapsed)" -ge "$budget_s" ] && { echo "fit-$thre: skipped (budget)"; continue; }
+  python3 benchmarks/fit_synthetic_4d.py --device cuda --steps 2000 --estimator occ --alpha-thre $thre \
+    > "$OUT/fit-alpha-$thre.log" 2>&1; echo "fit alpha_thre=$thre: exit $?"; grep -E "psnr_unseen|samples_per_ray|steps_per_s" "$OUT/fit-alpha-$thre.log"
+done
 
 # 3. the table (one line per stage; projections against the goals: default <= 60 min, fast <= 30 min, low-VRAM <= 12 GB)
 python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
-for name in ("default", "default-no-vae-checkpoint", "default-fused-adam", "default-forward-normals",
-             "default-alpha-thre", "fast", "lowvram",
-             "default-lowramvae4", "default-profile"):
+for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre", "default-normal-checkpoint",
+             "default-forward-normals", "default-fused-adam", "fast", "lowvram", "default-lowramvae4",
+             "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

@@ -55,6 +55,9 @@ class TimeVolume(BaseImplicitGeometry):
         finite_difference; threestudio calls it finite_difference_laplacian, also accepted) | finite_difference_forward:
         3, reusing the sample's own density (threestudio's finite_difference; about half the normals' field work)."""
         finite_difference_normal_eps: float = 0.01
+        normal_checkpoint: bool = False
+        """Recompute the normals' density queries in the backward instead of keeping their activations: same
+        values and gradients, far less render memory (README, "Memory knobs"), one more forward of those queries."""
         isosurface_threshold: Union[float, str] = 25.0
         export_time: float = 0.0
         """Frame time seen by time-unaware host code (isosurface, host exporters)."""
@@ -89,6 +92,7 @@ class TimeVolume(BaseImplicitGeometry):
             density_blob_std=self.cfg.density_blob_std,
             normal_eps=self.cfg.finite_difference_normal_eps,
             normal_difference="forward" if self.cfg.normal_type == "finite_difference_forward" else "central",
+            normal_checkpoint=self.cfg.normal_checkpoint,
             **grid,
         )
 

@@ -44,8 +44,10 @@ class TimeVolumeRenderer(VolumeRenderer):
         occ_warmup_steps: int = 256
         occ_thre: float = 0.01
         occ_ema_decay: float = 0.95
-        alpha_thre: float = 0.0
-        """Drop marched samples whose alpha is below this (CUDA occupancy path only)."""
+        alpha_thre: float = 0.01
+        """> 0: a density query without gradient first drops samples with alpha below this or transmittance below
+        1e-4 (behind opaque surfaces), as upstream threestudio's renderer (0.01); 0: every sample in an occupied cell
+        is evaluated with gradient."""
         implementation: str = "auto"
         """Occupancy marching backend: nerfacc on CUDA, torch elsewhere (``auto``)."""
 
@@ -125,6 +127,7 @@ class TimeVolumeRenderer(VolumeRenderer):
             generator=generator,
             return_normal=return_normal,
             alpha_thre=self.cfg.alpha_thre,
+            density_fn=lambda points, t: self.geometry.forward_density(points, times=t),
             chunk_size=0 if self.training else self.cfg.eval_chunk_size,
         ).to_dict()
         result = {}

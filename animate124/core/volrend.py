@@ -87,6 +87,7 @@ def render_rays(
     return_normal: bool = False,
     alpha_thre: float = 0.0,
     chunk_size: int = 0,
+    density_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> RenderOutput:
     """Render rays, each at its own frame time, through ``field_fn``.
 
@@ -108,9 +109,13 @@ def render_rays(
         randomized: jitter the samples (training); deterministic bin centres otherwise.
         generator: torch.Generator for the jitter.
         return_normal: ask the field for normals and return ``comp_normal`` = ((normalize(sum w n) + 1) / 2) * opacity.
-        alpha_thre: packed layout only: drop samples whose alpha is below this (nerfacc's ``alpha_thre``; one extra
-            density query per marched sample, without gradient).
+        alpha_thre: > 0: before the field is evaluated with gradient, one density query per sample without
+            gradient drops the samples whose alpha is below ``alpha_thre`` (``min(alpha_thre, mean occupancy)`` with
+            an estimator, as nerfacc) or whose transmittance is below 1e-4 (behind an opaque surface): nerfacc's
+            ``OccGridEstimator.sampling`` with a ``sigma_fn``, upstream threestudio's 0.01. Both layouts.
         chunk_size: evaluate the field in chunks of this many points (0 = all at once; use for evaluation).
+        density_fn: ``density_fn(points [N,3], times [N]) -> [N,1]`` for the ``alpha_thre`` queries; default: the
+            ``"density"`` of ``field_fn``.
 
     Returns:
         :class:`RenderOutput` (``.to_dict()`` for threestudio keys). ``depth`` is ``sum w z`` (not normalised);
@@ -132,7 +137,7 @@ def render_rays(
         step = float(torch.linalg.norm(aabb_t[3:] - aabb_t[:3])) / num_samples
         sigma_fn = None
         if alpha_thre > 0.0:
-            sigma_fn = _make_sigma_fn(field_fn, rays_o, rays_d, times, chunk_size)
+            sigma_fn = _make_sigma_fn(density_fn or _density_of(field_fn), rays_o, rays_d, times, chunk_size)
         ray_indices, t_starts, t_ends = estimator.sample(
             rays_o, rays_d, times, t_min=t_near, t_max=t_far, step_size=step, stratified=randomized,
             generator=generator, sigma_fn=sigma_fn, alpha_thre=alpha_thre,
@@ -147,6 +152,10 @@ def render_rays(
             mask = mask & estimator.occupied(pts.reshape(-1, 3), times[:, None].expand_as(t_mid).reshape(-1)).view(
                 t_mid.shape
             )
+        if alpha_thre > 0.0 and bool(mask.any()):
+            thre = alpha_thre if estimator is None else min(alpha_thre, float(estimator.occs.mean()))
+            mask = mask & _visible(density_fn or _density_of(field_fn), rays_o, rays_d, times, t_mid, t_starts,
+                                   t_ends, mask, thre, chunk_size)
         ray_indices = torch.arange(n_rays, device=rays_o.device)[:, None].expand_as(t_mid)[mask]
 
     # Nothing left to evaluate (all rays empty or pruned): keep one zero-weight sample so the field stays in the
@@ -282,15 +291,39 @@ def _eval_field(field_fn: FieldFn, points: Tensor, times: Tensor, output_normal:
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
 
 
-def _make_sigma_fn(field_fn: FieldFn, rays_o: Tensor, rays_d: Tensor, times: Tensor, chunk_size: int) -> Callable:
+def _density_of(field_fn: FieldFn) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda points, times: field_fn(points, times, False)["density"]
+
+
+def _densities(density_fn: Callable, points: Tensor, times: Tensor, chunk_size: int) -> Tensor:
+    """[N] densities, without gradient, in chunks of ``chunk_size`` points (0: all at once)."""
+    step = points.shape[0] if chunk_size <= 0 else chunk_size
+    with torch.no_grad():
+        return torch.cat([density_fn(points[i : i + step], times[i : i + step]).reshape(-1)
+                          for i in range(0, max(points.shape[0], 1), max(step, 1))])
+
+
+def _make_sigma_fn(density_fn: Callable, rays_o: Tensor, rays_d: Tensor, times: Tensor, chunk_size: int) -> Callable:
     """nerfacc-style ``sigma_fn(t_starts, t_ends, ray_indices) -> [N]`` at each ray's own time (no gradient)."""
 
     def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
         z = (t_starts + t_ends)[:, None] / 2
         pts = rays_o[ray_indices] + rays_d[ray_indices] * z
-        return _eval_field(field_fn, pts, times[ray_indices], False, chunk_size)["density"].reshape(-1)
+        return _densities(density_fn, pts, times[ray_indices], chunk_size)
 
     return sigma_fn
+
+
+def _visible(density_fn: Callable, rays_o: Tensor, rays_d: Tensor, times: Tensor, t_mid: Tensor, t_starts: Tensor,
+             t_ends: Tensor, mask: Tensor, alpha_thre: float, chunk_size: int) -> Tensor:
+    """Dense layout: which of the ``mask``-ed samples [R, S] have alpha >= ``alpha_thre`` and transmittance >= 1e-4
+    (unevaluated samples count as empty), as nerfacc's ``render_visibility_from_density``."""
+    from nerfacc import render_visibility_from_density
+
+    pts = rays_o[:, None] + rays_d[:, None] * t_mid[..., None]
+    sigma = torch.zeros(mask.shape, device=rays_o.device, dtype=torch.float32)
+    sigma[mask] = _densities(density_fn, pts[mask], times[:, None].expand_as(t_mid)[mask], chunk_size).float()
+    return render_visibility_from_density(t_starts, t_ends, sigma, early_stop_eps=1e-4, alpha_thre=alpha_thre)
 
 
 def _composite(

@@ -37,12 +37,14 @@ PRESETS = {
         # no VAE checkpointing: the fast preset trades memory (38.7 GB on an H200) for step time
         "system.guidances.cn.guidance.vae_checkpoint": ABSENT, "system.guidances.video.guidance.vae_checkpoint": ABSENT,
         "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 38.7,
+        # forward-difference normals (3 density queries per sample instead of 6) and fused Adam
+        "system.geometry.normal_type": "finite_difference_forward", "system.optimizer.args.fused": True,
     },
     "animate124-lowvram": {
         "name": "animate124-lowvram", "data.video.height": 64, "data.video.width": 64,
         "system.guidances.cn.guidance.fixed_size": 512, "system.guidances.cn.guidance.n_frames": 1,
         "system.guidances.video.guidance.low_ram_vae": 4, "system.renderer.num_samples_per_ray": 128,
-        "system.min_free_vram_gb": 12.6,
+        "system.min_free_vram_gb": 12.6, "system.geometry.normal_checkpoint": True,
     },
     "animate124-zeroscope": {
         "name": "animate124-zeroscope", "data.video.height": 80, "data.video.width": 144,

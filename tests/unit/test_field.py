@@ -185,3 +185,33 @@ def test_coarse_to_fine_masks_both_grids_and_rgb_helper():
     p, t = points_times(32)
     assert field.encode(p, t)[:, 4:].abs().max().item() == 0.0  # levels 2, 3 (F = 2 channels each) masked
     torch.testing.assert_close(features_to_rgb(torch.zeros(1, 3)), torch.full((1, 3), 0.5))
+
+
+@pytest.mark.parametrize("difference", ["central", "forward"])
+def test_normal_checkpoint_gives_the_same_normals_and_gradients_and_keeps_far_fewer_activations(difference):
+    fields = [make_field(normal_difference=difference, normal_checkpoint=ckpt) for ckpt in (False, True)]
+    fields[1].load_state_dict(fields[0].state_dict())
+    p, t = points_times(n=2048)
+    saved, grads, normals = [], [], []
+    for f in fields:
+        nbytes = [0]
+
+        def pack(x, nbytes=nbytes):
+            nbytes[0] += x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = f(p, t, output_normal=True)
+        # a loss of the kind the normal-smoothness term makes: through the normals (and the density) only
+        (out["normal"].square().sum(-1) * torch.linspace(0, 1, p.shape[0]) + out["normal"][:, 0]
+         + 0.1 * out["density"].squeeze(-1)).sum().backward()
+        saved.append(nbytes[0])
+        normals.append(out["normal"].detach())
+        grads.append([torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in f.parameters()])
+    torch.testing.assert_close(normals[1], normals[0], rtol=0, atol=0)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[1])
+    # the main query's activations stay; the normals' queries (6 or 3 per point) keep only their inputs
+    k = 6 if difference == "central" else 3
+    assert saved[1] < saved[0] / (1 + 0.6 * k), (saved, k)

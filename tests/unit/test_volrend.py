@@ -117,6 +117,35 @@ def test_gradients_flow_to_the_field():
     assert abs(w.grad.item() - math.exp(-2.0)) < 5e-3
 
 
+def test_alpha_threshold_skips_empty_and_occluded_samples_with_the_same_image():
+    # An opaque sphere (sigma 60): behind its front ~0.15 units the transmittance is below 1e-4, so with alpha_thre
+    # the gradient pass evaluates only the samples in front of that (nerfacc / upstream threestudio's pruning).
+    def opaque(points, times, output_normal=False):
+        out = moving_sphere(points, times, output_normal)
+        return {**out, "density": out["density"] * 20.0}
+
+    queried = []
+
+    def density_fn(points, times):
+        queried.append(points.shape[0])
+        return opaque(points, times)["density"]
+
+    o, d, t = rays_at([0.0, 0.3, 0.7, 1.0], [0.0, 0.1, 0.25, 0.5])  # the last ray misses
+    full = render_rays(opaque, o, d, t, num_samples=1024, aabb=AABB)
+    pruned = render_rays(opaque, o, d, t, num_samples=1024, aabb=AABB, alpha_thre=0.01, density_fn=density_fn)
+    assert queried == [4 * 1024]  # one query per sample, without gradient
+    assert full.weights.shape[0] == 4 * 1024
+    # ray 0: chord 0.6 (~307 samples inside), kept only until T < 1e-4, i.e. ~9.2 / 60 = 0.15 units (~79 samples)
+    kept = torch.bincount(pruned.ray_indices, minlength=4)
+    assert 60 <= kept[0] <= 100 and kept[3] == 0, kept
+    # what is dropped carries at most the 1e-4 of transmittance left: 1e-4 of opacity, 1e-4 x (depth ~3) of depth
+    for key, atol in (("opacity", 1.5e-4), ("comp_rgb", 1.5e-4), ("depth", 4e-4)):
+        torch.testing.assert_close(getattr(pruned, key), getattr(full, key), atol=atol, rtol=0)
+    # the default density query is the field's own
+    again = render_rays(opaque, o, d, t, num_samples=1024, aabb=AABB, alpha_thre=0.01)
+    assert torch.equal(again.opacity, pruned.opacity)
+
+
 def test_ray_aabb_intersect_and_misses():
     o = torch.tensor([[0.0, 0.0, -3.0], [0.0, 5.0, -3.0], [0.0, 0.0, 0.0]])
     d = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
