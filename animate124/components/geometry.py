@@ -55,9 +55,10 @@ class TimeVolume(BaseImplicitGeometry):
         finite_difference; threestudio calls it finite_difference_laplacian, also accepted) | finite_difference_forward:
         3, reusing the sample's own density (threestudio's finite_difference; about half the normals' field work)."""
         finite_difference_normal_eps: float = 0.01
-        normal_checkpoint: bool = False
-        """Recompute the normals' density queries in the backward instead of keeping their activations: same
-        values and gradients, far less render memory (README, "Memory knobs"), one more forward of those queries."""
+        normal_checkpoint: bool = True
+        """Recompute the normals' density queries in the backward, one offset at a time, instead of keeping their
+        activations: the same values and gradients; on an H200 the default recipe's dynamic peak fell from 32.5 to
+        12.8 GiB with no measurable change in step time (README, "Memory knobs"). false: keep them."""
         isosurface_threshold: Union[float, str] = 25.0
         export_time: float = 0.0
         """Frame time seen by time-unaware host code (isosurface, host exporters)."""
