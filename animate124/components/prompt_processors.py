@@ -15,6 +15,7 @@ from threestudio.models.prompt_processors.stable_diffusion_prompt_processor impo
 
 from animate124.core.textual_inversion import PLACEHOLDER, load_textual_inversion, replace_placeholder
 from animate124.core import text_encoding
+from animate124.core.atomic_io import save_with
 from animate124.core.video_sds import MODELSCOPE_ID
 
 
@@ -34,13 +35,16 @@ class VideoPromptProcessor(StableDiffusionPromptProcessor):
     @staticmethod
     def spawn_func(pretrained_model_name_or_path, prompts, cache_dir):
         """The host's per-prompt cache files, computed with ``core/text_encoding.py`` (prompts longer than 77 tokens
-        are truncated, as the SDS cores do, instead of failing)."""
+        are truncated, as the SDS cores do, instead of failing). Each file appears whole or not at all: two runs
+        started together in one checkout share the cache, and the host loads any file that exists (a half-written
+        one stopped a run on an H200 with ``EOFError``)."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer, text_encoder = text_encoding.load_text_encoder(pretrained_model_name_or_path, device=device)
         with torch.no_grad():
             embeddings = text_encoding.encode(tokenizer, text_encoder, prompts)
         for prompt, embedding in zip(prompts, embeddings):
-            torch.save(embedding, os.path.join(cache_dir, f"{hash_prompt(pretrained_model_name_or_path, prompt)}.pt"))
+            path = os.path.join(cache_dir, f"{hash_prompt(pretrained_model_name_or_path, prompt)}.pt")
+            save_with(path, lambda tmp, embedding=embedding: torch.save(embedding, tmp))
 
 
 @threestudio.register("a124-textual-inversion-prompt-processor")

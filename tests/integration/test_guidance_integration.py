@@ -119,6 +119,28 @@ def test_video_guidance_beside_host_sd_guidance(threestudio, tiny_models, cwd):
     assert image.grad.abs().sum() > 0 and torch.isfinite(image.grad).all()
 
 
+def test_video_prompt_cache_files_appear_whole_or_not_at_all(threestudio, tiny_models, cwd, monkeypatch, tmp_path):
+    # Two runs in one checkout share .threestudio_cache and the host loads any file that exists: a writer that
+    # dies (or is still writing) must not leave a partial file under the final name.
+    processor = threestudio.find("a124-video-prompt-processor")
+    model = str(tiny_models["text-to-video"])
+    real_save = torch.save
+
+    def dies_half_way(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        processor.spawn_func(model, ["a panda is dancing"], str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(torch, "save", real_save)
+    processor.spawn_func(model, ["a panda is dancing"], str(tmp_path))
+    (cached,) = tmp_path.iterdir()
+    assert torch.load(cached).shape[-1] > 0
+
+
 def _StateAtStepStart():
     """A StepRecorder that also keeps the geometry's parameters as they were when each step began."""
     rec = StepRecorder()
