@@ -21,6 +21,7 @@ from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from jaxtyping import Float
 from torch import Tensor, nn
 

@@ -429,12 +429,12 @@ class Profiles:
         self.current = None
 
     def start(self) -> None:
+        import cProfile
+
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        import cProfile
-
         self.current = (profile(activities=activities), cProfile.Profile())
         self.current[0].__enter__()
         self.current[1].enable()
@@ -685,9 +685,10 @@ def _time_export(system, times: int) -> dict:
     if times <= 0 or n_full <= 0:
         return {"skipped": "--export-times 0" if times <= 0 else "the exporter config has no times / n_times"}
     used = min(times, n_full)
-    saved = {key: cfg[key] for key in ("times", "n_times", "save_video", "threshold") if key in cfg}
-    # threshold "auto": a few benchmark steps leave the field far from the config's density level (no surface)
-    cfg.times, cfg.n_times, cfg.save_video, cfg.threshold = None, used, False, "auto"
+    timed = {"times": None, "n_times": used, "save_video": False, "threshold": "auto"}
+    saved = {key: cfg[key] for key in timed if key in cfg}
+    for key, value in timed.items():
+        cfg[key] = value
     try:
         t0 = time.perf_counter()
         system.on_predict_start()  # builds the exporter, as trainer.predict does
@@ -696,7 +697,7 @@ def _time_export(system, times: int) -> dict:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1000
     finally:
-        for key in ("times", "n_times", "save_video", "threshold"):
+        for key in timed:
             if key in saved:
                 cfg[key] = saved[key]
             else:
