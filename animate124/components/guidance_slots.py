@@ -2,6 +2,8 @@
 stage does not, and called with the inputs their kind needs (validation of the mapping: ``core/step_plan.py``).
 
 Kept in plain dicts, not ``nn.Module`` attributes, so the frozen diffusion models stay out of the checkpoint.
+With ``compile_mode`` (``system.compile_denoisers``) each slot's denoisers are compiled in place when it loads
+(:func:`animate124.core.diffusion_networks.compile_networks`); the compilation itself runs at their first call.
 """
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ import torch
 from threestudio.utils.misc import cleanup
 
 from animate124.components.host_compat import alias_host_zero123
+from animate124.core.diffusion_networks import compile_networks
 from animate124.core.step_plan import GuidanceSlot
 
 
 class GuidanceSlots:
-    def __init__(self, slots: Dict[str, GuidanceSlot]) -> None:
+    def __init__(self, slots: Dict[str, GuidanceSlot], compile_mode: Optional[str] = None,
+                 compile_vae_encoder: bool = False) -> None:
         self.slots = slots
+        self.compile_mode, self.compile_vae_encoder = compile_mode, compile_vae_encoder
+        self._compile_skip_logged = False
         self.guidances: Dict[str, Any] = {}
         self.prompt_processors: Dict[str, Any] = {}  # type names and keys: checked by preflight.check_system
 
@@ -43,6 +49,18 @@ class GuidanceSlots:
             for obj in (self.guidances[name], self.prompt_processors.get(name)):  # this step's update_step has run
                 if hasattr(obj, "do_update_step"):
                     obj.do_update_step(epoch, step)
+            if self.compile_mode is not None:
+                self._compile(name, device)
+
+    def _compile(self, name: str, device: torch.device) -> None:
+        if device.type != "cuda":  # inductor on the CPU costs minutes per U-Net and gains little: not worth a run
+            if not self._compile_skip_logged:
+                threestudio.info(f"compile_denoisers={self.compile_mode!r}: skipped on {device.type} (CUDA only)")
+                self._compile_skip_logged = True
+            return
+        labels = compile_networks([self.guidances[name]], self.compile_mode, vae_encoder=self.compile_vae_encoder)
+        threestudio.info(f"guidance slot {name!r}: torch.compile(mode={self.compile_mode!r}) of {labels or 'nothing'}"
+                         " (compiled at the first call)")
 
     def update_step(self, epoch: int, step: int, on_load_weights: bool = False) -> None:
         # the host's Updateable walk does not visit plain dicts

@@ -26,6 +26,7 @@ from animate124.components.host_compat import load_weights_reporting
 from animate124.components.nonfinite_guard import NonfiniteGuard
 from animate124.components.stage_records import StageRecords
 from animate124.core import losses
+from animate124.core.diffusion_networks import COMPILE_MODES, compile_problem
 from animate124.core.stages import Stage, parse_stages, stage_at, starts_later_stage
 from animate124.core.step_plan import check_weights, parse_slots, plan_step, slot_weight
 
@@ -76,9 +77,22 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         """Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run (nonfinite_guard)."""
         min_free_vram_gb: Optional[float] = None
         """Refuse to start with less free GPU memory than this (None: no check); the message names the lowvram config."""
+        compile_denoisers: Optional[str] = None
+        """``torch.compile`` the frozen U-Nets / ControlNets of each guidance slot when it loads: null (off), default,
+        max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs). CUDA only (skipped, logged once, elsewhere);
+        each stage's first call per network and shape compiles, which the benchmark counts in ``switch_s``."""
+        compile_vae_encoder: bool = False
+        """With ``compile_denoisers``: also compile the VAE encoders (they run with gradient)."""
 
         def __post_init__(self) -> None:
             check_choice("a124-system", "controlnet_condition", self.controlnet_condition, ("frozen", "current"))
+            if self.compile_denoisers is not None:
+                check_choice("a124-system", "compile_denoisers", self.compile_denoisers, COMPILE_MODES + ("null",))
+                if self.compile_denoisers == "null":  # --set system.compile_denoisers=null on some command lines
+                    self.compile_denoisers = None
+                problem = compile_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                if problem and self.compile_denoisers is not None:
+                    raise ValueError(f"a124-system: compile_denoisers={self.compile_denoisers!r}: {problem}")
 
     cfg: Config
 
@@ -88,7 +102,7 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         self.slots = parse_slots(self.cfg.guidances)
         check_weights(self.stages, self.slots, self.cfg.static_ref_interval)
         preflight.check_system(self.cfg, self.slots, self.stages)  # every stage's inputs, before any model loads
-        self.guidance_slots = GuidanceSlots(self.slots)
+        self.guidance_slots = GuidanceSlots(self.slots, self.cfg.compile_denoisers, self.cfg.compile_vae_encoder)
         self._stage_index: Optional[int] = None
         self.frozen_geometry = self.frozen_estimator = None
         self._ddp_grad_masking = False

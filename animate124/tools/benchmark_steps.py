@@ -14,6 +14,9 @@ stage:
   ``ratio`` = median step / median floor (``ratio_mean`` with means, the one the projected time follows);
 - ``breakdown_ms`` (means): render forward, VAE encode forward, U-Net forwards, backward (all of it: renderer, VAE),
   rest (losses, optimiser, bookkeeping);
+- ``first_step_ms`` and ``switch_s`` (the first step's excess over the mean step: model loads, Triton and
+  ``torch.compile`` compilation; plus the excess of any later step in which ``torch.compile`` built a graph, those
+  steps listed by offset in ``compile_steps`` and left out of ``step_ms``), counted once in the projection;
 - ``peak_allocated_gb`` / ``peak_reserved_gb`` over the stage (model loads included), ``resident_gb`` after its first
   step, and ``stale_guidances``: slots of earlier stages whose networks are still alive (should be none);
 
@@ -42,8 +45,6 @@ from pathlib import Path
 
 from animate124.core.atomic_io import write_json
 
-UNET_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel", "ControlNetModel")
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 NOTE = "random weights: honest for time and memory, never for quality"
 
 
@@ -349,16 +350,14 @@ class CallRecorder:
 
     def attach_slot(self, name: str, *objects) -> None:
         """Wrap the networks found in a loaded slot's guidance / prompt processor (attributes, 4 levels deep)."""
-        found = {}
-        for obj in objects:
-            _find_networks(obj, found, depth=4)
-        for module in found.values():
-            kind = type(module).__name__
-            if kind in UNET_CLASSES:
-                self.wrap(module, "forward", "unets")
-            elif kind in VAE_CLASSES:
-                self.wrap(module, "encode", "encode")
-        self.modules[name] = [weakref.ref(m) for m in found.values()]
+        from animate124.core.diffusion_networks import find_networks
+
+        found = find_networks(objects, depth=4)
+        for module in found.denoisers:
+            self.wrap(module, "forward", "unets")
+        for module in found.vaes:
+            self.wrap(module, "encode", "encode")
+        self.modules[name] = [weakref.ref(m) for m in found.all()]
 
     def _remember(self, module, method, label, category, args, kwargs):
         import torch
@@ -525,7 +524,8 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
             if profiler is not None and offset == 1 and warmup >= 2:
                 profiler.start()
             self.current = {"step": step, "stage": name, "role": role, "offset": offset, "t0": now,
-                            "fwd0": recorder.mark(), "fwd1": None, "bwd1": None, "finite": None}
+                            "fwd0": recorder.mark(), "fwd1": None, "bwd1": None, "finite": None,
+                            "graphs0": _compiled_graphs()}
 
         def on_before_backward(self, trainer, pl_module, loss):
             self.current["fwd1"] = recorder.mark()
@@ -549,6 +549,7 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                 cur["forward_ms"] = recorder.elapsed_ms(cur["fwd0"], cur["fwd1"])
                 cur["backward_ms"] = recorder.elapsed_ms(cur["fwd1"], cur["bwd1"])
             cur["finite"] = bool(cur["finite"]) if cur["finite"] is not None else True
+            cur["compiles"] = _compiled_graphs() - cur.pop("graphs0")  # torch.compile graphs built in this step
             for k in ("fwd0", "fwd1", "bwd1"):
                 cur.pop(k)
             memory = self.stage_memory.setdefault(cur["stage"], {})
@@ -585,6 +586,9 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                                 "error": "not measured (training stopped before this stage's timed steps ended)"})
                     continue
                 floors = self.floors.get(stage.name, {})
+                # a step that compiled (a network first called in it, or a new shape) is a one-time cost: out of the
+                # step statistics (unless every timed step compiled) and into switch_s below, as the first step is
+                timed = [r for r in timed if not r.get("compiles")] or timed
                 step_ms = [r["wall_ms"] for r in timed]
                 floor_ms = [sum(floors[k][0] for k in r["floor_keys"] if k in floors) for r in timed]
                 mean_step, mean_floor = statistics.mean(step_ms), statistics.mean(floor_ms)
@@ -600,6 +604,7 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                             calls[what]["calls_per_step"] += 1 / len(timed)
                 memory = self.stage_memory.get(stage.name, {})
                 first = rows[0]["wall_ms"] if rows else 0.0
+                late_compiles = sum(max(r["wall_ms"] - mean_step, 0.0) for r in rows[1:] if r.get("compiles"))
                 out.append({
                     "name": stage.name,
                     "steps_in_config": full_steps[index],
@@ -611,7 +616,8 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                     "breakdown_ms": {k: round(v, 3) for k, v in breakdown.items()},
                     "floor_calls": [dict(c, calls_per_step=round(c["calls_per_step"], 3)) for c in calls.values()],
                     "first_step_ms": round(first, 3),
-                    "switch_s": round(max(first - mean_step, 0.0) / 1000, 3),
+                    "switch_s": round((max(first - mean_step, 0.0) + late_compiles) / 1000, 3),
+                    "compile_steps": [r["offset"] for r in rows if r.get("compiles")],
                     "nonfinite_steps": sum(not r["finite"] for r in rows),
                     "peak_allocated_gb": memory.get("peak_allocated_gb"),
                     "peak_reserved_gb": memory.get("peak_reserved_gb"),
@@ -789,25 +795,10 @@ def _loggers(trial_dir: str) -> list:
     return loggers
 
 
-def _find_networks(obj, found: dict, depth: int) -> None:
-    import torch
-
-    if obj is None or depth < 0:
-        return
-    if isinstance(obj, torch.nn.Module) and type(obj).__name__ in UNET_CLASSES + VAE_CLASSES:
-        found[id(obj)] = obj
-        return
-    attrs = getattr(obj, "__dict__", None)
-    if not isinstance(attrs, dict):
-        return
-    for value in list(attrs.values()):
-        if isinstance(value, (str, bytes, int, float, bool, torch.Tensor)):
-            continue
-        if isinstance(value, dict):
-            for v in list(value.values()):
-                _find_networks(v, found, depth - 1)
-        elif hasattr(value, "__dict__"):
-            _find_networks(value, found, depth - 1)
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (0 while torch._dynamo was never imported)."""
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo_utils.counters["stats"]["unique_graphs"]) if dynamo_utils is not None else 0
 
 
 def _tensors(obj):

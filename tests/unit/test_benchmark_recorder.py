@@ -53,3 +53,58 @@ def test_recorded_calls_replay_with_the_backward_they_needed():
     assert counts == {"encoder_backward": 3, "unet_forward": 3}
     assert set(timings) == set(keys) and all(ms > 0 for ms, _ in timings.values())
     assert rec.samples == {}  # inputs forgotten: nothing keeps the networks or tensors alive
+
+
+def test_compiled_networks_are_recorded_and_replayed_compiled():
+    """system.compile_denoisers compiles a slot's networks when it loads; the recorder attaches afterwards, so it wraps
+    the compiled forward: the step's calls are recorded and the floor replays the compiled networks."""
+    import types
+
+    from torch._dynamo.utils import counters
+
+    from animate124.core.diffusion_networks import compile_networks
+
+    vae, unet = _tiny_vae_and_unet()
+    guidance = types.SimpleNamespace(model=types.SimpleNamespace(unet=unet, vae=vae))
+    assert compile_networks([guidance], "default", backend="aot_eager") == ["UNet2DConditionModel"]
+    rec = CallRecorder(torch.device("cpu"))
+    rec.attach_slot("sd", guidance, None)
+    assert [m() for m in rec.modules["sd"]] == [unet, vae]
+    assert getattr(unet.forward, "_a124_bench", False) and getattr(vae.encode, "_a124_bench", False)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([10, 10]))
+    rec.active = True
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        unet(*args, encoder_hidden_states=torch.randn(2, 77, 16))
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # the compiled forward ran (and compiled) once
+    assert [c for c, *_ in rec.pending] == ["unets"] and len(rec.samples) == 1
+    timings = rec.replay(replays=2)
+    assert len(timings) == 1 and counters["stats"]["unique_graphs"] == graphs + 1  # replayed without recompiling
+
+
+def test_steps_that_compiled_count_once_in_the_stage_switch_not_in_the_step_time():
+    """A network first called after a stage's first step (e.g. an image slot that runs only on anchor steps) compiles
+    there: that step is a one-time cost, so it leaves step_ms and its excess goes to switch_s, which the projection
+    adds once per stage."""
+    import types
+
+    from animate124.core.stages import parse_stages
+    from animate124.tools.benchmark_steps import StepTimer
+
+    slots = types.SimpleNamespace(keep_only=lambda *a, **k: None, guidances={}, prompt_processors={})
+    system = types.SimpleNamespace(renderer=torch.nn.Identity(), guidance_slots=slots,
+                                   stages=parse_stages([{"name": "static", "steps": 10, "guidances": ["sd"]}]))
+    timer = StepTimer(CallRecorder(torch.device("cpu")), system, warmup=2, steps=4, replays=1)
+    # (role, offset, wall ms, graphs compiled): the first step loads + compiles, warm-up 1 and measured step 3 compile
+    steps = [("warmup", 0, 5000.0, 3), ("warmup", 1, 900.0, 1), ("measure", 2, 100.0, 0), ("measure", 3, 700.0, 2),
+             ("measure", 4, 110.0, 0), ("measure", 5, 90.0, 0)]
+    timer.records = [{"stage": "static", "role": role, "offset": offset, "wall_ms": ms, "compiles": graphs,
+                      "floor_keys": ["unet"], "categories": {"render": 10.0, "encode": 0.0, "unets": 50.0},
+                      "finite": True} for role, offset, ms, graphs in steps]
+    timer.floors["static"] = {"unet": (50.0, "UNet2DConditionModel forward")}
+    (stage,) = timer.stage_results([10])
+    assert stage["step_ms"] == {"median": 100.0, "mean": 100.0, "min": 90.0, "max": 110.0,
+                               "all": [100.0, 110.0, 90.0]}  # steps 2, 4, 5
+    assert stage["compile_steps"] == [0, 1, 3]
+    assert stage["switch_s"] == (4900 + 800 + 600) / 1000  # each compiling step's excess over the mean step
+    assert stage["floor_ms"]["mean"] == 50.0 and stage["ratio_mean"] == 2.0

@@ -1,0 +1,138 @@
+"""The frozen diffusion networks inside a loaded guidance: finding them, and compiling their forwards in place.
+
+A guidance (ours or the host's) keeps its networks somewhere in its attributes: ``self.unet``, ``self.pipe.unet``,
+``self.model.unet``, or, for the host's LDM Zero123, ``self.model`` = a ``LatentDiffusion`` whose denoiser is
+``model.model.diffusion_model`` (ldm's ``UNetModel``). :func:`find_networks` walks the attributes a few levels deep
+and returns them by kind; the step benchmark (``animate124.tools.benchmark_steps``) times the same networks and
+``a124-system``'s ``compile_denoisers`` compiles them (:func:`compile_networks`).
+
+Compiling replaces the module's ``forward`` *instance attribute* with ``torch.compile(module.forward)``: the module
+object, its weights and its hooks stay as they are, ``module(...)`` runs the compiled code (``nn.Module.__call__``
+looks ``forward`` up on the instance first), and anything that wraps ``forward`` afterwards (the benchmark's call
+recorder) wraps the compiled one. Compilation itself happens at the first call with each new input shape.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+__all__ = ["COMPILE_MODES", "DENOISER_CLASSES", "VAE_CLASSES", "FoundNetworks", "find_networks", "is_denoiser",
+           "is_vae", "compile_networks", "compile_problem"]
+
+DENOISER_CLASSES: tuple[str, ...] = ("UNet2DConditionModel", "UNet3DConditionModel", "ControlNetModel")
+"""diffusers denoisers by class name (SD 1.5 / Zero123 / ControlNet's U-Net, ModelScope / ZeroScope, ControlNet)."""
+LDM_DENOISER_CLASS = "UNetModel"
+"""ldm's denoiser (``ldm.modules.diffusionmodules.openaimodel``), matched only in a module whose path names ldm."""
+VAE_CLASSES: tuple[str, ...] = ("AutoencoderKL", "AutoencoderTiny")
+"""VAEs by class name (diffusers' and ldm's ``AutoencoderKL`` share it); their ``encoder`` runs with gradient."""
+COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+"""``torch.compile`` modes offered: inductor's default; autotuned kernels without CUDA graphs; CUDA graphs."""
+
+
+@dataclass
+class FoundNetworks:
+    """The networks of one or more objects, each once, in the order found."""
+
+    denoisers: list = field(default_factory=list)
+    vaes: list = field(default_factory=list)
+
+    def all(self) -> list:
+        return self.denoisers + self.vaes
+
+
+def is_denoiser(module) -> bool:
+    kind = type(module)
+    return kind.__name__ in DENOISER_CLASSES or (kind.__name__ == LDM_DENOISER_CLASS and "ldm" in kind.__module__)
+
+
+def is_vae(module) -> bool:
+    return type(module).__name__ in VAE_CLASSES
+
+
+def find_networks(objects: Iterable, depth: int = 4) -> FoundNetworks:
+    """Denoisers and VAEs reachable from ``objects`` through at most ``depth`` attribute / dict / submodule levels.
+
+    A network found is not searched further (a ControlNet inside a U-Net wrapper is found; a VAE's sub-blocks are
+    not). ``None`` entries are skipped."""
+    found: dict[int, torch.nn.Module] = {}
+    for obj in objects:
+        _walk(obj, found, depth)
+    out = FoundNetworks()
+    for module in found.values():
+        (out.denoisers if is_denoiser(module) else out.vaes).append(module)
+    return out
+
+
+def compile_networks(
+    objects: Iterable,
+    mode: str,
+    *,
+    vae_encoder: bool = False,
+    backend: str = "inductor",
+) -> list[str]:
+    """Compile the ``forward`` of every denoiser (and, with ``vae_encoder``, every VAE's ``encoder``) found in
+    ``objects``, in place; returns one label per network compiled (``"UNet2DConditionModel"``,
+    ``"AutoencoderKL.encoder"``), networks already compiled skipped.
+
+    Args:
+        objects: loaded guidances (or anything holding networks in its attributes, see :func:`find_networks`).
+        mode: one of :data:`COMPILE_MODES`; passed to inductor only (other backends take no mode).
+        vae_encoder: also compile the VAE encoders. They run with gradient (SDS back-propagates through the
+            encode), inside ``torch.utils.checkpoint`` when the guidance checkpoints its VAE.
+        backend: ``torch.compile``'s backend; tests use ``"aot_eager"`` (the same graph capture and autograd
+            split as inductor, without generating kernels) to stay cheap on a CPU.
+
+    ``dynamic=False``: every stage calls a network with fixed shapes, so each new shape gets its own static graph
+    (inductor's best kernels, and what CUDA graphs need) instead of a dynamic-shape recompile.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_networks: mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    found = find_networks(objects)
+    targets = [(type(m).__name__, m) for m in found.denoisers]
+    if vae_encoder:
+        targets += [(f"{type(v).__name__}.encoder", v.encoder) for v in found.vaes if hasattr(v, "encoder")]
+    kwargs = {"mode": mode} if backend == "inductor" else {}
+    labels = []
+    for label, module in targets:
+        if getattr(module.forward, "_a124_compiled", False):
+            continue
+        compiled = torch.compile(module.forward, backend=backend, dynamic=False, **kwargs)
+        compiled._a124_compiled = True
+        module.forward = compiled  # an instance attribute: the class's forward, the weights and the hooks stay
+        labels.append(label)
+    return labels
+
+
+def compile_problem(device: torch.device, backend: str = "inductor") -> Optional[str]:
+    """Why :func:`compile_networks` cannot work with this torch on ``device`` (one line with the fix), or None."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile (needs torch >= 2.0): upgrade torch or set it to null"
+    if backend == "inductor" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return (f"torch {torch.__version__}: inductor needs triton on CUDA and it is not installed: "
+                "pip install triton (the version matching torch) or set it to null")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _walk(obj, found: dict, depth: int) -> None:
+    if obj is None or depth < 0:
+        return
+    if isinstance(obj, torch.nn.Module) and (is_denoiser(obj) or is_vae(obj)):
+        found[id(obj)] = obj
+        return
+    attrs = getattr(obj, "__dict__", None)
+    if not isinstance(attrs, dict):
+        return
+    for value in list(attrs.values()):
+        if isinstance(value, (str, bytes, int, float, bool, torch.Tensor)):
+            continue
+        if isinstance(value, dict):  # an nn.Module's _modules, a guidance's dict of models
+            for v in list(value.values()):
+                _walk(v, found, depth - 1)
+        elif hasattr(value, "__dict__"):
+            _walk(value, found, depth - 1)
