@@ -131,3 +131,26 @@ def _graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def test_denoiser_compile_script_smoke(tiny_models, tmp_path):
+    """benchmarks/denoiser_compile.py on the CPU: tiny models, aot_eager; every row timed, compiled = eager output
+    (the VAE case compares the image gradient), break-even consistent with the numbers it is made of."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from denoiser_compile import main
+
+    out = tmp_path / "compile.json"
+    assert main(["--models", str(tiny_models["sd"].parent), "--cases", "controlnet+unet", "vae-encode+backward",
+                 "--modes", "default", "--calls", "2", "--first-calls", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "aot_eager" and set(result["cases"]) == {"controlnet+unet", "vae-encode+backward"}
+    for rows in result["cases"].values():
+        eager, compiled = rows["eager"], rows["default"]
+        assert eager["ms"] > 0 and compiled["ms"] > 0 and compiled["max_abs_diff"] <= 1e-5
+        saved_ms = eager["ms"] - compiled["ms"]
+        assert compiled["break_even_calls"] == (round(compiled["one_time_s"] * 1000 / saved_ms) if saved_ms > 0
+                                                else None)
