@@ -5,7 +5,7 @@
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
 #   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile fit, the groups knobs speed
-#                                       lowramvae, or one knob's name: default-normal-checkpoint ...)
+#                                       lowramvae compile, or one knob's name: default-normal-checkpoint ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -67,6 +67,26 @@ knob default-no-alpha-thre speed --set system.renderer.alpha_thre=0.0
 knob default-no-normal-checkpoint knobs --set system.geometry.normal_checkpoint=false
 knob default-forward-normals speed --set system.geometry.normal_type=finite_difference_forward
 knob default-lowramvae4 lowramvae --set system.guidances.video.guidance.low_ram_vae=4
+# torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first
+# call per network and shape compiles in the step that makes it; the benchmark counts such
+# steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
+# break-even call counts: `denoiser-compile` (benchmarks/denoiser_compile.py, also in the group).
+# Compiling takes minutes (the U-Net3D alone took 130-170 s on an H100), so these get up to 590 s each (still cut at
+# A124_BUDGET_S + 60): run one per call, e.g. A124_BENCH=default-compile A124_BUDGET_S=540.
+# A124_COMPILE_ARGS: extra arguments for denoiser_compile.py (e.g. "--modes reduce-overhead --cases sd-unet").
+compile_knob() {  # name mode
+  { want "$1" || want compile; } && bench "$1" 590 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \
+    --eval-images 2 --export-times 0 --set system.compile_denoisers=$2
+}
+compile_knob default-compile max-autotune-no-cudagraphs
+compile_knob default-compile-cudagraphs reduce-overhead
+if want denoiser-compile || want compile; then
+  if [ "$(elapsed)" -ge "$budget_s" ]; then echo "denoiser-compile: skipped (budget of $budget_s s spent)"; else
+  timeout $(( budget_s + 60 - $(elapsed) )) python3 benchmarks/denoiser_compile.py --models "$models" \
+    --out "$OUT/denoiser-compile.json" ${A124_COMPILE_ARGS:-} > "$OUT/denoiser-compile.log" 2>&1
+  echo "denoiser-compile: exit $? (a run cut short keeps the cases it finished)"
+  grep -E "^[a-z0-9+-]+: eager" "$OUT/denoiser-compile.log"; fi
+fi
 # the synthetic fit with the time-sliced occupancy grid, without and with the marcher's alpha threshold
 for thre in 0.0 0.01; do
   want "fit" || continue
@@ -82,7 +102,7 @@ from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
 for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre",
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
-             "default-profile"):
+             "default-compile", "default-compile-cudagraphs", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"
@@ -98,5 +118,8 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
                   + f"; resident {st['resident_gb']} GB, reserved peak {st['peak_reserved_gb']} GB"
                   + f"; stale {st['stale_guidances']}; nonfinite {st['nonfinite_steps']}")
     print(f"  overhead: {json.dumps(r['overhead'])}")
+    if "compile" in name:  # loads + compilation per stage, and the steps that compiled
+        print("  switch_s / compile_steps: " + ", ".join(
+            f"{st['name']} {st.get('switch_s')} s {st.get('compile_steps')}" for st in r["stages"]))
 EOF
 echo "total: $(elapsed) s"
