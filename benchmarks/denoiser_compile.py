@@ -7,9 +7,9 @@ recording), ``break_even_calls`` (``one_time_s`` / the time saved per call; null
 (:func:`animate124.core.diffusion_networks.compile_networks`: the ``forward`` of each U-Net / ControlNet, the VAE's
 ``encoder``); a fresh inductor cache per run, so ``one_time_s`` is a fresh machine's.
 
-Cases (the stages' shapes; fp16 on CUDA): Zero123 U-Net [2,8,32,32], SD U-Net [2,4,64,64], ModelScope UNet3D
-[2,4,16,32,32], ControlNet + SD U-Net [4,4,128,128] (condition 1024 px), VAE encode + backward [1,3,1024,1024] with and
-without channels_last. Random weights: honest for time, never for quality.
+Cases (the stages' shapes; fp16 on CUDA): Zero123 U-Net [2,8,32,32], SD U-Net [2,4,64,64], ControlNet + SD U-Net
+[4,4,128,128] (condition 1024 px), VAE encode + backward [1,3,1024,1024] with and without channels_last, ModelScope
+UNet3D [2,4,16,32,32]. Results are written after each case, so a run cut short keeps the cases it finished. Random weights: honest for time, never for quality.
 
     GPU:  python benchmarks/denoiser_compile.py --models /tmp/a124-full-size --out denoiser_compile.json
           (the folder of ``animate124 make-tiny-models DIR --full-size``)
@@ -32,14 +32,14 @@ import torch  # noqa: E402
 from animate124.core.atomic_io import write_json  # noqa: E402
 from animate124.core.diffusion_networks import COMPILE_MODES, compile_networks  # noqa: E402
 
-# case -> (model folder, shapes on the GPU, shapes on the CPU smoke run): latents, condition image side
+# case -> (model folder, input shape on the GPU, on the CPU smoke run)
 CASES = {
     "zero123-unet": ("zero123", (2, 8, 32, 32), (2, 8, 8, 8)),
     "sd-unet": ("sd", (2, 4, 64, 64), (2, 4, 8, 8)),
-    "unet3d": ("text-to-video", (2, 4, 16, 32, 32), (2, 4, 2, 8, 8)),
     "controlnet+unet": ("sd", (4, 4, 128, 128), (2, 4, 8, 8)),
     "vae-encode+backward": ("sd", (1, 3, 1024, 1024), (1, 3, 32, 32)),
     "vae-encode+backward-channels-last": ("sd", (1, 3, 1024, 1024), (1, 3, 32, 32)),
+    "unet3d": ("text-to-video", (2, 4, 16, 32, 32), (2, 4, 2, 8, 8)),  # last: the slowest to compile
 }
 
 
