@@ -394,3 +394,37 @@ def test_training_rays_made_after_the_transfer_match_the_collated_ones(threestud
         assert batch[view]["rays_o"].shape[:3] == (batch[view]["c2w"].shape[0], batch[view]["height"],
                                                   batch[view]["width"])
     assert complete_rays(batch) is batch  # a batch with rays is left as it is
+
+
+def test_compile_denoisers_choice_and_which_networks_each_slot_compiles(threestudio, tiny_models, example_rgba,
+                                                                         run_dir):
+    """system.compile_denoisers: a bad value fails when the system is built, one line naming the allowed values; on
+    the CPU a loaded slot stays eager; on CUDA (called directly here: the compilation itself waits for the first call)
+    exactly the slot's U-Nets get a compiled forward, in the host's guidances and ours."""
+    from threestudio.utils.config import load_config
+
+    from animate124.components.guidance_slots import GuidanceSlots
+    from animate124.core.step_plan import parse_slots
+
+    text = _config(tiny_models, example_rgba, run_dir)
+    cfg = load_config(text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_denoisers: fast", 1),
+                      from_string=True)
+    with pytest.raises(ValueError, match=r"^a124-system: compile_denoisers='fast' is not allowed; choose one of "
+                                         r"default, max-autotune-no-cudagraphs, reduce-overhead, null$"):
+        threestudio.find(cfg.system_type)(cfg.system)
+
+    cfg = load_config(text, from_string=True)
+    slots = GuidanceSlots(parse_slots(cfg.system.guidances), "reduce-overhead")
+    slots.keep_only(["sd", "zero123", "video"], torch.device("cpu"), 0, 0)
+    assert {n: _compiled_networks(g) for n, g in slots.guidances.items()} == {"sd": [], "zero123": [], "video": []}
+    for name in ("sd", "zero123", "video"):
+        slots._compile(name, torch.device("cuda"))
+    assert {n: _compiled_networks(g) for n, g in slots.guidances.items()} == {
+        "sd": ["UNet2DConditionModel"], "zero123": ["UNet2DConditionModel"], "video": ["UNet3DConditionModel"]}
+
+
+def _compiled_networks(guidance) -> list:
+    from animate124.core.diffusion_networks import find_networks
+
+    return sorted(type(m).__name__ for m in find_networks([guidance]).all()
+                  if getattr(vars(m).get("forward"), "_a124_compiled", False))
