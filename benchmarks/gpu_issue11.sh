@@ -4,8 +4,8 @@
 # a table at the end. Each benchmark saves its JSON after training and after each evaluation piece, so a process cut
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
-#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile fit, the groups knobs speed
-#                                       lowramvae compile, or one knob's name: default-normal-checkpoint ...)
+#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile fit hashgrid, the groups knobs
+#                                       speed lowramvae merge compile, or one knob's name: default-no-alpha-thre ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -87,6 +87,15 @@ if want denoiser-compile || want compile; then
   echo "denoiser-compile: exit $? (a run cut short keeps the cases it finished)"
   grep -E "^[a-z0-9+-]+: eager" "$OUT/denoiser-compile.log"; fi
 fi
+# the hash-grid backward: two atomics per table row instead of one vector atomic; summing runs of samples in one
+# cell before its atomic add, up to a level resolution
+knob default-no-vector-atomics merge --set system.geometry.pos_encoding_config.vector_atomics=false
+for res in 64 160 100000; do
+  knob default-merge$res merge --set system.geometry.pos_encoding_config.merge_runs_max_res=$res
+done
+# the hash-grid backward alone on ray-marched samples, plain and merged, per level (hashgrid_backward.json)
+want hashgrid && { python3 benchmarks/hashgrid_backward.py --out "$OUT/hashgrid_backward.json" > "$OUT/hashgrid.log" 2>&1;
+  echo "hashgrid backward: exit $?"; grep -v Warning "$OUT/hashgrid.log" | tail -30; }
 # the synthetic fit with the time-sliced occupancy grid, without and with the marcher's alpha threshold
 for thre in 0.0 0.01; do
   want "fit" || continue
@@ -102,7 +111,7 @@ from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
 for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre",
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
-             "default-compile", "default-compile-cudagraphs", "default-profile"):
+             "default-no-vector-atomics", "default-merge64", "default-merge160", "default-merge100000", "default-compile", "default-compile-cudagraphs", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

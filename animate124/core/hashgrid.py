@@ -148,6 +148,9 @@ class HashGridEncoding(torch.nn.Module):
         implementation: ``"auto"``, ``"torch"``, ``"triton"`` or ``"tcnn"`` (see the module docstring).
         init_scale: embeddings start as U(-init_scale, init_scale) (tiny-cuda-nn uses 1e-4).
         generator: optional CPU generator for the initialisation.
+        merge_runs_max_res: Triton backward only: levels of resolution <= this add the gradient of a run of
+            consecutive points with the same table row with one atomic (``hashgrid_triton.KernelConfig``); 0: off.
+        vector_atomics: Triton backward only, 2 features per level on sm_90+: one vector atomic per table row.
 
     Attributes:
         embeddings: ``nn.Parameter [total_entries, F]`` float32, levels stacked at ``level_offsets``.
@@ -166,8 +169,14 @@ class HashGridEncoding(torch.nn.Module):
         implementation: Implementation = "auto",
         init_scale: float = 1e-4,
         generator: torch.Generator | None = None,
+        merge_runs_max_res: int = 0,
+        vector_atomics: bool = True,
     ):
         super().__init__()
+        if isinstance(merge_runs_max_res, bool) or not isinstance(merge_runs_max_res, int) or merge_runs_max_res < 0:
+            raise ValueError(f"merge_runs_max_res={merge_runs_max_res!r} must be an int >= 0 (0: off)")
+        self.merge_runs_max_res = merge_runs_max_res
+        self.vector_atomics = bool(vector_atomics)
         _check_args(n_input_dims, n_levels, n_features_per_level, log2_hashmap_size, base_resolution,
                     per_level_scale, implementation, init_scale)
         self.n_input_dims = n_input_dims
@@ -226,10 +235,12 @@ class HashGridEncoding(torch.nn.Module):
         if backend == "torch":
             out = hash_grid_encode_torch(points, self.embeddings, self.levels, self.n_active_levels)
         elif backend == "triton":
-            from animate124.core.hashgrid_triton import hash_grid_encode_triton
+            from animate124.core.hashgrid_triton import KernelConfig, hash_grid_encode_triton
 
             out = hash_grid_encode_triton(points, self.embeddings, self.levels, self.n_active_levels,
-                                          table=self._level_table)
+                                          table=self._level_table,
+                                          config=KernelConfig(merge_runs_max_res=self.merge_runs_max_res,
+                                                                vector_atomics=self.vector_atomics))
         else:
             out = self._forward_tcnn(points)
         return out.reshape(*lead, self.n_output_dims)

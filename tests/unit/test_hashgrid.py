@@ -194,7 +194,21 @@ for d, n_active in [(3, 4), (4, 4), (3, 3), (4, 1)]:
     if n_active < 4:
         assert results["triton"][0][:, 2 * n_active:].abs().max() == 0
         assert results["triton"][1][enc.level_offsets[n_active]:].abs().max() == 0
+# summing runs of consecutive points with the same row (merge_runs_max_res) on samples packed ray after ray
 from animate124.core import hashgrid_triton
+gen = torch.Generator().manual_seed(3)
+enc = HashGridEncoding(3, **small, implementation="torch", init_scale=1.0, generator=gen)
+start, direction = torch.rand(6, 1, 3, generator=gen) * 0.5 + 0.2, torch.randn(6, 1, 3, generator=gen)
+x = (start + torch.nn.functional.normalize(direction, dim=-1) * torch.arange(25).view(1, -1, 1) * 0.01).reshape(-1, 3)
+grad_out = torch.randn(x.shape[0], 8, generator=gen)
+(ref,) = torch.autograd.grad(enc(x), enc.embeddings, grad_out)
+for merge in (8, 1000):  # the two coarse levels (resolutions 4 and 8), then every level
+    emb = enc.embeddings.detach().requires_grad_(True)
+    config = hashgrid_triton.KernelConfig(64, 4, 64, 4, merge_runs_max_res=merge)
+    out = hashgrid_triton.hash_grid_encode_triton(x.contiguous(), emb, enc.levels, enc.n_levels, config=config)
+    (grad,) = torch.autograd.grad(out, emb, grad_out)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
+    print(f"merge_runs_max_res={merge}: max |diff| {(grad - ref).abs().max().item():.2e}")
 assert all(hasattr(hashgrid_triton, name) for name in hashgrid_triton.__all__)
 print("ok")
 """
@@ -209,6 +223,44 @@ def test_triton_interpreted_matches_torch_values_and_gradients():
                           capture_output=True, text=True, timeout=300)
     print(proc.stdout)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+_COMPILE_CHECK = """
+import itertools, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from animate124.core import hashgrid_triton as ht
+signature = {"x_ptr": "*fp32", "gout_ptr": "*fp32", "emb_ptr": "*fp32", "gemb_ptr": "*fp32", "gx_ptr": "*fp32",
+             "table_ptr": "*i32", "N": "i32", "merge_max_res": "i32", **{k: "constexpr" for k in
+             ("D", "F", "LF", "NEED_DEMB", "NEED_DX", "MERGE", "VEC2", "BLOCK")}}
+for d, merge, vec, need_dx in itertools.product((3, 4), (False, True), (False, True), (False, True)):
+    constants = dict(D=d, F=2, LF=32, NEED_DEMB=True, NEED_DX=need_dx, MERGE=merge, VEC2=vec, BLOCK=256)
+    ptx = triton.compile(ASTSource(fn=ht._hashgrid_bwd_kernel, signature=signature, constexprs=constants),
+                         target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    scalar, vector = len(re.findall(r"atom\\.global\\S*add\\.f32", ptx)), len(re.findall(r"red\\.global\\.add\\.v2\\.f32", ptx))
+    dx = 2 * d if need_dx else 0  # dL/dx: one scalar atomic per point (2 per thread) and input dimension
+    copies = 2 if merge else 1  # the merged and the plain path of a level are both compiled
+    corners = 2 ** d * 2 * copies  # per thread: 2 points, every corner
+    print(d, merge, vec, need_dx, scalar, vector)
+    assert (scalar, vector) == ((dx, corners) if vec else (dx + 2 * corners, 0)), (scalar, vector)
+print("ok")
+"""
+
+
+def test_backward_kernel_compiles_for_sm90_with_vector_atomics():
+    """The interpreter runs Python, not Triton's compiler: compile every backward variant for sm_90 (no GPU needed)
+    and count its global atomics: one ``red.global.add.v2.f32`` per corner with vector atomics, two scalar ones
+    without."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_COMPILE_CHECK)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    print(proc.stdout)
+    if "nvidia" in proc.stderr and "No module named" in proc.stderr:
+        pytest.skip("triton has no CUDA backend here")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
 
 
 def test_exports_exist():
