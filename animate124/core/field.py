@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from animate124.core.hashgrid import HashGridEncoding
+from animate124.core.hashgrid import MERGE_RUNS_MAX_RES, HashGridEncoding
 
 __all__ = ["DynamicField", "VanillaMLP", "trunc_exp", "features_to_rgb", "DENSITY_ACTIVATIONS", "DENSITY_BIASES"]
 
@@ -86,7 +86,7 @@ class DynamicField(nn.Module):
         normal_eps: float = 0.01,
         normal_difference: str = "central",
         normal_checkpoint: bool = False,
-        merge_runs_max_res: int = 0,
+        merge_runs_max_res: int = MERGE_RUNS_MAX_RES,
         vector_atomics: bool = True,
         generator: Optional[torch.Generator] = None,
     ) -> None:

@@ -39,7 +39,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
-    "HashGridEncoding", "HashGridLevels", "hash_grid_levels", "hash_grid_encode_torch", "level_table", "HASH_PRIMES"
+    "HashGridEncoding", "HashGridLevels", "hash_grid_levels", "hash_grid_encode_torch", "level_table", "HASH_PRIMES",
+    "MERGE_RUNS_MAX_RES",
 ]
 
 Implementation = Literal["auto", "torch", "triton", "tcnn"]
@@ -135,6 +136,12 @@ def hash_grid_encode_torch(
     return torch.cat(outs, dim=1)
 
 
+
+# Levels up to this resolution merge runs in the Triton backward: the default grid's levels 0-6 (16 to 147), whose
+# cells hold several consecutive samples of a ray at 256 steps per ray. On an H200 the default recipe's dynamic step
+# spent 298 instead of 363 ms in its backward (README, "Speed and memory"); merging every level saved no more.
+MERGE_RUNS_MAX_RES = 160
+
 class HashGridEncoding(torch.nn.Module):
     """Multiresolution hash encoding with tiny-cuda-nn ``HashGrid`` semantics (see the module docstring).
 
@@ -150,6 +157,7 @@ class HashGridEncoding(torch.nn.Module):
         generator: optional CPU generator for the initialisation.
         merge_runs_max_res: Triton backward only: levels of resolution <= this add the gradient of a run of
             consecutive points with the same table row with one atomic (``hashgrid_triton.KernelConfig``); 0: off.
+            Default ``MERGE_RUNS_MAX_RES``.
         vector_atomics: Triton backward only, 2 features per level on sm_90+: one vector atomic per table row.
 
     Attributes:
@@ -169,7 +177,7 @@ class HashGridEncoding(torch.nn.Module):
         implementation: Implementation = "auto",
         init_scale: float = 1e-4,
         generator: torch.Generator | None = None,
-        merge_runs_max_res: int = 0,
+        merge_runs_max_res: int = MERGE_RUNS_MAX_RES,
         vector_atomics: bool = True,
     ):
         super().__init__()

@@ -25,7 +25,7 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core.hashgrid import HashGridLevels, level_table
+from animate124.core.hashgrid import MERGE_RUNS_MAX_RES, HashGridLevels, level_table
 
 __all__ = ["hash_grid_encode_triton", "KernelConfig", "DEFAULT_CONFIG", "MAX_DIMS"]
 
@@ -40,7 +40,7 @@ class KernelConfig(NamedTuple):
     warps_fwd: int = 4
     block_bwd: int = 256
     warps_bwd: int = 4
-    merge_runs_max_res: int = 0
+    merge_runs_max_res: int = MERGE_RUNS_MAX_RES
     """Levels of resolution <= this sum each run of consecutive points with the same table row in registers and
     add it with one atomic (0: off). Samples along a ray share the cells of coarse levels, so their atomic adds
     otherwise queue on the same addresses."""
