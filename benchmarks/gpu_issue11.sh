@@ -87,9 +87,8 @@ if want denoiser-compile || want compile; then
   echo "denoiser-compile: exit $? (a run cut short keeps the cases it finished)"
   grep -E "^[a-z0-9+-]+: eager" "$OUT/denoiser-compile.log"; fi
 fi
-# the hash-grid backward: two atomics per table row instead of one vector atomic; each run of samples in one cell
-# added with one atomic at no level (the default: levels up to resolution 160), up to 64, at every level
-knob default-no-vector-atomics merge --set system.geometry.pos_encoding_config.vector_atomics=false
+# the hash-grid backward adding each run of consecutive samples in one cell with one atomic at no level (the
+# default: levels up to resolution 160), up to 64, at every level
 knob default-no-merge merge --set system.geometry.pos_encoding_config.merge_runs_max_res=0
 knob default-merge64 merge --set system.geometry.pos_encoding_config.merge_runs_max_res=64
 knob default-merge-all merge --set system.geometry.pos_encoding_config.merge_runs_max_res=100000
@@ -111,7 +110,7 @@ from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
 for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre",
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
-             "default-no-vector-atomics", "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-cudagraphs", "default-profile"):
+             "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-cudagraphs", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

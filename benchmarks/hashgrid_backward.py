@@ -5,9 +5,8 @@ in everything else: five times its forward. Random points in [0, 1]^D (``hashgri
 samples of one ray follow each other in memory and share the cells of the coarse levels, so their atomic adds
 queue on the same addresses. This script times the backward on such samples (rays of a 128^2 camera through a
 ball, F frames at their own times for D = 4), on the same samples shuffled, and on uniform points, for the plain
-kernel, with ``KernelConfig.vector_atomics`` (one sm_90 vector atomic per row) and with
-``KernelConfig.merge_runs_max_res`` (runs of equal rows summed before one atomic add) at several thresholds; and
-per level (cumulative ``n_active`` levels). Medians of CUDA-event times; JSON out. Only the ratios
+kernel and with ``KernelConfig.merge_runs_max_res`` (runs of equal rows summed before one atomic add) at several
+thresholds; and per level (cumulative ``n_active`` levels). Medians of CUDA-event times; JSON out. Only the ratios
 within one run mean something across machines.
 
     python benchmarks/hashgrid_backward.py --out hashgrid_backward.json      # on a GPU
@@ -89,32 +88,28 @@ def main() -> None:
         print(f"D={d}: {n} samples ({frames} frames of {pixels}^2 rays through a ball)")
         reference = None
         for order, x in orders.items():
-            for vec in (False, True):
-                for merge in args.merge:
-                    cfg = ht.KernelConfig(merge_runs_max_res=merge, vector_atomics=vec)
-                    ms, grad = _time_backward(x, enc, table, grad_out, cfg, enc.n_levels, args)
-                    if order == "rays":
-                        if merge == 0 and not vec:
-                            reference = grad
-                        rel = ((grad - reference).abs().max() / reference.abs().max()).item()
-                    else:
-                        rel = None
-                    row = {"dims": d, "order": order, "vector_atomics": vec, "merge_runs_max_res": merge,
-                           "points": n, "backward_ms": ms, "max_rel_diff_vs_plain": rel}
-                    results["rows"].append(row)
-                    print(f"  {order:9s} vec {vec:d} merge<= {merge:6d}: backward {ms:8.3f} ms"
-                          + (f"  (rel diff {rel:.1e})" if rel is not None else ""))
-        for vec, merge in ((False, 0), (True, 0), (True, args.merge[-1])):
-            cfg = ht.KernelConfig(merge_runs_max_res=merge, vector_atomics=vec)
+            for merge in args.merge:
+                cfg = ht.KernelConfig(merge_runs_max_res=merge)
+                ms, grad = _time_backward(x, enc, table, grad_out, cfg, enc.n_levels, args)
+                if order == "rays":
+                    if merge == 0:
+                        reference = grad
+                    rel = ((grad - reference).abs().max() / reference.abs().max()).item()
+                else:
+                    rel = None
+                row = {"dims": d, "order": order, "merge_runs_max_res": merge, "points": n, "backward_ms": ms,
+                       "max_rel_diff_vs_plain": rel}
+                results["rows"].append(row)
+                print(f"  {order:9s} merge<= {merge:7d}: backward {ms:8.3f} ms"
+                      + (f"  (rel diff {rel:.1e})" if rel is not None else ""))
+        for merge in (0, args.merge[-1]):  # cumulative over the active levels: noisy per level, read the trend
+            cfg = ht.KernelConfig(merge_runs_max_res=merge)
             for active in range(1, enc.n_levels + 1):
                 ms, _ = _time_backward(rays, enc, table, grad_out, cfg, active, args)
-                results["levels"].append({"dims": d, "vector_atomics": vec, "merge_runs_max_res": merge,
-                                          "n_active": active, "resolution": int(enc.levels.resolutions[active - 1]),
-                                          "backward_ms": ms})
-            cum = [r["backward_ms"] for r in results["levels"]
-                   if r["dims"] == d and r["merge_runs_max_res"] == merge and r["vector_atomics"] == vec]
-            print(f"  per level (vec {vec:d}, merge<= {merge}), ms:",
-                  " ".join(f"{b - a:.2f}" for a, b in zip([0.0] + cum, cum)))
+                results["levels"].append({"dims": d, "merge_runs_max_res": merge, "n_active": active,
+                                          "resolution": int(enc.levels.resolutions[active - 1]), "backward_ms": ms})
+            cum = [r["backward_ms"] for r in results["levels"] if r["dims"] == d and r["merge_runs_max_res"] == merge]
+            print(f"  per level (merge<= {merge}), ms:", " ".join(f"{b - a:.2f}" for a, b in zip([0.0] + cum, cum)))
         del enc, orders, grad_out
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -144,7 +139,7 @@ def _time_backward(x, enc, table, grad_out, cfg, n_active, args):
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[3, 4])
-    parser.add_argument("--merge", type=int, nargs="+", default=[0, 32, 64, 160, 1 << 20],
+    parser.add_argument("--merge", type=int, nargs="+", default=[0, 64, 160, 1 << 20],
                         help="merge_runs_max_res values (0 = plain atomics)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -30,7 +30,7 @@ def _default_grid() -> dict:
 
 
 _GRID_KEYS = ("n_levels", "n_features_per_level", "log2_hashmap_size", "base_resolution", "per_level_scale",
-              "implementation", "merge_runs_max_res", "vector_atomics", "otype")
+              "implementation", "merge_runs_max_res", "otype")
 
 
 @threestudio.register("a124-4d-volume")
@@ -41,8 +41,7 @@ class TimeVolume(BaseImplicitGeometry):
         pos_encoding_config: dict = field(default_factory=_default_grid)
         """Level configuration shared by the 3-D and the 4-D grid (tiny-cuda-nn HashGrid keys; ``otype`` ignored;
         ``implementation``: auto | torch | triton | tcnn; ``merge_runs_max_res``: the Triton backward's coarse levels
-        add a run of samples in the same cell with one atomic; ``vector_atomics``: one atomic per row on sm_90+; see
-        animate124.core.hashgrid_triton)."""
+        add a run of consecutive samples in one cell with one atomic, see animate124.core.hashgrid_triton)."""
         time_init_scale: float = 1e-4
         """The 4-D grid starts as U(-s, s): the dynamic model starts as the static one."""
         mlp_network_config: dict = field(default_factory=lambda: {"n_neurons": 64, "n_hidden_layers": 1})

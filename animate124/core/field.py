@@ -61,7 +61,6 @@ class DynamicField(nn.Module):
             handles N queries at once instead of 6 N, for one more forward of those queries.
         merge_runs_max_res: both grids' Triton backward sums runs of consecutive samples with the same table row
             at levels of resolution <= this before its atomic add (``HashGridEncoding``); 0: off.
-        vector_atomics: both grids' Triton backward adds a row's 2 features with one sm_90 vector atomic.
         generator: optional CPU generator for all initialisations (grids and MLPs).
     """
 
@@ -87,7 +86,6 @@ class DynamicField(nn.Module):
         normal_difference: str = "central",
         normal_checkpoint: bool = False,
         merge_runs_max_res: int = MERGE_RUNS_MAX_RES,
-        vector_atomics: bool = True,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
@@ -106,7 +104,7 @@ class DynamicField(nn.Module):
         self.normal_checkpoint = bool(normal_checkpoint)
         grid = dict(n_levels=n_levels, n_features_per_level=n_features_per_level, log2_hashmap_size=log2_hashmap_size,
                     base_resolution=base_resolution, per_level_scale=per_level_scale, implementation=implementation,
-                    merge_runs_max_res=merge_runs_max_res, vector_atomics=vector_atomics)
+                    merge_runs_max_res=merge_runs_max_res)
         self.encoding = HashGridEncoding(3, **grid, generator=generator)
         self.encoding_time = HashGridEncoding(4, **grid, init_scale=time_init_scale, generator=generator)
         if time_init_scale == 0.0:

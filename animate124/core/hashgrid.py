@@ -158,7 +158,6 @@ class HashGridEncoding(torch.nn.Module):
         merge_runs_max_res: Triton backward only: levels of resolution <= this add the gradient of a run of
             consecutive points with the same table row with one atomic (``hashgrid_triton.KernelConfig``); 0: off.
             Default ``MERGE_RUNS_MAX_RES``.
-        vector_atomics: Triton backward only, 2 features per level on sm_90+: one vector atomic per table row.
 
     Attributes:
         embeddings: ``nn.Parameter [total_entries, F]`` float32, levels stacked at ``level_offsets``.
@@ -178,13 +177,11 @@ class HashGridEncoding(torch.nn.Module):
         init_scale: float = 1e-4,
         generator: torch.Generator | None = None,
         merge_runs_max_res: int = MERGE_RUNS_MAX_RES,
-        vector_atomics: bool = True,
     ):
         super().__init__()
         if isinstance(merge_runs_max_res, bool) or not isinstance(merge_runs_max_res, int) or merge_runs_max_res < 0:
             raise ValueError(f"merge_runs_max_res={merge_runs_max_res!r} must be an int >= 0 (0: off)")
         self.merge_runs_max_res = merge_runs_max_res
-        self.vector_atomics = bool(vector_atomics)
         _check_args(n_input_dims, n_levels, n_features_per_level, log2_hashmap_size, base_resolution,
                     per_level_scale, implementation, init_scale)
         self.n_input_dims = n_input_dims
@@ -247,8 +244,7 @@ class HashGridEncoding(torch.nn.Module):
 
             out = hash_grid_encode_triton(points, self.embeddings, self.levels, self.n_active_levels,
                                           table=self._level_table,
-                                          config=KernelConfig(merge_runs_max_res=self.merge_runs_max_res,
-                                                                vector_atomics=self.vector_atomics))
+                                          config=KernelConfig(merge_runs_max_res=self.merge_runs_max_res))
         else:
             out = self._forward_tcnn(points)
         return out.reshape(*lead, self.n_output_dims)

@@ -232,25 +232,23 @@ from triton.compiler import ASTSource
 from animate124.core import hashgrid_triton as ht
 signature = {"x_ptr": "*fp32", "gout_ptr": "*fp32", "emb_ptr": "*fp32", "gemb_ptr": "*fp32", "gx_ptr": "*fp32",
              "table_ptr": "*i32", "N": "i32", "merge_max_res": "i32", **{k: "constexpr" for k in
-             ("D", "F", "LF", "NEED_DEMB", "NEED_DX", "MERGE", "VEC2", "BLOCK")}}
-for d, merge, vec, need_dx in itertools.product((3, 4), (False, True), (False, True), (False, True)):
-    constants = dict(D=d, F=2, LF=32, NEED_DEMB=True, NEED_DX=need_dx, MERGE=merge, VEC2=vec, BLOCK=256)
+             ("D", "F", "LF", "NEED_DEMB", "NEED_DX", "MERGE", "BLOCK")}}
+for d, merge, need_dx in itertools.product((3, 4), (False, True), (False, True)):
+    constants = dict(D=d, F=2, LF=32, NEED_DEMB=True, NEED_DX=need_dx, MERGE=merge, BLOCK=256)
     ptx = triton.compile(ASTSource(fn=ht._hashgrid_bwd_kernel, signature=signature, constexprs=constants),
                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    scalar, vector = len(re.findall(r"atom\\.global\\S*add\\.f32", ptx)), len(re.findall(r"red\\.global\\.add\\.v2\\.f32", ptx))
-    dx = 2 * d if need_dx else 0  # dL/dx: one scalar atomic per point (2 per thread) and input dimension
-    copies = 2 if merge else 1  # the merged and the plain path of a level are both compiled
-    corners = 2 ** d * 2 * copies  # per thread: 2 points, every corner
-    print(d, merge, vec, need_dx, scalar, vector)
-    assert (scalar, vector) == ((dx, corners) if vec else (dx + 2 * corners, 0)), (scalar, vector)
+    atomics = len(re.findall(r"atom\\.global\\S*add\\.f32", ptx))
+    dx = 2 * d if need_dx else 0  # dL/dx: one atomic per point (2 per thread) and input dimension
+    copies = 2 if merge else 1  # a merging kernel holds the merged and the plain path of a level
+    print(d, merge, need_dx, atomics)
+    assert atomics == dx + copies * 2 ** d * 2 * 2, atomics  # per thread: 2 points x 2 features, every corner
 print("ok")
 """
 
 
-def test_backward_kernel_compiles_for_sm90_with_vector_atomics():
-    """The interpreter runs Python, not Triton's compiler: compile every backward variant for sm_90 (no GPU needed)
-    and count its global atomics: one ``red.global.add.v2.f32`` per corner with vector atomics, two scalar ones
-    without."""
+def test_backward_kernel_compiles_for_sm90():
+    """The interpreter runs Python, not Triton's compiler (a kernel it runs can still fail to compile): compile every
+    backward variant for sm_90 (no GPU needed) and count its global atomic adds."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
