@@ -30,7 +30,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="a124-i
 import torch  # noqa: E402
 
 from animate124.core.atomic_io import write_json  # noqa: E402
-from animate124.core.diffusion_networks import COMPILE_MODES, compile_networks  # noqa: E402
+from animate124.core.diffusion_networks import COMPILE_MODES, MEASURE_ONLY_MODES, compile_networks  # noqa: E402
 
 # case -> (model folder, input shape on the GPU, on the CPU smoke run)
 CASES = {
@@ -46,7 +46,8 @@ CASES = {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", help="full-size models folder (GPU); on the CPU tiny models are made when omitted")
-    p.add_argument("--modes", nargs="+", default=list(COMPILE_MODES), choices=COMPILE_MODES)
+    p.add_argument("--modes", nargs="+", default=list(COMPILE_MODES), choices=COMPILE_MODES + MEASURE_ONLY_MODES,
+                   help="reduce-overhead (CUDA graphs) is timed here only, one call per step; training does not offer it")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--first-calls", type=int, default=3)

@@ -79,7 +79,7 @@ compile_knob() {  # name mode
     --eval-images 2 --export-times 0 --set system.compile_denoisers=$2
 }
 compile_knob default-compile max-autotune-no-cudagraphs
-compile_knob default-compile-cudagraphs reduce-overhead
+compile_knob default-compile-inductor default   # (CUDA graphs, reduce-overhead, are timed alone only; see COMPILE_MODES)
 if want denoiser-compile || want compile; then
   if [ "$(elapsed)" -ge "$budget_s" ]; then echo "denoiser-compile: skipped (budget of $budget_s s spent)"; else
   timeout $(( budget_s + 60 - $(elapsed) )) python3 benchmarks/denoiser_compile.py --models "$models" \
@@ -110,7 +110,7 @@ from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
 for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre",
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
-             "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-cudagraphs", "default-profile"):
+             "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

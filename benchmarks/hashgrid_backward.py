@@ -86,17 +86,13 @@ def main() -> None:
                   "uniform": torch.rand(n, d, generator=gen).to(device)}
         grad_out = torch.randn(n, enc.n_output_dims, generator=gen).to(device)
         print(f"D={d}: {n} samples ({frames} frames of {pixels}^2 rays through a ball)")
-        reference = None
+        _, reference = _time_backward(rays, enc, table, grad_out, ht.KernelConfig(merge_runs_max_res=0),
+                                      enc.n_levels, argparse.Namespace(warmup=0, repeats=1))
         for order, x in orders.items():
             for merge in args.merge:
                 cfg = ht.KernelConfig(merge_runs_max_res=merge)
                 ms, grad = _time_backward(x, enc, table, grad_out, cfg, enc.n_levels, args)
-                if order == "rays":
-                    if merge == 0:
-                        reference = grad
-                    rel = ((grad - reference).abs().max() / reference.abs().max()).item()
-                else:
-                    rel = None
+                rel = ((grad - reference).abs().max() / reference.abs().max()).item() if order == "rays" else None
                 row = {"dims": d, "order": order, "merge_runs_max_res": merge, "points": n, "backward_ms": ms,
                        "max_rel_diff_vs_plain": rel}
                 results["rows"].append(row)

@@ -78,9 +78,10 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         min_free_vram_gb: Optional[float] = None
         """Refuse to start with less free GPU memory than this (None: no check); the message names the lowvram config."""
         compile_denoisers: Optional[str] = None
-        """``torch.compile`` the frozen U-Nets / ControlNets of each guidance slot when it loads: null (off), default,
-        max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs). CUDA only (skipped, logged once, elsewhere);
-        each stage's first call per network and shape compiles, which the benchmark counts in ``switch_s``."""
+        """``torch.compile`` the frozen U-Nets / ControlNets of each guidance slot when it loads: null (off), default or
+        max-autotune-no-cudagraphs (not CUDA graphs, see ``core.diffusion_networks.COMPILE_MODES``). CUDA only
+        (skipped, logged once, elsewhere); each stage's first call per network and shape compiles, which the
+        benchmark counts in ``switch_s``."""
         compile_vae_encoder: bool = False
         """With ``compile_denoisers``: also compile the VAE encoders (they run with gradient)."""
 

@@ -410,11 +410,11 @@ def test_compile_denoisers_choice_and_which_networks_each_slot_compiles(threestu
     cfg = load_config(text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_denoisers: fast", 1),
                       from_string=True)
     with pytest.raises(ValueError, match=r"^a124-system: compile_denoisers='fast' is not allowed; choose one of "
-                                         r"default, max-autotune-no-cudagraphs, reduce-overhead, null$"):
+                                         r"default, max-autotune-no-cudagraphs, null$"):
         threestudio.find(cfg.system_type)(cfg.system)
 
     cfg = load_config(text, from_string=True)
-    slots = GuidanceSlots(parse_slots(cfg.system.guidances), "reduce-overhead")
+    slots = GuidanceSlots(parse_slots(cfg.system.guidances), "max-autotune-no-cudagraphs")
     slots.keep_only(["sd", "zero123", "video"], torch.device("cpu"), 0, 0)
     assert {n: _compiled_networks(g) for n, g in slots.guidances.items()} == {"sd": [], "zero123": [], "video": []}
     for name in ("sd", "zero123", "video"):
