@@ -39,6 +39,7 @@ else
   ln -s "$HERE" "$DEST" || die "could not link $DEST: check write permission on $TS/custom"
   echo "      linked $DEST -> $HERE"
 fi
+echo "$TS" > "$HERE/.threestudio_root"  # where the tests find this host when the repo lives outside custom/
 
 echo "[3/3] checking threestudio's dependencies and that launch.py's loader registers the extension"
 # every missing package at once, the versions found against the ones CI tests, then the loader check

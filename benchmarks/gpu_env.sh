@@ -7,6 +7,8 @@ fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$repo:${PYTHONPATH:-} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export THREESTUDIO_ROOT=${THREESTUDIO_ROOT:-$repo/.gpu/threestudio} A124_SHARED_DATA=${A124_SHARED_DATA:-$repo/.gpu/data}
+[ -f "$THREESTUDIO_ROOT/launch.py" ] || { echo "gpu_env.sh: no threestudio checkout at $THREESTUDIO_ROOT (no launch.py):" \
+  "set THREESTUDIO_ROOT to yours, or put one in .gpu/threestudio" >&2; exit 1; }
 export A124_TINY_MODELS=${A124_TINY_MODELS:-/tmp/a124-tiny}
 if [ -f "$repo/.gpu/torch_extensions.tgz" ] && [ ! -d /tmp/te ]; then mkdir -p /tmp/te && tar xzf "$repo/.gpu/torch_extensions.tgz" -C /tmp/te; fi
 export TORCH_EXTENSIONS_DIR=/tmp/te

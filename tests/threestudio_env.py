@@ -54,6 +54,11 @@ def threestudio_root() -> Path | None:
     env = os.environ.get("THREESTUDIO_ROOT")
     if env:
         return Path(env).resolve() if (Path(env) / "launch.py").is_file() else None
+    recorded = REPO / ".threestudio_root"  # written by install.sh, which may have linked the repo from elsewhere
+    if recorded.is_file():
+        path = Path(recorded.read_text().strip())
+        if (path / "launch.py").is_file():
+            return path.resolve()
     host = REPO.parents[1]  # threestudio/custom/threestudio-animate124 -> threestudio
     if REPO.parent.name == "custom" and (host / "launch.py").is_file() and (host / "threestudio").is_dir():
         return host

@@ -66,3 +66,6 @@ def _smoke_assets(out_dir: str) -> str:
 
 
 OmegaConf.register_new_resolver("a124_smoke_assets", _smoke_assets, replace=True)
+# the run folder's tag from a prompt: the host's rmspace, but an empty or missing prompt gives "" instead of an
+# interpolation error, so the preflight can say which prompt is empty
+OmegaConf.register_new_resolver("a124_tag", lambda s, sub="_": str(s or "").strip().replace(" ", sub), replace=True)

@@ -129,11 +129,28 @@ def _component(where: str, type_name: str, settings: Any) -> List[str]:
         if config is None or not dataclasses.is_dataclass(config):
             return []  # a component without a dataclass Config takes free keys
         allowed |= {f.name for f in dataclasses.fields(config)}
+    return _unknown_keys(where, type_name, allowed, settings)
+
+
+def _unknown_keys(where: str, type_name: str, allowed: set, settings: Any) -> List[str]:
+    problems = []
     for key in sorted(set(map(str, dict(settings or {}))) - allowed):
         close = difflib.get_close_matches(key, sorted(allowed), n=3, cutoff=0.6)
         hint = f"did you mean {close}?" if close else f"allowed keys: {sorted(allowed)}"
         problems.append(f"{where}.{key} is not a setting of {type_name!r}: {hint}")
     return problems
+
+
+def check_system_settings(config_cls: Any, settings: Any) -> None:
+    """The system's own keys, before the host parses them (which would stop at the first with a bare TypeError):
+    every unknown key with the closest ones, and every text setting left empty (``system.prompt=`` gives None)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    problems = _unknown_keys("system", "a124-system", set(fields), settings)
+    for name, value in dict(settings or {}).items():
+        if name in fields and fields[name].type in (str, "str") and value is None:
+            problems.append(f"system.{name} is empty (None): give it a value, e.g. system.{name}='...'")
+    if problems:
+        raise_if(pending_data_problems() + problems)  # with the data module's, built just before: one list
 
 
 def _prompt(where: str, slot: Any) -> List[str]:

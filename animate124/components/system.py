@@ -97,12 +97,18 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
 
     cfg: Config
 
+    def __init__(self, cfg, resumed: bool = False) -> None:
+        preflight.check_system_settings(self.Config, cfg)  # all typos at once, before the host's parse stops at one
+        super().__init__(cfg, resumed)
+
     def configure(self) -> None:
-        super().configure()
         self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
         self.slots = parse_slots(self.cfg.guidances)
         check_weights(self.stages, self.slots, self.cfg.static_ref_interval)
-        preflight.check_system(self.cfg, self.slots, self.stages)  # every stage's inputs, before any model loads
+        # every stage's inputs and every component's keys, before the host builds geometry / renderer (a typo there
+        # would stop it with a bare TypeError) and before any model loads
+        preflight.check_system(self.cfg, self.slots, self.stages)
+        super().configure()
         self.guidance_slots = GuidanceSlots(self.slots, self.cfg.compile_denoisers, self.cfg.compile_vae_encoder)
         self._stage_index: Optional[int] = None
         self.frozen_geometry = self.frozen_estimator = None

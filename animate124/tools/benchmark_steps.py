@@ -1,4 +1,4 @@
-"""time whole training steps of a config per stage against their diffusion floor (JSON out)
+"""Time whole training steps of a config per stage against their diffusion floor (JSON out)
 
     animate124 benchmark CONFIG --models DIR [--warmup 3] [--steps 8] [--out bench.json] [--set key=value ...]
 

@@ -9,7 +9,7 @@ Two things differ from `python launch.py`, and only where this machine needs the
   that is missing or cannot import here gets an import stand-in (our components use none of them; a host feature
   that does fails with a line naming the package).
 * Without CUDA, launch.py's Trainer (hard-coded ``accelerator="gpu"``) runs on the CPU with one device, and every
-  threestudio component is put on the CPU. Use it for the smoke config (minutes on 2 cores); real configs need a GPU.
+  threestudio component is put on the CPU. Use it for the smoke config (10-20 minutes on 2 cores); real configs need a GPU.
 """
 from __future__ import annotations
 
@@ -52,7 +52,18 @@ def launch(argv: list[str]) -> int:
         runpy.run_path(str(root / "launch.py"), run_name="__main__")
     except SystemExit as done:
         return int(done.code or 0) if not isinstance(done.code, str) else 1
+    except ValueError as error:
+        if not _ours(error):
+            raise
+        # the preflight's list (or one a124 component's line) says everything: no traceback around it
+        print(f"animate124 launch: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _ours(error: ValueError) -> bool:
+    """A bad-input error of this extension: the preflight's problem list or an ``a124-...: ...`` config line."""
+    return type(error).__name__ == "PreflightError" or str(error).startswith("a124-")
 
 
 def _run_on_cpu() -> None:

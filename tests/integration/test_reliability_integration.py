@@ -272,6 +272,12 @@ CASES = {
     "host_guidance_field": (["system.guidance_type=stable-diffusion-guidance"],
                             "system.guidance_type='stable-diffusion-guidance' is not read by a124-system: declare the "
                             "guidance as a slot under system.guidances"),
+    "system_key_typo": (["system.geomtry_type=a124-4d-volume"],
+                        "system.geomtry_type is not a setting of 'a124-system': did you mean ['geometry_type'"),
+    "renderer_key_typo": (["system.renderer.alpha_thr=0.1"],
+                          "system.renderer.alpha_thr is not a setting of 'a124-"),
+    "motion_prompt_none": (["system.motion_prompt=null"],
+                           "system.motion_prompt is empty (None): give it a value"),
     "num_frames_zero": (["data.video.num_frames=0"], "data.video.num_frames=0 must be a positive integer"),
     "zero_rate_range": (["data.video.zero_rate=1.5"], "data.video.zero_rate=1.5 is a probability: use a value in [0, 1]"),
     "fixed_size_60": (["system.guidances.cn.guidance.fixed_size=60"],

@@ -54,3 +54,32 @@ def test_a_missing_optional_package_is_named_with_what_needs_it(monkeypatch):
     ))
     assert host_check.optional_lines() == [
         "      optional: a124_absent_open_clip is not installed; needed by the smoke config: pip install -e '.[testing]'"]
+
+
+def test_the_loader_check_still_runs_when_only_import_only_host_packages_are_missing(monkeypatch, capsys, tmp_path):
+    """A CPU machine without wandb & co. still learns in one pass that the extension registers; the exit status
+    stays 1 (``python launch.py`` imports them). Any other missing package stops before loading."""
+    import sys
+    import types
+
+    from animate124.tools import host
+
+    REGISTERED_NAMES = ("a124-system", "a124-4d-volume")  # the real list needs threestudio (integration tier)
+    monkeypatch.setitem(sys.modules, "animate124.components", types.SimpleNamespace(REGISTERED_NAMES=REGISTERED_NAMES))
+
+    loaded = []
+    fake = types.SimpleNamespace(__version__="0.2.3", __modules__={n: None for n in REGISTERED_NAMES})
+    monkeypatch.setattr(host, "load_extension", lambda root: loaded.append(root) or fake)
+    monkeypatch.setattr(host, "STAND_IN_NAMES", host.STAND_IN_NAMES + ("a124_absent_wandb",))
+    monkeypatch.setattr(host_check, "GITHUB_ONLY", ())
+    monkeypatch.setattr(host_check, "PYPI", (Requirement("a124_absent_wandb", "wandb", "threestudio"),))
+    assert host_check.main([str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "pip install 'wandb'" in out.err and len(loaded) == 1
+    assert f"{len(REGISTERED_NAMES)} a124-* components registered" in out.out
+    assert "`animate124 launch ...` (same arguments) runs without them" in out.out
+
+    monkeypatch.setattr(host_check, "PYPI", (Requirement("a124_absent_wandb", "wandb", "threestudio"),
+                                             Requirement("a124_absent_omegaconf", "omegaconf==2.3.0", "threestudio")))
+    assert host_check.main([str(tmp_path)]) == 1
+    assert len(loaded) == 1 and "registered" not in capsys.readouterr().out
