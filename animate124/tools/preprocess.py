@@ -151,7 +151,7 @@ def remove_background(image):
     except ImportError as error:
         raise ToolError(
             f"the image has no alpha channel and rembg is not installed ({error}): supply an RGBA image with the "
-            'background removed, or pip install "rembg[cpu]"'
+            'background removed, or pip install -e ".[tools]" in this repo (rembg with its onnxruntime backend)'
         ) from error
     try:
         session = rembg.new_session()
