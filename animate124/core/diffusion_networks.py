@@ -19,8 +19,8 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["COMPILE_MODES", "MEASURE_ONLY_MODES", "DENOISER_CLASSES", "VAE_CLASSES", "FoundNetworks", "find_networks", "is_denoiser",
-           "is_vae", "compile_networks", "compile_problem"]
+__all__ = ["COMPILE_MODES", "MEASURE_ONLY_MODES", "DENOISER_CLASSES", "VAE_CLASSES", "FoundNetworks", "find_networks",
+           "is_denoiser", "is_vae", "compile_networks", "compile_problem"]
 
 DENOISER_CLASSES: tuple[str, ...] = ("UNet2DConditionModel", "UNet3DConditionModel", "ControlNetModel")
 """diffusers denoisers by class name (SD 1.5 / Zero123 / ControlNet's U-Net, ModelScope / ZeroScope, ControlNet)."""

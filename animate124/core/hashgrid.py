@@ -136,11 +136,11 @@ def hash_grid_encode_torch(
     return torch.cat(outs, dim=1)
 
 
-
 # Levels up to this resolution merge runs in the Triton backward: the default grid's levels 0-6 (16 to 148), whose
 # cells hold several consecutive samples of a ray at 256 steps per ray. On an H200 the default recipe's dynamic step
 # spent 296 instead of 361 ms in its backward (README, "Speed and memory"); merging every level saved no more.
 MERGE_RUNS_MAX_RES = 160
+
 
 class HashGridEncoding(torch.nn.Module):
     """Multiresolution hash encoding with tiny-cuda-nn ``HashGrid`` semantics (see the module docstring).

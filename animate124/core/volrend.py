@@ -131,13 +131,14 @@ def render_rays(
     color_fn = default_color_fn if color_fn is None else color_fn
     n_rays = rays_o.shape[0]
     t_near, t_far, hit = _near_far(rays_o, rays_d, near, far, aabb_t)
+    density_fn = density_fn or _density_of(field_fn)  # the alpha_thre queries, without gradient
 
     # 2. Samples: packed (nerfacc marching on CUDA) or dense [R, S] (any device).
     if estimator is not None and estimator.uses_nerfacc(rays_o.device):
         step = float(torch.linalg.norm(aabb_t[3:] - aabb_t[:3])) / num_samples
         sigma_fn = None
         if alpha_thre > 0.0:
-            sigma_fn = _make_sigma_fn(density_fn or _density_of(field_fn), rays_o, rays_d, times, chunk_size)
+            sigma_fn = _make_sigma_fn(density_fn, rays_o, rays_d, times, chunk_size)
         ray_indices, t_starts, t_ends = estimator.sample(
             rays_o, rays_d, times, t_min=t_near, t_max=t_far, step_size=step, stratified=randomized,
             generator=generator, sigma_fn=sigma_fn, alpha_thre=alpha_thre,
@@ -154,8 +155,7 @@ def render_rays(
             )
         if alpha_thre > 0.0 and bool(mask.any()):
             thre = alpha_thre if estimator is None else min(alpha_thre, float(estimator.occs.mean()))
-            mask = mask & _visible(density_fn or _density_of(field_fn), rays_o, rays_d, times, t_mid, t_starts,
-                                   t_ends, mask, thre, chunk_size)
+            mask = mask & _visible(density_fn, rays_o, rays_d, times, t_mid, t_starts, t_ends, mask, thre, chunk_size)
         ray_indices = torch.arange(n_rays, device=rays_o.device)[:, None].expand_as(t_mid)[mask]
 
     # Nothing left to evaluate (all rays empty or pruned): keep one zero-weight sample so the field stays in the
