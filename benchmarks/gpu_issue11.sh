@@ -37,7 +37,8 @@ bench() {  # name timeout_s extra-args...
   if [ "$(elapsed)" -ge "$budget_s" ]; then echo "$name: skipped (budget of $budget_s s spent)"; return; fi
   local left=$(( budget_s + 60 - $(elapsed) )); [ "$left" -lt "$limit" ] && limit=$left
   local t; t=$(date +%s)
-  ( cd "$ts" && timeout "$limit" python3 -m animate124.tools.cli benchmark "$@" --models "$models" \
+  # SIGTERM at the limit: the benchmark stops training and still writes the stages it finished (KILL 20 s later)
+  ( cd "$ts" && timeout -k 20 "$limit" python3 -m animate124.tools.cli benchmark "$@" --models "$models" \
       --workdir "/tmp/a124-bench-$name" --out "$OUT/$name.json" ) > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name: exit $rc after $(( $(date +%s) - t )) s$([ $rc = 124 ] && echo " (timed out at $limit s)")"
@@ -72,7 +73,8 @@ knob default-lowramvae4 lowramvae --set system.guidances.video.guidance.low_ram_
 # steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
 # break-even call counts: `denoiser-compile` (benchmarks/denoiser_compile.py, also in the group).
 # Compiling takes minutes (the U-Net3D alone took 130-170 s on an H100), so these get up to 590 s each (still cut at
-# A124_BUDGET_S + 60): run one per call, e.g. A124_BENCH=default-compile A124_BUDGET_S=540.
+# A124_BUDGET_S + 60; a run cut there keeps the stages it finished): run one per call, e.g. A124_BENCH=default-compile
+# A124_BUDGET_S=540.
 # A124_COMPILE_ARGS: extra arguments for denoiser_compile.py (e.g. "--modes reduce-overhead --cases sd-unet").
 compile_knob() {  # name mode
   { want "$1" || want compile; } && bench "$1" 590 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \

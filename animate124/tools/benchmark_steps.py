@@ -36,8 +36,10 @@ import argparse
 import gc
 import json
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 import weakref
 from contextlib import nullcontext
@@ -200,8 +202,10 @@ def benchmark_config(
         limit_val_batches=0, num_sanity_val_steps=0, max_steps=per_stage * len(full_steps), **trainer_cfg,
     )
     fit_error = None
+    stopped = _StopOnSigterm()
     try:
-        trainer.fit(system, datamodule=dm)
+        with stopped:
+            trainer.fit(system, datamodule=dm)
     except Exception as error:  # noqa: BLE001  e.g. out of memory in a late stage: keep the stages measured so far
         fit_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         print(f"animate124 benchmark: training stopped at step {system.true_global_step} ({fit_error})",
@@ -229,6 +233,8 @@ def benchmark_config(
     for name, (measure, *margs) in pieces.items():
         if on_progress is not None:
             on_progress(_assemble(evals=evals, **context))
+        if stopped.signalled:  # `timeout` (or kill) asked us to stop: the stages measured so far are saved above
+            break
         t0 = time.perf_counter()
         evals[name] = _guarded(measure, *margs)
         print(f"animate124 benchmark: {name} timed in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -632,6 +638,33 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
 
 # ----------------------------------------------------------------------------------------------------------------------
 # validation, test, export
+
+
+class BenchmarkStopped(Exception):
+    """SIGTERM during training (e.g. from ``timeout``): raised inside the training loop so that Lightning tears down
+    and the stages already measured are kept, instead of the process dying with nothing written."""
+
+
+class _StopOnSigterm:
+    """Context manager: SIGTERM raises :class:`BenchmarkStopped` (main thread only; elsewhere it does nothing)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous = None
+
+    def _raise(self, signum, frame) -> None:
+        self.signalled = True
+        raise BenchmarkStopped(f"stopped by {signal.Signals(signum).name}")
+
+    def __enter__(self) -> "_StopOnSigterm":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
 
 
 def _guarded(measure, *args) -> dict:

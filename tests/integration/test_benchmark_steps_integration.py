@@ -104,3 +104,45 @@ def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir,
     assert result["overhead"]["to_first_step_s"] > 0 and set(result["overhead"]["slot_load_s"]) == {
         "sd", "zero123", "video", "cn"}
     assert "static" in summary_table(result)
+
+
+def test_benchmark_stopped_by_sigterm_keeps_the_stages_measured(threestudio, tiny_models, run_dir, one_thread,
+                                                                monkeypatch):
+    """`timeout` sends SIGTERM: the benchmark stops training there, keeps the stages it finished and still writes its
+    result (before, the process died with nothing written, so a slow compile run lost every stage)."""
+    import os
+    import signal
+
+    from animate124.tools import benchmark_steps
+
+    make_timer = benchmark_steps.StepTimer
+
+    def stopping_timer(*args, **kwargs):
+        timer = make_timer(*args, **kwargs)
+        start = timer.on_train_batch_start
+
+        def on_train_batch_start(trainer, pl_module, batch, batch_idx):
+            start(trainer, pl_module, batch, batch_idx)
+            if pl_module.true_global_step == 5:  # the dynamic stage's second step (stages of 1 + 2 + 1 steps)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        timer.on_train_batch_start = on_train_batch_start
+        return timer
+
+    monkeypatch.setattr(benchmark_steps, "StepTimer", stopping_timer)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    progress = []
+    result = benchmark_steps.benchmark_config(
+        REPO / "configs" / "animate124.yaml", models_dir=None, overrides=tiny_overrides(tiny_models), warmup=1,
+        steps=2, replays=1, eval_images=2, export_times=1, workdir=run_dir / "bench",
+        on_progress=lambda r: progress.append(json.loads(json.dumps(r))))
+    assert result["error"] == "BenchmarkStopped: stopped by SIGTERM"
+    stages = {st["name"]: st for st in result["stages"]}
+    assert len(stages["static"]["step_ms"]["all"]) == 2 and stages["static"]["floor_ms"]["median"] > 0
+    assert "step_ms" not in stages["dynamic"] and "not measured" in stages["dynamic"]["error"]
+    assert "step_ms" not in stages["refine"]
+    assert result["projected"]["missing"][:2] == ["dynamic", "refine"]
+    # saved once (what `animate124 benchmark --out` writes), with no evaluation piece started after the signal
+    assert len(progress) == 1 and progress[0]["stages"] == result["stages"]
+    assert all(ev.get("pending") for ev in result["eval"].values())
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # our handler is gone again
