@@ -5,7 +5,7 @@
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
 #   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile fit hashgrid, the groups knobs
-#                                       speed lowramvae merge compile, or one knob's name: default-no-alpha-thre ...)
+#                                       speed lowramvae merge compile normals opaque, or one knob's name: default-no-alpha-thre ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -68,6 +68,24 @@ knob default-no-alpha-thre speed --set system.renderer.alpha_thre=0.0
 knob default-no-normal-checkpoint knobs --set system.geometry.normal_checkpoint=false
 knob default-forward-normals speed --set system.geometry.normal_type=finite_difference_forward
 knob default-lowramvae4 lowramvae --set system.guidances.video.guidance.low_ram_vae=4
+# normals (6 density queries per sample) only where used (group `normals`): on 4 random frames of the 16 (the normal
+# smoothness averaged over those), on samples of weight >= 1e-3, both
+knob default-normal-frames4 normals --set system.renderer.normal_frames=4
+knob default-normal-weight normals --set system.renderer.normal_weight_min=0.001
+knob default-normal-both normals --set system.renderer.normal_frames=4 --set system.renderer.normal_weight_min=0.001
+# an opaque start (density blob scale 100 instead of 10: a hard ball, as a trained object, instead of the soft initial
+# one; group `opaque`): what the marcher's early stop and the weight floor save once surfaces are sharp
+knob default-opaque opaque --set system.geometry.density_blob_scale=100
+knob default-opaque-normal-both opaque --set system.geometry.density_blob_scale=100 \
+  --set system.renderer.normal_frames=4 --set system.renderer.normal_weight_min=0.001
+# the same against the fast preset, training steps only: `fast-train` (its baseline) and `fast-normal-frames4`
+fast_knob() {  # name --set args...
+  local name=$1; shift
+  want "$name" && bench "$name" 200 "$repo/configs/animate124-fast.yaml" --warmup 3 --steps 4 --eval-images 2 \
+    --export-times 0 "$@"
+}
+fast_knob fast-train
+fast_knob fast-normal-frames4 --set system.renderer.normal_frames=4
 # torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first
 # call per network and shape compiles in the step that makes it; the benchmark counts such
 # steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
@@ -112,7 +130,9 @@ from pathlib import Path
 from animate124.tools.benchmark_steps import summary_table
 for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre",
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
-             "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor", "default-profile"):
+             "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",
+             "default-normal-frames4", "default-normal-weight", "default-normal-both", "fast-train",
+             "fast-normal-frames4", "default-opaque", "default-opaque-normal-both", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

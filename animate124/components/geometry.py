@@ -140,6 +140,12 @@ class TimeVolume(BaseImplicitGeometry):
             out["shading_normal"] = out["normal"]
         return out
 
+    def forward_normal(self, points: Float[Tensor, "N 3"], times=None, density=None) -> Float[Tensor, "N 3"]:
+        """The normals of ``forward(..., output_normal=True)`` alone (``density``: the points' own, for forward
+        differences); the renderer asks for them on the samples that weigh only."""
+        return self.field.normal(points.reshape(-1, 3), self._times(points, times),
+                                 None if density is None else density.reshape(-1, 1))
+
     def forward_density(self, points: Float[Tensor, "*N 3"], times=None) -> Float[Tensor, "*N 1"]:
         lead = points.shape[:-1]
         return self.field.forward_density(points.reshape(-1, 3), self._times(points, times)).reshape(*lead, 1)

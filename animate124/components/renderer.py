@@ -50,10 +50,21 @@ class TimeVolumeRenderer(VolumeRenderer):
         is evaluated with gradient."""
         implementation: str = "auto"
         """Occupancy marching backend: nerfacc on CUDA, torch elsewhere (``auto``)."""
+        normal_frames: int = 0
+        """> 0: a training render of more images than this computes normals on this many of them, drawn at random
+        each step (``normal_frame_mask`` [B] in the output says which; the 2-D normal smoothness averages over those
+        only, an unbiased estimate of the all-frame loss). 0: on every image, as upstream."""
+        normal_weight_min: float = 0.0
+        """> 0: samples of weight below this get no normal (they would add at most their weight to ``sum w n``;
+        ``normal_skipped_weight`` per pixel). 0: every sample, as upstream."""
 
         def __post_init__(self) -> None:
             check_choice("a124-time-volume-renderer", "estimator", self.estimator, ("occgrid", "none"))
             check_choice("a124-time-volume-renderer", "implementation", self.implementation, ("auto", "torch", "nerfacc"))
+            if self.normal_frames < 0 or not 0.0 <= self.normal_weight_min < 1.0:
+                raise ValueError(
+                    f"a124-time-volume-renderer: normal_frames must be >= 0 and normal_weight_min in [0, 1); got "
+                    f"{self.normal_frames} and {self.normal_weight_min} (0 and 0.0 give every sample a normal)")
 
     cfg: Config
 
@@ -110,6 +121,17 @@ class TimeVolumeRenderer(VolumeRenderer):
         def field_fn(points: Tensor, t: Tensor, output_normal: bool) -> dict:
             return self.geometry(points, times=t, output_normal=output_normal or self.material.requires_normal)
 
+        # normals only where they are used and weigh (the material shades with every sample's normal otherwise)
+        frame_mask, normal_rays, weight_min, normal_fn = None, None, 0.0, None
+        if return_normal and not self.material.requires_normal:
+            weight_min = self.cfg.normal_weight_min
+            if self.training and 0 < self.cfg.normal_frames < batch_size:
+                pick = torch.randperm(batch_size, generator=generator, device=rays_o.device)[: self.cfg.normal_frames]
+                frame_mask = torch.zeros(batch_size, dtype=torch.bool, device=rays_o.device).index_fill(0, pick, True)
+                normal_rays = frame_mask.repeat_interleave(n_pix)
+            if hasattr(self.geometry, "forward_normal"):
+                normal_fn = lambda points, t, density: self.geometry.forward_normal(points, times=t, density=density)  # noqa: E731
+
         bg = self._background(bg_color, rays_d, batch_size, height, width)
         out = render_rays(
             field_fn,
@@ -129,11 +151,17 @@ class TimeVolumeRenderer(VolumeRenderer):
             alpha_thre=self.cfg.alpha_thre,
             density_fn=lambda points, t: self.geometry.forward_density(points, times=t),
             chunk_size=0 if self.training else self.cfg.eval_chunk_size,
+            normal_rays=normal_rays,
+            normal_weight_min=weight_min,
+            normal_fn=normal_fn,
         ).to_dict()
         result = {}
-        for key in ("comp_rgb", "comp_rgb_fg", "comp_rgb_bg", "opacity", "depth", "z_variance", "comp_normal"):
+        for key in ("comp_rgb", "comp_rgb_fg", "comp_rgb_bg", "opacity", "depth", "z_variance", "comp_normal",
+                    "normal_skipped_weight"):
             if key in out:
                 result[key] = out[key].view(batch_size, height, width, -1)
+        if frame_mask is not None:
+            result["normal_frame_mask"] = frame_mask
         if self.training:
             for key in ("weights", "t_points", "t_intervals", "ray_indices", "points", "density", "normal"):
                 if key in out:

@@ -158,6 +158,14 @@ class DynamicField(nn.Module):
             out["normal"] = self._finite_difference_normal(points, times, out["density"])
         return out
 
+    def normal(self, points: Float[Tensor, "N 3"], times: Float[Tensor, " N"],
+               density: Optional[Float[Tensor, "N 1"]] = None) -> Float[Tensor, "N 3"]:
+        """The normals of :meth:`forward` alone; ``density``: the points' own density, which forward differences
+        reuse (queried again when omitted; central differences do not need it)."""
+        if density is None and self.normal_difference == "forward":
+            density = self.forward_density(points, times)
+        return self._finite_difference_normal(points, times, density)
+
     # --- regulariser -------------------------------------------------------------------------------------------------
 
     def time_smoothness_loss(

@@ -82,8 +82,9 @@ def render_term(name: str, out: dict, view_batch: dict) -> Float[Tensor, ""]:
         return mask_bce(out["opacity"], view_batch["mask"])
     if name == "depth":
         return depth_pearson(out["depth"], view_batch["ref_depth"], view_batch["mask"])
-    if name == "normal_smoothness_2d":
-        return normal_smoothness_2d(out["comp_normal"])
+    if name == "normal_smoothness_2d":  # on the images that got normals (the renderer's normal_frames)
+        mask = out.get("normal_frame_mask")
+        return normal_smoothness_2d(out["comp_normal"] if mask is None else out["comp_normal"][mask])
     if name in ("sparsity", "opaque"):
         return sparsity(out["opacity"]) if name == "sparsity" else opaque(out["opacity"])
     raise ValueError(f"render_term: unknown term {name!r}; one of rgb, mask, depth, normal_smoothness_2d, sparsity, opaque")

@@ -55,6 +55,9 @@ class RenderOutput:
     density: Float[Tensor, "N 1"]
     comp_normal: Optional[Float[Tensor, "R 3"]] = None
     normal: Optional[Float[Tensor, "N 3"]] = None
+    normal_skipped_weight: Optional[Float[Tensor, "R 1"]] = None
+    """Per ray, the weight of the samples left without a normal by ``normal_weight_min`` (rays outside
+    ``normal_rays`` count 0): the most ``sum w n`` can differ from the full sum."""
 
     def to_dict(self) -> dict:
         """threestudio-style string-keyed dict; ``None`` entries are left out."""
@@ -88,6 +91,9 @@ def render_rays(
     alpha_thre: float = 0.0,
     chunk_size: int = 0,
     density_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    normal_rays: Optional[Bool[Tensor, " R"]] = None,
+    normal_weight_min: float = 0.0,
+    normal_fn: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
 ) -> RenderOutput:
     """Render rays, each at its own frame time, through ``field_fn``.
 
@@ -116,6 +122,15 @@ def render_rays(
         chunk_size: evaluate the field in chunks of this many points (0 = all at once; use for evaluation).
         density_fn: ``density_fn(points [N,3], times [N]) -> [N,1]`` for the ``alpha_thre`` queries; default: the
             ``"density"`` of ``field_fn``.
+        normal_rays: with ``return_normal``, only the samples of these rays get normals (the others' ``comp_normal``
+            is ``0.5 * opacity``, i.e. meaningless: leave them out of normal losses). ``None``: every ray.
+        normal_weight_min: with ``return_normal``, only samples of weight ``w >= normal_weight_min`` get normals.
+            The normals' finite differences are most of a render's field work (6 density queries per sample with
+            central differences); ``sum w n`` then misses at most the skipped samples' weight per ray (unit normals),
+            which is reported as ``normal_skipped_weight``. 0 with ``normal_rays`` None: every sample, as before.
+        normal_fn: ``normal_fn(points [M,3], times [M], density [M,1]) -> [M,3]`` for those samples (the density is
+            the field's at the same points, for forward differences); default: ``field_fn(..., True)["normal"]``,
+            which evaluates the field at the points again.
 
     Returns:
         :class:`RenderOutput` (``.to_dict()`` for threestudio keys). ``depth`` is ``sum w z`` (not normalised);
@@ -173,12 +188,19 @@ def render_rays(
     z = t_mid if mask is None else t_mid[mask]
     dirs = rays_d[ray_indices]
     points = rays_o[ray_indices] + dirs * z[:, None]
-    out = _eval_field(field_fn, points, times[ray_indices], return_normal, chunk_size)
+    some_normals = return_normal and (normal_rays is not None or normal_weight_min > 0.0)
+    out = _eval_field(field_fn, points, times[ray_indices], return_normal and not some_normals, chunk_size)
     rgb = color_fn(out, points, dirs, ray_indices)
     density = out["density"].reshape(-1) * (0.0 if empty else 1.0)
 
     # 4. Composite (nerfacc): batched ops on the dense layout, packed ops otherwise.
     comp = _composite(density, rgb, z, out.get("normal"), t_starts, t_ends, mask, ray_indices, n_rays)
+    skipped = None
+    if some_normals:  # 4b. normals only where asked and where they weigh: sum w n over those samples
+        out["normal"], skipped = _some_normals(
+            field_fn, normal_fn, points, times[ray_indices], out["density"], comp["weights"], ray_indices, n_rays,
+            normal_rays, normal_weight_min, chunk_size)
+        comp["normal"] = _accumulate(comp["weights"], out["normal"], ray_indices, n_rays)
     bg = torch.zeros_like(comp["rgb"]) if bg_color is None else bg_color.to(comp["rgb"]).expand_as(comp["rgb"])
     comp_normal = None
     if return_normal:
@@ -198,6 +220,7 @@ def render_rays(
         density=density[:, None],
         comp_normal=comp_normal,
         normal=out.get("normal") if return_normal else None,
+        normal_skipped_weight=skipped,
     )
 
 
@@ -289,6 +312,32 @@ def _eval_field(field_fn: FieldFn, points: Tensor, times: Tensor, output_normal:
         for i in range(0, points.shape[0], chunk_size)
     ]
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def _some_normals(field_fn: FieldFn, normal_fn: Optional[Callable], points: Tensor, times: Tensor, density: Tensor,
+                  weights: Tensor, ray_indices: Tensor, n_rays: int, normal_rays: Optional[Tensor],
+                  weight_min: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Normals [N, 3] of the samples on ``normal_rays`` with ``weight >= weight_min`` (zero elsewhere, so they add
+    nothing to ``sum w n``) and, per ray, the weight of the samples skipped for their weight."""
+    wanted = torch.ones_like(weights, dtype=torch.bool) if normal_rays is None else normal_rays[ray_indices]
+    keep = wanted & (weights.detach() >= weight_min)
+    skipped_w = torch.where(wanted & ~keep, weights.detach(), torch.zeros_like(weights))
+    skipped = _accumulate(skipped_w, None, ray_indices, n_rays)
+    idx = keep.nonzero().squeeze(-1)
+    if normal_fn is not None:
+        step = max(idx.numel(), 1) if chunk_size <= 0 else chunk_size
+        parts = [normal_fn(points[i], times[i], density[i]) for i in idx.split(step)] if idx.numel() else []
+        sub = torch.cat(parts) if parts else points.new_zeros(0, 3)
+    else:
+        sub = _eval_field(field_fn, points[idx], times[idx], True, chunk_size)["normal"]
+    normal = torch.zeros(points.shape[0], 3, device=points.device, dtype=sub.dtype).index_put((idx,), sub)
+    return normal, skipped
+
+
+def _accumulate(weights: Tensor, values: Optional[Tensor], ray_indices: Tensor, n_rays: int) -> Tensor:
+    import nerfacc
+
+    return nerfacc.accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=n_rays)
 
 
 def _density_of(field_fn: FieldFn) -> Callable[[Tensor, Tensor], Tensor]:

@@ -128,3 +128,39 @@ def test_coarse_to_fine_levels_follow_the_step(threestudio, tmp_path):
     assert h[:, 2 * 2:].abs().max() == 0 and h[:, :4].abs().max() > 0  # levels 2..3 (2 features each) are off
     c2f.do_update_step(0, 100)
     assert c2f.field.n_active_levels == 4
+
+
+def test_normal_frames_and_weight_floor_from_the_yaml(threestudio, tmp_path):
+    """renderer.normal_frames: normals on that many random images of a training batch, flagged in
+    normal_frame_mask, the normal smoothness taken on those only; normal_weight_min: light samples get none."""
+    from animate124.core.losses import normal_smoothness_2d, render_term
+
+    torch.manual_seed(0)
+    cfg, geometry, renderer, dm = _build_from_yaml(threestudio, tmp_path)
+    batch = next(iter(dm.train_dataloader()))
+    renderer.train()
+    renderer.randomized = False  # same samples in every render below
+    times = torch.tensor([0.1, 0.8])
+    full = renderer(**batch, frame_times=times, return_normal=True)
+    assert "normal_frame_mask" not in full and "normal_skipped_weight" not in full  # every sample got its normal
+    renderer.cfg.normal_frames = 1
+    picked = set()
+    for seed in range(8):
+        some = renderer(**batch, frame_times=times, return_normal=True,
+                        generator=torch.Generator().manual_seed(seed))
+        mask = some["normal_frame_mask"]
+        assert mask.shape == (2,) and int(mask.sum()) == 1
+        picked.add(int(mask.nonzero()))
+        torch.testing.assert_close(some["comp_normal"][mask], full["comp_normal"][mask], atol=1e-6, rtol=0)
+        assert render_term("normal_smoothness_2d", some, {}) == normal_smoothness_2d(full["comp_normal"][mask])
+    assert picked == {0, 1}  # a fresh draw per render
+    renderer.cfg.normal_frames, renderer.cfg.normal_weight_min = 0, 1e-2
+    light = renderer(**batch, frame_times=times, return_normal=True)
+    assert float(light["normal_skipped_weight"].max()) > 0 and "normal_frame_mask" not in light
+    torch.testing.assert_close(light["comp_rgb"], full["comp_rgb"])
+    renderer.eval()  # evaluation renders: every image gets normals; the weight floor still applies
+    with torch.no_grad():
+        out = renderer(**batch, frame_times=times)
+    assert "normal_frame_mask" not in out and out["comp_normal"].shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="normal_frames must be >= 0"):
+        type(renderer).Config(normal_frames=-1)

@@ -80,3 +80,8 @@ def test_render_term_is_the_named_loss_on_the_render_and_its_batch():
                                                                            batch["mask"])
     with pytest.raises(ValueError, match="unknown term 'rbg'"):
         losses.render_term("rbg", out, batch)
+    # the renderer's normal_frames: the normal smoothness on the images that got normals only
+    out = {"comp_normal": torch.rand(3, 4, 4, 3, generator=g), "normal_frame_mask": torch.tensor([True, False, True])}
+    assert losses.render_term("normal_smoothness_2d", out, batch) == losses.normal_smoothness_2d(out["comp_normal"][[0, 2]])
+    del out["normal_frame_mask"]
+    assert losses.render_term("normal_smoothness_2d", out, batch) == losses.normal_smoothness_2d(out["comp_normal"])

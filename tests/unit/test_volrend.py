@@ -191,6 +191,90 @@ def test_all_rays_empty_still_backpropagates_to_the_field():
     assert w.grad is not None and w.grad.item() == 0.0
 
 
+def _normal_setup():
+    """A small DynamicField (torch grid; blob density so rays are partly opaque) and 48 rays at mixed times."""
+    from animate124.core.field import DynamicField
+
+    field = DynamicField(n_levels=4, log2_hashmap_size=10, density_bias="blob_magic3d",
+                         generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    o = torch.nn.functional.normalize(torch.randn(48, 3, generator=g), dim=-1) * 2.5
+    d = torch.nn.functional.normalize(-o + 0.2 * torch.randn(48, 3, generator=g), dim=-1)
+    return field, o, d, torch.rand(48, generator=g)
+
+
+def _normal_grads(field, out, rays=slice(None)):
+    field.zero_grad()
+    out.comp_normal[rays].square().sum().backward()
+    return [p.grad.clone() for p in (field.encoding.embeddings, field.encoding_time.embeddings)]
+
+
+@pytest.mark.parametrize("difference", ["central", "forward"])
+def test_normals_on_every_ray_by_the_subset_path_equal_the_full_path(difference):
+    """normal_rays all true and no weight floor: the subset path (normal_fn on the kept samples) gives the same
+    comp_normal and the same gradients as normals computed with the field's forward."""
+    field, o, d, t = _normal_setup()
+    field.normal_difference = difference
+    full = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True)
+    grads_full = _normal_grads(field, full)
+    calls = []
+
+    def normal_fn(points, times, density):
+        calls.append(points.shape[0])
+        return field.normal(points, times, density)
+
+    some = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True,
+                       normal_rays=torch.ones(48, dtype=torch.bool), normal_fn=normal_fn)
+    torch.testing.assert_close(some.comp_normal, full.comp_normal, atol=1e-6, rtol=0)
+    torch.testing.assert_close(some.normal, full.normal, atol=1e-6, rtol=0)
+    assert calls == [full.weights.shape[0]] and float(some.normal_skipped_weight.abs().max()) == 0.0
+    for a, b in zip(_normal_grads(field, some), grads_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # without a normal_fn the field is asked again (its forward with output_normal): same result
+    again = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True,
+                        normal_rays=torch.ones(48, dtype=torch.bool))
+    torch.testing.assert_close(again.comp_normal, full.comp_normal, atol=1e-6, rtol=0)
+
+
+def test_normal_weight_min_skips_light_samples_within_the_reported_bound():
+    """Samples lighter than the floor get no normal: far fewer normal queries, and sum w n moves by at most the
+    skipped weight of each ray (unit normals), which the render reports."""
+    field, o, d, t = _normal_setup()
+    full = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True)
+    raw_full = (full.weights * full.normal).new_zeros(48, 3).index_add(0, full.ray_indices, full.weights * full.normal)
+    calls = []
+
+    def normal_fn(points, times, density):
+        calls.append(points.shape[0])
+        return field.normal(points, times, density)
+
+    some = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True, normal_weight_min=1e-3,
+                       normal_fn=normal_fn)
+    kept = int((full.weights >= 1e-3).sum())
+    assert calls == [kept] and kept < 0.7 * full.weights.shape[0], (kept, full.weights.shape[0])
+    raw_some = some.normal.new_zeros(48, 3).index_add(0, some.ray_indices, some.weights * some.normal)
+    skipped = some.normal_skipped_weight[:, 0]
+    light = torch.where(full.weights[:, 0] < 1e-3, full.weights[:, 0], torch.zeros(()))
+    torch.testing.assert_close(skipped, torch.zeros(48).index_add(0, full.ray_indices, light))
+    assert float(skipped.max()) > 0  # some ray lost something ...
+    assert bool(((raw_some - raw_full).norm(dim=-1) <= skipped + 1e-6).all())  # ... within the bound
+    torch.testing.assert_close(some.opacity, full.opacity)  # the rest of the render is untouched
+    torch.testing.assert_close(some.comp_rgb, full.comp_rgb)
+
+
+def test_normal_rays_give_normals_on_those_rays_only():
+    field, o, d, t = _normal_setup()
+    full = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True)
+    rays = torch.arange(48) % 3 == 0
+    some = render_rays(field, o, d, t, num_samples=64, aabb=AABB, return_normal=True, normal_rays=rays,
+                       normal_fn=lambda p, tt, dens: field.normal(p, tt, dens))
+    torch.testing.assert_close(some.comp_normal[rays], full.comp_normal[rays], atol=1e-6, rtol=0)
+    torch.testing.assert_close(some.comp_normal[~rays], 0.5 * some.opacity[~rays].expand(-1, 3))  # no normal there
+    assert bool((some.normal[~rays[some.ray_indices]] == 0).all())
+    for a, b in zip(_normal_grads(field, some, rays), _normal_grads(field, full, rays)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.gpu
 def test_dynamic_field_on_cuda_packed_matches_its_torch_twin_and_trains():
     """nerfacc's packed marching against the torch path (dense samples masked by the same grid), then the dense render.
@@ -232,6 +316,46 @@ def test_dynamic_field_on_cuda_packed_matches_its_torch_twin_and_trains():
     packed = render_rays(field, o, d, t, num_samples=512, estimator=grid_with(0.01, "nerfacc"), return_normal=True)
     (packed.comp_rgb.mean() + packed.comp_normal.mean()).backward()
     assert field.encoding.embeddings.grad.abs().sum() > 0 and field.encoding_time.embeddings.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_normal_subset_on_cuda_packed_samples():
+    """The packed (nerfacc) layout: normals by the subset path on every ray equal the full path, and the weight floor
+    stays within its reported bound while querying fewer normals."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda.is_available() is False: the packed nerfacc path and Triton grids need CUDA")
+    from animate124.core.field import DynamicField
+    from animate124.core.occupancy import TimeOccupancyGrid
+
+    field = DynamicField(n_levels=8, log2_hashmap_size=16, density_bias="blob_magic3d",
+                         generator=torch.Generator().manual_seed(0)).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, step = 4096, 2 * math.sqrt(3) / 256
+    o = torch.nn.functional.normalize(torch.randn(n, 3, device="cuda", generator=g), dim=-1) * 2.5
+    d = torch.nn.functional.normalize(-o + 0.3 * torch.randn(n, 3, device="cuda", generator=g), dim=-1)
+    t = torch.rand(n, device="cuda", generator=g)
+    grid = TimeOccupancyGrid(AABB, resolution=32, n_time_slices=4, implementation="nerfacc").cuda()
+    grid.update(0, field.forward_density, step_size=step, n=1, occ_thre=0.01,
+                generator=torch.Generator(device="cuda").manual_seed(1))
+    kw = dict(num_samples=256, estimator=grid, return_normal=True)
+    calls = []
+
+    def normal_fn(points, times, density):
+        calls.append(points.shape[0])
+        return field.normal(points, times, density)
+
+    full = render_rays(field, o, d, t, **kw)
+    every = render_rays(field, o, d, t, normal_rays=torch.ones(n, dtype=torch.bool, device="cuda"),
+                        normal_fn=normal_fn, **kw)
+    torch.testing.assert_close(every.comp_normal, full.comp_normal, atol=1e-5, rtol=0)
+    light = render_rays(field, o, d, t, normal_weight_min=1e-3, normal_fn=normal_fn, **kw)
+    raw = lambda out: torch.zeros(n, 3, device="cuda").index_add(0, out.ray_indices, out.weights * out.normal)  # noqa: E731
+    assert bool(((raw(light) - raw(full)).norm(dim=-1) <= light.normal_skipped_weight[:, 0] + 1e-5).all())
+    print(f"normals on {calls[1]} of {calls[0]} samples; skipped weight per ray max "
+          f"{float(light.normal_skipped_weight.max()):.4f}")
+    assert calls[1] < calls[0]
+    light.comp_normal.mean().backward()
+    assert field.encoding.embeddings.grad.abs().sum() > 0
 
 
 def test_every_exported_name_imports():
