@@ -78,7 +78,8 @@ knob default-normal-both normals --set system.renderer.normal_frames=4 --set sys
 knob default-opaque opaque --set system.geometry.density_blob_scale=100
 knob default-opaque-normal-both opaque --set system.geometry.density_blob_scale=100 \
   --set system.renderer.normal_frames=4 --set system.renderer.normal_weight_min=0.001
-# the same against the fast preset, training steps only: `fast-train` (its baseline) and `fast-normal-frames4`
+# the same against the fast preset, training steps only: `fast-train` (its baseline), `fast-normal-frames4`, and
+# `fast-all-normals` (normals on every frame and sample, as the preset before 2026-12-01)
 fast_knob() {  # name --set args...
   local name=$1; shift
   want "$name" && bench "$name" 200 "$repo/configs/animate124-fast.yaml" --warmup 3 --steps 4 --eval-images 2 \
@@ -86,6 +87,11 @@ fast_knob() {  # name --set args...
 }
 fast_knob fast-train
 fast_knob fast-normal-frames4 --set system.renderer.normal_frames=4
+fast_knob fast-all-normals --set system.renderer.normal_frames=0 --set system.renderer.normal_weight_min=0.0
+# the low-VRAM preset with normals on every frame and sample (as before 2026-12-01): `lowvram-all-normals`
+want lowvram-all-normals && bench lowvram-all-normals 200 "$repo/configs/animate124-lowvram.yaml" --warmup 3 \
+  --steps 4 --eval-images 2 --export-times 0 --set system.renderer.normal_frames=0 \
+  --set system.renderer.normal_weight_min=0.0
 # torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first
 # call per network and shape compiles in the step that makes it; the benchmark counts such
 # steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
@@ -132,7 +138,7 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
              "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",
              "default-normal-frames4", "default-normal-weight", "default-normal-both", "fast-train",
-             "fast-normal-frames4", "default-opaque", "default-opaque-normal-both", "default-profile"):
+             "fast-normal-frames4", "fast-all-normals", "lowvram-all-normals", "default-opaque", "default-opaque-normal-both", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

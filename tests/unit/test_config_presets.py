@@ -39,12 +39,14 @@ PRESETS = {
         "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 24.9,
         # forward-difference normals (3 density queries per sample instead of 6), half the samples per ray
         "system.geometry.normal_type": "finite_difference_forward", "system.renderer.num_samples_per_ray": 128,
+        # normals on 4 random frames of 16, on samples of weight >= 1e-3 only
+        "system.renderer.normal_frames": 4, "system.renderer.normal_weight_min": 0.001,
     },
     "animate124-lowvram": {
         "name": "animate124-lowvram", "data.video.height": 64, "data.video.width": 64,
         "system.guidances.cn.guidance.fixed_size": 512, "system.guidances.cn.guidance.n_frames": 1,
         "system.guidances.video.guidance.low_ram_vae": 4, "system.renderer.num_samples_per_ray": 128,
-        "system.min_free_vram_gb": 11.1,
+        "system.min_free_vram_gb": 11.1, "system.renderer.normal_frames": 4, "system.renderer.normal_weight_min": 0.001,
     },
     "animate124-zeroscope": {
         "name": "animate124-zeroscope", "data.video.height": 80, "data.video.width": 144,
