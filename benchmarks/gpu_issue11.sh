@@ -88,10 +88,15 @@ fast_knob() {  # name --set args...
 fast_knob fast-train
 fast_knob fast-normal-frames4 --set system.renderer.normal_frames=4
 fast_knob fast-all-normals --set system.renderer.normal_frames=0 --set system.renderer.normal_weight_min=0.0
-# the low-VRAM preset with normals on every frame and sample (as before 2026-12-01): `lowvram-all-normals`
-want lowvram-all-normals && bench lowvram-all-normals 200 "$repo/configs/animate124-lowvram.yaml" --warmup 3 \
-  --steps 4 --eval-images 2 --export-times 0 --set system.renderer.normal_frames=0 \
-  --set system.renderer.normal_weight_min=0.0
+# the low-VRAM preset, training steps only: `lowvram-train`, and `lowvram-all-normals` (normals on every frame and
+# sample, as before 2026-12-01)
+lowvram_knob() {  # name --set args...
+  local name=$1; shift
+  want "$name" && bench "$name" 200 "$repo/configs/animate124-lowvram.yaml" --warmup 3 --steps 4 --eval-images 2 \
+    --export-times 0 "$@"
+}
+lowvram_knob lowvram-train
+lowvram_knob lowvram-all-normals --set system.renderer.normal_frames=0 --set system.renderer.normal_weight_min=0.0
 # torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first
 # call per network and shape compiles in the step that makes it; the benchmark counts such
 # steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
@@ -138,7 +143,7 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
              "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",
              "default-normal-frames4", "default-normal-weight", "default-normal-both", "fast-train",
-             "fast-normal-frames4", "fast-all-normals", "lowvram-all-normals", "default-opaque", "default-opaque-normal-both", "default-profile"):
+             "fast-normal-frames4", "fast-all-normals", "lowvram-train", "lowvram-all-normals", "default-opaque", "default-opaque-normal-both", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"
