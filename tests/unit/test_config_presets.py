@@ -46,7 +46,7 @@ PRESETS = {
         "name": "animate124-lowvram", "data.video.height": 64, "data.video.width": 64,
         "system.guidances.cn.guidance.fixed_size": 512, "system.guidances.cn.guidance.n_frames": 1,
         "system.guidances.video.guidance.low_ram_vae": 4, "system.renderer.num_samples_per_ray": 128,
-        "system.min_free_vram_gb": 11.1, "system.renderer.normal_frames": 4, "system.renderer.normal_weight_min": 0.001,
+        "system.min_free_vram_gb": 11.6,
     },
     "animate124-zeroscope": {
         "name": "animate124-zeroscope", "data.video.height": 80, "data.video.width": 144,
