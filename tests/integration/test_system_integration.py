@@ -428,3 +428,36 @@ def _compiled_networks(guidance) -> list:
 
     return sorted(type(m).__name__ for m in find_networks([guidance]).all()
                   if getattr(vars(m).get("forward"), "_a124_compiled", False))
+
+
+def test_normal_frames_through_the_system_score_only_the_frames_with_normals(threestudio, tiny_models, example_rgba,
+                                                                            run_dir, monkeypatch):
+    """renderer.normal_frames in a real run: each video step renders normals on 2 of the 4 frames, the normal
+    smoothness is taken on those 2 only, and it still trains the 4-D grid."""
+    from animate124.core import losses
+
+    cfg_text = _config(tiny_models, example_rgba, run_dir, steps=(1, 3, 1)).replace(
+        "    implementation: torch\n  guidances:",
+        "    implementation: torch\n    normal_frames: 2\n    normal_weight_min: 0.001\n  guidances:").replace(
+        "time_smoothness: 0.001}", "time_smoothness: 0.001, normal_smoothness_2d: 10.0}", 1)
+    assert "normal_frames: 2" in cfg_text and cfg_text.count("normal_smoothness_2d") == 2
+    seen = []
+    render_term = losses.render_term
+
+    def recording(name, out, view_batch):
+        if name == "normal_smoothness_2d":
+            mask = out.get("normal_frame_mask")
+            seen.append(None if mask is None else mask.tolist())
+            if mask is not None:  # the frames left out really have no normals: (0.5, 0.5, 0.5) * opacity
+                rest = out["comp_normal"][~mask]
+                torch.testing.assert_close(rest, 0.5 * out["opacity"][~mask].expand_as(rest))
+        return render_term(name, out, view_batch)
+
+    monkeypatch.setattr(losses, "render_term", recording)
+    rec = StepRecorder()
+    _run(threestudio, cfg_text, run_dir, callbacks=[rec])
+    assert [s["stage"] for s in rec.steps] == ["static", "dynamic", "dynamic", "dynamic", "refine"]
+    assert seen[0] is None  # the static random view: one image, every sample
+    assert len(seen) == 4 and all(sum(m) == 2 and len(m) == 4 for m in seen[1:])  # each video step: 2 of 4 frames
+    for info in rec.steps[1:4]:
+        assert info["losses"]["normal_smoothness_2d"] > 0 and _grad(info, "field.encoding_time.")
