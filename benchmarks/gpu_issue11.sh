@@ -41,7 +41,7 @@ bench() {  # name timeout_s extra-args...
   ( cd "$ts" && timeout -k 20 "$limit" python3 -m animate124.tools.cli benchmark "$@" --models "$models" \
       --workdir "/tmp/a124-bench-$name" --out "$OUT/$name.json" ) > "$OUT/$name.log" 2>&1
   local rc=$?
-  echo "$name: exit $rc after $(( $(date +%s) - t )) s$([ $rc = 124 ] && echo " (timed out at $limit s)")"
+  echo "$name: exit $rc after $(( $(date +%s) - t )) s$(case $rc in 124|137) echo " (timed out at $limit s)";; esac)"
   [ $rc = 0 ] || { grep -v Warning "$OUT/$name.log" | tail -4; }
 }
 want() { case "$runs" in *" $1 "*) return 0;; esac; return 1; }
@@ -78,25 +78,20 @@ knob default-normal-both normals --set system.renderer.normal_frames=4 --set sys
 knob default-opaque opaque --set system.geometry.density_blob_scale=100
 knob default-opaque-normal-both opaque --set system.geometry.density_blob_scale=100 \
   --set system.renderer.normal_frames=4 --set system.renderer.normal_weight_min=0.001
-# the same against the fast preset, training steps only: `fast-train` (its baseline), `fast-normal-frames4`, and
-# `fast-all-normals` (normals on every frame and sample, as the preset before 2026-12-01)
-fast_knob() {  # name --set args...
-  local name=$1; shift
-  want "$name" && bench "$name" 200 "$repo/configs/animate124-fast.yaml" --warmup 3 --steps 4 --eval-images 2 \
-    --export-times 0 "$@"
+# the presets, training steps only: `fast-train` and `fast-all-normals` (normals on every frame and sample, as the
+# fast preset before 2026-12-01); `lowvram-train` and `lowvram-normal-both` (normals on 4 frames and weighted
+# samples; in 2026-12-01's call 4 the preset had them, so its `lowvram-train` was this and `lowvram-all-normals` the
+# preset as it is now)
+preset_knob() {  # name config --set args...
+  local name=$1 config=$2; shift 2
+  want "$name" && bench "$name" 200 "$repo/configs/$config" --warmup 3 --steps 4 --eval-images 2 --export-times 0 "$@"
 }
-fast_knob fast-train
-fast_knob fast-normal-frames4 --set system.renderer.normal_frames=4
-fast_knob fast-all-normals --set system.renderer.normal_frames=0 --set system.renderer.normal_weight_min=0.0
-# the low-VRAM preset, training steps only: `lowvram-train`, and `lowvram-all-normals` (normals on every frame and
-# sample, as before 2026-12-01)
-lowvram_knob() {  # name --set args...
-  local name=$1; shift
-  want "$name" && bench "$name" 200 "$repo/configs/animate124-lowvram.yaml" --warmup 3 --steps 4 --eval-images 2 \
-    --export-times 0 "$@"
-}
-lowvram_knob lowvram-train
-lowvram_knob lowvram-all-normals --set system.renderer.normal_frames=0 --set system.renderer.normal_weight_min=0.0
+preset_knob fast-train animate124-fast.yaml
+preset_knob fast-all-normals animate124-fast.yaml --set system.renderer.normal_frames=0 \
+  --set system.renderer.normal_weight_min=0.0
+preset_knob lowvram-train animate124-lowvram.yaml
+preset_knob lowvram-normal-both animate124-lowvram.yaml --set system.renderer.normal_frames=4 \
+  --set system.renderer.normal_weight_min=0.001
 # torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first
 # call per network and shape compiles in the step that makes it; the benchmark counts such
 # steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
@@ -143,7 +138,7 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
              "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",
              "default-normal-frames4", "default-normal-weight", "default-normal-both", "fast-train",
-             "fast-normal-frames4", "fast-all-normals", "lowvram-train", "lowvram-all-normals", "default-opaque", "default-opaque-normal-both", "default-profile"):
+             "fast-all-normals", "lowvram-train", "lowvram-normal-both", "default-opaque", "default-opaque-normal-both", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"

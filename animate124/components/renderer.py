@@ -56,7 +56,8 @@ class TimeVolumeRenderer(VolumeRenderer):
         only, an unbiased estimate of the all-frame loss). 0: on every image, as upstream."""
         normal_weight_min: float = 0.0
         """> 0: samples of weight below this get no normal (they would add at most their weight to ``sum w n``;
-        ``normal_skipped_weight`` per pixel). 0: every sample, as upstream."""
+        ``normal_skipped_weight`` per pixel), in training and in evaluation renders (validation / test normal
+        images). 0: every sample, as upstream."""
 
         def __post_init__(self) -> None:
             check_choice("a124-time-volume-renderer", "estimator", self.estimator, ("occgrid", "none"))

@@ -324,10 +324,11 @@ def _some_normals(field_fn: FieldFn, normal_fn: Optional[Callable], points: Tens
     skipped_w = torch.where(wanted & ~keep, weights.detach(), torch.zeros_like(weights))
     skipped = _accumulate(skipped_w, None, ray_indices, n_rays)
     idx = keep.nonzero().squeeze(-1)
-    if normal_fn is not None:
-        step = max(idx.numel(), 1) if chunk_size <= 0 else chunk_size
-        parts = [normal_fn(points[i], times[i], density[i]) for i in idx.split(step)] if idx.numel() else []
-        sub = torch.cat(parts) if parts else points.new_zeros(0, 3)
+    if idx.numel() == 0:  # nothing selected: no field call (a hash grid cannot take 0 points)
+        sub = points.new_zeros(0, 3)
+    elif normal_fn is not None:
+        step = idx.numel() if chunk_size <= 0 else chunk_size
+        sub = torch.cat([normal_fn(points[i], times[i], density[i]) for i in idx.split(step)])
     else:
         sub = _eval_field(field_fn, points[idx], times[idx], True, chunk_size)["normal"]
     normal = torch.zeros(points.shape[0], 3, device=points.device, dtype=sub.dtype).index_put((idx,), sub)

@@ -679,7 +679,8 @@ def _guarded(measure, *args) -> dict:
 
 def _time_eval(system, dm, split: str, images: int, autocast, profiler=None) -> dict:
     """Render ``images`` views of the split through the system's own step, then its epoch end (the video), and scale
-    the per-image times to the split's size."""
+    the per-image times to the split's size. In eval mode, as Lightning's loops run them (``fit`` leaves the system
+    training: jittered, unchunked renders without normals)."""
     import torch
     from pytorch_lightning.utilities import move_data_to_device
 
@@ -690,23 +691,28 @@ def _time_eval(system, dm, split: str, images: int, autocast, profiler=None) -> 
     total = len(loader.dataset)
     times = []
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    with torch.no_grad(), autocast():
-        for index, batch in enumerate(loader):
-            if index >= images:
-                break
-            batch = move_data_to_device(batch, system.device)
-            sync()
-            t0 = time.perf_counter()
-            step(batch, index)
-            sync()
-            times.append((time.perf_counter() - t0) * 1000)
-            if profiler is not None and index == 0:  # profiled apart from the timed images
-                profiler.start()
+    was_training = system.training
+    system.eval()
+    try:
+        with torch.no_grad(), autocast():
+            for index, batch in enumerate(loader):
+                if index >= images:
+                    break
+                batch = move_data_to_device(batch, system.device)
+                sync()
+                t0 = time.perf_counter()
                 step(batch, index)
-                profiler.stop(f"{split} image ({len(times)} timed apart)")
-    t0 = time.perf_counter()
-    epoch_end()
-    video_ms = (time.perf_counter() - t0) * 1000
+                sync()
+                times.append((time.perf_counter() - t0) * 1000)
+                if profiler is not None and index == 0:  # profiled apart from the timed images
+                    profiler.start()
+                    step(batch, index)
+                    profiler.stop(f"{split} image ({len(times)} timed apart)")
+        t0 = time.perf_counter()
+        epoch_end()
+        video_ms = (time.perf_counter() - t0) * 1000
+    finally:
+        system.train(was_training)
     per_image = statistics.median(times[1:] if len(times) > 1 else times)
     per_frame = video_ms / max(len(times), 1)
     return {"images": total, "timed_images": len(times), "ms_per_image": round(per_image, 3),

@@ -162,5 +162,6 @@ def test_normal_frames_and_weight_floor_from_the_yaml(threestudio, tmp_path):
     with torch.no_grad():
         out = renderer(**batch, frame_times=times)
     assert "normal_frame_mask" not in out and out["comp_normal"].shape == (2, 16, 16, 3)
+    assert "normal_skipped_weight" in out  # the floor applies to evaluation renders too
     with pytest.raises(ValueError, match="normal_frames must be >= 0"):
         type(renderer).Config(normal_frames=-1)

@@ -451,7 +451,12 @@ def test_normal_frames_through_the_system_score_only_the_frames_with_normals(thr
             if mask is not None:  # the frames left out really have no normals: (0.5, 0.5, 0.5) * opacity
                 rest = out["comp_normal"][~mask]
                 torch.testing.assert_close(rest, 0.5 * out["opacity"][~mask].expand_as(rest))
-        return render_term(name, out, view_batch)
+        value = render_term(name, out, view_batch)
+        if name == "normal_smoothness_2d" and mask is not None:  # it scores the frames with normals, and only those
+            grad, = torch.autograd.grad(value, out["comp_normal"], retain_graph=True)
+            assert float(grad[~mask].abs().max()) == 0.0 and float(grad[mask].abs().max()) > 0.0
+            assert out["comp_normal"].grad_fn is not None  # and reaches the field
+        return value
 
     monkeypatch.setattr(losses, "render_term", recording)
     rec = StepRecorder()

@@ -108,3 +108,38 @@ def test_steps_that_compiled_count_once_in_the_stage_switch_not_in_the_step_time
     assert stage["compile_steps"] == [0, 1, 3]
     assert stage["switch_s"] == (4900 + 800 + 600) / 1000  # each compiling step's excess over the mean step
     assert stage["floor_ms"]["mean"] == 50.0 and stage["ratio_mean"] == 2.0
+
+
+def test_evaluation_is_timed_in_eval_mode_and_training_mode_comes_back():
+    """Lightning's fit leaves the system training; the benchmark's validation / test timing must render as the real
+    loops do (eval mode: no jitter, chunked, with normals), then leave the mode as it found it."""
+    from contextlib import nullcontext
+
+    from animate124.tools.benchmark_steps import _time_eval
+
+    class System(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.child = torch.nn.Linear(1, 1)
+            self.modes, self.device = [], torch.device("cpu")
+
+        def validation_step(self, batch, index):
+            self.modes.append((self.training, self.child.training))
+
+        def on_validation_epoch_end(self):
+            self.modes.append((self.training, self.child.training))
+
+    class Data:
+        def setup(self, split):
+            pass
+
+        def val_dataloader(self):
+            class Loader(list):
+                dataset = range(10)
+            return Loader([{"index": i} for i in range(10)])
+
+    system = System().train()
+    result = _time_eval(system, Data(), "validate", 3, nullcontext)
+    assert system.modes == [(False, False)] * 4  # 3 timed images + the epoch end (the video)
+    assert system.training and system.child.training
+    assert result["images"] == 10 and result["timed_images"] == 3
