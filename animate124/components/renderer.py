@@ -53,7 +53,8 @@ class TimeVolumeRenderer(VolumeRenderer):
         normal_frames: int = 0
         """> 0: a training render of more images than this computes normals on this many of them, drawn at random
         each step (``normal_frame_mask`` [B] in the output says which; the 2-D normal smoothness averages over those
-        only, an unbiased estimate of the all-frame loss). 0: on every image, as upstream."""
+        only, an unbiased estimate of the all-frame loss; another system's normal losses must read the mask too).
+        0: on every image, as upstream."""
         normal_weight_min: float = 0.0
         """> 0: samples of weight below this get no normal (they would add at most their weight to ``sum w n``;
         ``normal_skipped_weight`` per pixel), in training and in evaluation renders (validation / test normal
