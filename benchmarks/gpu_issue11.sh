@@ -92,6 +92,9 @@ preset_knob fast-all-normals animate124-fast.yaml --set system.renderer.normal_f
 preset_knob lowvram-train animate124-lowvram.yaml
 preset_knob lowvram-normal-both animate124-lowvram.yaml --set system.renderer.normal_frames=4 \
   --set system.renderer.normal_weight_min=0.001
+# the low-VRAM refine peak (11.1-11.6 GiB by the step's cameras): the video VAE re-encoded 2 frames at a time in the
+# backward instead of 4 (compare its peak with lowvram-train's)
+preset_knob lowvram-vae-chunk2 animate124-lowvram.yaml --set system.guidances.video.guidance.vae_chunk_size=2
 # torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first
 # call per network and shape compiles in the step that makes it; the benchmark counts such
 # steps' excess in switch_s, so the projection includes compilation. The networks alone, eager vs each mode, with
@@ -106,6 +109,10 @@ compile_knob() {  # name mode
 }
 compile_knob default-compile max-autotune-no-cudagraphs
 compile_knob default-compile-inductor default   # (CUDA graphs, reduce-overhead, are timed alone only; see COMPILE_MODES)
+# the same with the VAE encoders compiled too (the refine floor is mostly two 1024 px encodes with their backward)
+{ want default-compile-vae || want compile; } && bench default-compile-vae 590 "$repo/configs/animate124.yaml" \
+  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=default \
+  --set system.compile_vae_encoder=true
 if want denoiser-compile || want compile; then
   if [ "$(elapsed)" -ge "$budget_s" ]; then echo "denoiser-compile: skipped (budget of $budget_s s spent)"; else
   timeout $(( budget_s + 60 - $(elapsed) )) python3 benchmarks/denoiser_compile.py --models "$models" \
@@ -138,7 +145,8 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
              "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",
              "default-normal-frames4", "default-normal-weight", "default-normal-both", "fast-train",
-             "fast-all-normals", "lowvram-train", "lowvram-normal-both", "default-opaque", "default-opaque-normal-both", "default-profile"):
+             "fast-all-normals", "lowvram-train", "lowvram-normal-both", "lowvram-vae-chunk2", "default-compile-vae",
+             "default-opaque", "default-opaque-normal-both", "default-profile"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"
