@@ -402,7 +402,7 @@ def _composite(
         )
 
     def acc(values: Optional[Tensor], w: Tensor = weights) -> Tensor:
-        return nerfacc.accumulate_along_rays(w, values, ray_indices=ray_indices, n_rays=n_rays)
+        return _accumulate(w, values, ray_indices, n_rays)
 
     opacity = acc(None)
     depth = acc(z[:, None])
