@@ -22,7 +22,8 @@ stage:
 
 then the projected wall time of the whole config (steps x mean step + stage switches + validations + test videos +
 export, each timed on a few images / times and scaled) and the overhead before step 1 of a run (imports, nerfacc
-build, system build, model loads, Triton compile in the first step).
+build, system build); model loads and Triton / torch.compile compilation are in each stage's first step, counted in
+its ``switch_s``.
 
 Models: ``--models DIR`` holds ``animate124 make-tiny-models DIR --full-size`` folders (made there when missing);
 every hub id the config names (SD 1.5, ControlNet-Tile, Zero123-XL, ModelScope, ZeroScope) is pointed at them.
@@ -66,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config override, as on launch.py's command line (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile (torch.profiler) the warm-up steps after each stage's first, and one "
-                             "validation image, into OUT.profile.txt: the operators and the Python lines that cost "
-                             "time (the timed steps stay unprofiled); needs --warmup >= 2 and --out")
+                             "validation image, into OUT.profile.txt: the operators by GPU and CPU time, and the "
+                             "Python functions by cumulative time (cProfile); the timed steps stay unprofiled; needs "
+                             "--warmup >= 2 and --out")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the short run writes its trial folder (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
