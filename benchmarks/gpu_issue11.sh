@@ -4,7 +4,7 @@
 # a table at the end. Each benchmark saves its JSON after training and after each evaluation piece, so a process cut
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
-#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile fit hashgrid, the groups knobs
+#   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile lowvram-profile fit hashgrid, the groups knobs
 #                                       speed lowramvae merge compile normals opaque, or one knob's name: default-no-alpha-thre ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
@@ -52,6 +52,10 @@ want lowvram && bench lowvram 240 "$repo/configs/animate124-lowvram.yaml" --warm
 # where the default's time goes beyond its floor: torch.profiler + cProfile tables (default-profile.profile.txt)
 want profile && bench default-profile 300 "$repo/configs/animate124.yaml" --warmup 3 --steps 3 --eval-images 2 \
   --export-times 1 --profile
+# what the low-VRAM peaks are made of (the memory table of lowvram-profile.profile.txt, over 5 profiled warm-up steps
+# per stage: the refine peak depends on the step's cameras)
+want lowvram-profile && bench lowvram-profile 240 "$repo/configs/animate124-lowvram.yaml" --warmup 6 --steps 2 \
+  --eval-images 2 --export-times 0 --profile
 # one change against the default each, training steps only (names usable in A124_BENCH; `knobs` and `speed` are
 # groups): without VAE checkpointing; without the marcher's alpha threshold (every sample of an occupied cell gets a
 # gradient); without checkpointed normal queries; forward-difference normals. (Fused Adam, tried on 2026-11-30, stops

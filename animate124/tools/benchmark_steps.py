@@ -67,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config override, as on launch.py's command line (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile (torch.profiler) the warm-up steps after each stage's first, and one "
-                             "validation image, into OUT.profile.txt: the operators by GPU and CPU time, and the "
-                             "Python functions by cumulative time (cProfile); the timed steps stay unprofiled; needs "
+                             "validation image, into OUT.profile.txt: the operators by GPU and CPU time, the "
+                             "Python functions by cumulative time (cProfile) and, on CUDA, the memory live at the "
+                             "window's peak by the code that allocated it; the timed steps stay unprofiled; needs "
                              "--warmup >= 2 and --out")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the short run writes its trial folder (default: a temporary folder)")
@@ -426,8 +427,8 @@ class CallRecorder:
 
 class Profiles:
     """Profiled windows written one after another to a text file: per window the operators by self device and by self
-    CPU time (torch.profiler), and the Python functions by cumulative time (cProfile), to find what a step spends
-    beyond its floor."""
+    CPU time (torch.profiler), the Python functions by cumulative time (cProfile), to find what a step spends beyond
+    its floor; and on CUDA the memory live at the window's peak by the code that allocated it (``memory_peak``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -442,7 +443,10 @@ class Profiles:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        self.current = (profile(activities=activities), cProfile.Profile())
+        from animate124.tools.memory_peak import MemoryWindow
+
+        self.current = (profile(activities=activities), cProfile.Profile(), MemoryWindow())
+        self.current[2].start()
         self.current[0].__enter__()
         self.current[1].enable()
 
@@ -456,9 +460,10 @@ class Profiles:
         import io
         import pstats
 
-        (prof, python), self.current = self.current, None
+        (prof, python, memory), self.current = self.current, None
         python.disable()
         prof.__exit__(None, None, None)
+        memory_table = memory.stop()
         events = prof.key_averages()
         stream = io.StringIO()
         pstats.Stats(python, stream=stream).sort_stats("cumulative").print_stats(
@@ -467,6 +472,8 @@ class Profiles:
         parts = [f"\n===== {title} =====", "-- operators by self device time", events.table(sort_by=cuda_key, row_limit=25),
                  "-- operators by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=25),
                  "-- Python functions by cumulative time (cProfile)", stream.getvalue().split("\n", 4)[-1]]
+        if memory_table is not None:
+            parts += ["-- memory at the window's peak, by allocating code", memory_table]
         with open(self.path, "a") as f:
             f.write("\n".join(parts) + "\n")
 

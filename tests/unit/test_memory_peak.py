@@ -1,0 +1,75 @@
+"""The peak replay of ``animate124 benchmark --profile``'s memory table, on synthetic allocator events (CPU), and on
+the real CUDA allocator history when a GPU is present."""
+
+import pytest
+import torch
+
+from animate124.tools.memory_peak import MemoryWindow, peak_live, peak_table
+
+MIB = 2**20
+
+
+def _alloc(addr, size, filename="/w/animate124/core/volrend.py", line=10, name="render_rays"):
+    return {"action": "alloc", "addr": addr, "size": size,
+            "frames": [{"filename": "/py/torch/autograd/function.py", "line": 1, "name": "apply"},
+                       {"filename": "/py/site-packages/diffusers/models/resnet.py", "line": 5, "name": "forward"},
+                       {"filename": filename, "line": line, "name": name}]}
+
+
+def _free(addr, size):
+    return {"action": "free_requested", "addr": addr, "size": size, "frames": []}
+
+
+def test_peak_is_the_highest_point_and_lists_what_is_alive_then():
+    events = [_alloc(1, 100 * MIB), _alloc(2, 300 * MIB, line=20), _free(1, 100 * MIB),
+              _alloc(3, 50 * MIB, line=30), _free(2, 300 * MIB), _alloc(4, 200 * MIB, line=40)]
+    rise, index, live, freed_before = peak_live(events)
+    # heights: 100, 400, 300, 350, 50, 250 -> peak 400 MiB at event 2, alive: allocations 1 and 2
+    assert rise == 400 * MIB and index == 1 and freed_before == 0
+    assert sorted(e["addr"] for e in live) == [1, 2]
+
+
+def test_memory_from_before_the_window_freed_before_the_peak_is_not_counted_twice():
+    # 1 GiB allocated before the window; the window frees 256 MiB of it (address 9) and then reuses that address
+    events = [_free(9, 256 * MIB), _alloc(9, 512 * MIB, line=11), _alloc(5, 128 * MIB, line=12)]
+    rise, index, live, freed_before = peak_live(events)
+    assert (rise, index, freed_before) == (384 * MIB, 2, 256 * MIB)
+    table = peak_table(events, allocated_at_start=1024 * MIB)
+    first = table.splitlines()[0]
+    # peak = 1024 - 256 + 512 + 128 = 1408 MiB = 1.375 GiB; 0.75 GiB from before, 0.625 GiB made in the window
+    assert first.startswith("peak allocated 1.375 GiB = 0.750 GiB allocated before") and "+ 0.625 GiB made" in first
+    rows = table.splitlines()[2:]
+    assert rows[0].split()[:2] == ["0.500", "1"] and "animate124/core/volrend.py:11 render_rays" in rows[0]
+    assert "diffusers/models/resnet.py:5 forward" in rows[0]  # the innermost library frame
+    assert rows[1].split()[:2] == ["0.125", "1"] and "volrend.py:12" in rows[1]
+
+
+def test_sites_group_allocations_and_frameless_ones_are_named_as_backward():
+    events = [_alloc(1, 64 * MIB, line=7), _alloc(2, 64 * MIB, line=7),
+              {"action": "alloc", "addr": 3, "size": 32 * MIB, "frames": []}]
+    rows = peak_table(events, allocated_at_start=0).splitlines()[2:]
+    assert rows[0].split()[:2] == ["0.125", "2"] and "volrend.py:7" in rows[0]
+    assert "(no extension / threestudio frame)  |  (autograd backward, no Python frame)" in rows[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu tier: torch.cuda.is_available() is False")
+def test_cuda_history_finds_the_line_that_made_the_peak():
+    keep = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda")  # before the window
+    window = MemoryWindow()
+    window.start()
+    big = _make_big()
+    del big
+    small = torch.empty(8 * MIB, dtype=torch.uint8, device="cuda")
+    table = window.stop()
+    del keep, small
+    rows = table.splitlines()
+    assert rows[0].startswith("peak allocated") and "0.062 GiB allocated before" in rows[0]
+    # the 256 MiB block made by a test-file line (neither the extension nor a library) is the one live at the peak
+    assert rows[2].split()[:2] == ["0.250", "1"], table
+    assert rows[2].endswith("(no extension / threestudio frame)  |  -"), table
+    assert len(rows) == 3, table
+
+
+def _make_big():
+    return torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
