@@ -157,21 +157,22 @@ class ControlNetTileSDS(sds.FrozenPrior):
         dtype = self.unet.dtype
         x = torch.cat([noisy, noisy]).to(dtype)
         tt = torch.cat([t, t])
-        down, mid = self.controlnet(
-            x,
-            tt,
-            encoder_hidden_states=cn_text.to(dtype),
-            controlnet_cond=torch.cat([cond_image, cond_image]).to(self.controlnet.dtype),
-            conditioning_scale=conditioning_scale,
-            return_dict=False,
-        )
-        eps = self.unet(
-            x,
-            tt,
-            encoder_hidden_states=unet_text.to(dtype),
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample.float()
+        with sds.own_precision(self.unet, noisy.device):
+            down, mid = self.controlnet(
+                x,
+                tt,
+                encoder_hidden_states=cn_text.to(dtype),
+                controlnet_cond=torch.cat([cond_image, cond_image]).to(self.controlnet.dtype),
+                conditioning_scale=conditioning_scale,
+                return_dict=False,
+            )
+            eps = self.unet(
+                x,
+                tt,
+                encoder_hidden_states=unet_text.to(dtype),
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample.float()
         return eps.chunk(2)
 
     def _frame_indices(self, frames, cond_rgb, frame_indices, num_frames, generator) -> Tensor:

@@ -17,6 +17,7 @@ which is the standard form with scale ``s + 1``: upstream's ``100`` is our ``101
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -433,8 +434,21 @@ def _graded_moments(vae, images: Tensor, checkpoint: bool) -> tuple[Tensor, Tens
     return _moments(vae, images)
 
 
+def own_precision(network, device: torch.device):
+    """Context in which a half-precision network runs in its own dtype: autocast off, as threestudio's guidances run
+    their U-Nets and VAEs (``@torch.cuda.amp.autocast(enabled=False)``) and diffusers' pipelines run them. Under
+    16-mixed autocast GroupNorm (and the SiLU after it) would compute and keep fp32 activations: twice the memory a
+    VAE encode holds for its backward (about half the low-VRAM refine peak's activations) and more time in every
+    U-Net, for no accuracy the fp16 weights could use (GroupNorm accumulates its statistics in fp32 either way).
+    An fp32 network (CPU, tests) runs as it is."""
+    if network.dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 def _moments(vae, images: Tensor) -> tuple[Tensor, Tensor]:
-    encoded = vae.encode(images.to(vae.dtype))
+    with own_precision(vae, images.device):
+        encoded = vae.encode(images.to(vae.dtype))
     dist = getattr(encoded, "latent_dist", None)
     if dist is None:  # deterministic encoder (AutoencoderTiny)
         mean = encoded.latents.float()

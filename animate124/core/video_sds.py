@@ -219,11 +219,12 @@ class VideoSDS(sds.FrozenPrior):
     def _predict_noise(self, noisy, t, cond, uncond):
         """Both CFG halves in one U-Net batch: ``(ε_c, ε_u)``."""
         dtype = self.unet.dtype
-        out = self.unet(
-            torch.cat([noisy, noisy]).to(dtype),
-            torch.cat([t, t]),
-            encoder_hidden_states=torch.cat([cond, uncond]).to(dtype),
-        ).sample.float()
+        with sds.own_precision(self.unet, noisy.device):
+            out = self.unet(
+                torch.cat([noisy, noisy]).to(dtype),
+                torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([cond, uncond]).to(dtype),
+            ).sample.float()
         return out.chunk(2)
 
     def _embeddings(self, prompt, negative_prompt, cond, uncond, b):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 OURS = ("animate124", "threestudio")
+INSTRUMENTATION = ("animate124/tools/benchmark_steps.py",)  # the benchmark's own wrappers: look past them
 LIBRARIES = ("diffusers", "transformers", "nerfacc", "lightning", "torch/nn", "torch/utils/checkpoint")
 
 
@@ -22,6 +23,8 @@ def _site(frames: list[dict], markers: tuple[str, ...]) -> str | None:
     one of ``markers``, the path shortened to start at the marker's package."""
     for frame in frames:
         filename = frame.get("filename", "").replace("\\", "/")
+        if any(filename.endswith(path) for path in INSTRUMENTATION):
+            continue
         for marker in markers:
             if f"/{marker}/" in filename or filename.startswith(f"{marker}/"):
                 package = marker.split("/")[0] + "/"

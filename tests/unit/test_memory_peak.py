@@ -44,6 +44,13 @@ def test_memory_from_before_the_window_freed_before_the_peak_is_not_counted_twic
     assert rows[1].split()[:2] == ["0.125", "1"] and "volrend.py:12" in rows[1]
 
 
+def test_the_benchmark_wrapper_frame_is_looked_past():
+    event = _alloc(1, 64 * MIB, filename="/w/animate124/core/video_sds.py", line=222, name="_predict_noise")
+    event["frames"].insert(2, {"filename": "/w/animate124/tools/benchmark_steps.py", "line": 347, "name": "timed"})
+    row = peak_table([event], allocated_at_start=0).splitlines()[2]
+    assert "animate124/core/video_sds.py:222 _predict_noise" in row and "benchmark_steps" not in row
+
+
 def test_sites_group_allocations_and_frameless_ones_are_named_as_backward():
     events = [_alloc(1, 64 * MIB, line=7), _alloc(2, 64 * MIB, line=7),
               {"action": "alloc", "addr": 3, "size": 32 * MIB, "frames": []}]

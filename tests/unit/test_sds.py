@@ -304,3 +304,44 @@ def test_missing_hub_model_offline_error_names_the_id():
         r"huggingface-cli download no-such-org/no-such-model",
     ):
         sds.load_pretrained_component(UNet3DConditionModel, "no-such-org/no-such-model", "unet", local_files_only=True)
+
+
+def _autocast_on() -> bool:
+    return torch.is_autocast_enabled("cpu")
+
+
+def _record_autocast(module, seen: list, label: str):
+    return module.register_forward_pre_hook(lambda m, args: seen.append((label, _autocast_on())))
+
+
+def test_half_precision_networks_run_outside_autocast_and_fp32_ones_are_left_alone(tiny_models):
+    """16-mixed training wraps the step in autocast; a half-precision VAE / U-Net / ControlNet runs in its own dtype
+    (as threestudio's guidances run theirs), so GroupNorm does not keep fp32 activations; fp32 networks (CPU tests)
+    see autocast as it is. CPU autocast (bf16) stands in for CUDA's."""
+    from animate124.core.controlnet_sds import ControlNetTileSDS
+    from animate124.core.video_sds import VideoSDS
+
+    video = VideoSDS.from_pretrained(tiny_models["text-to-video"], model_size=(32, 32))
+    cn = ControlNetTileSDS.from_pretrained(tiny_models["sd"], tiny_models["controlnet-tile"])
+    frames = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    for dtype, expect_autocast in ((torch.float32, True), (torch.bfloat16, False)):
+        for net in (video.unet, video.vae, cn.unet, cn.controlnet, cn.vae):
+            net.to(dtype)
+        seen, hooks = [], []
+        for label, net in (("video unet", video.unet), ("video vae", video.vae.encoder), ("cn unet", cn.unet),
+                           ("controlnet", cn.controlnet), ("cn vae", cn.vae.encoder)):
+            hooks.append(_record_autocast(net, seen, label))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = video(frames, "a panda is dancing", vae_checkpoint=True, vae_chunk_size=2,
+                         generator=torch.Generator().manual_seed(1))["loss_sds_video"]
+            loss = loss + cn(frames, "a panda", num_frames=1, fixed_size=32, vae_checkpoint=True,
+                             generator=torch.Generator().manual_seed(2))["loss_sds_cn"]
+            assert _autocast_on()  # restored after each network
+        loss.backward()  # the checkpointed encodes run again here, in the same precision as their forward
+        for hook in hooks:
+            hook.remove()
+        labels = {label for label, _ in seen}
+        assert labels == {"video unet", "video vae", "cn unet", "controlnet", "cn vae"}, labels
+        assert all(state is expect_autocast for _, state in seen), (dtype, seen)
+        assert torch.isfinite(frames.grad).all() and frames.grad.abs().sum() > 0
+        frames.grad = None
