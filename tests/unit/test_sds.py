@@ -345,3 +345,24 @@ def test_half_precision_networks_run_outside_autocast_and_fp32_ones_are_left_alo
         assert all(state is expect_autocast for _, state in seen), (dtype, seen)
         assert torch.isfinite(frames.grad).all() and frames.grad.abs().sum() > 0
         frames.grad = None
+
+
+def test_vae_encode_benchmark_smoke(tiny_models, tmp_path):
+    """benchmarks/vae_encode.py on the CPU (tiny VAE, bf16 autocast): every shape and variant timed, each one's
+    latents and image gradient close to the fp32 VAE's."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from vae_encode import VARIANTS, main
+
+    out = tmp_path / "vae.json"
+    assert main(["--models", str(tiny_models["sd"].parent), "--calls", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["shapes"]) == {"cn-1024", "cn-512", "video-chunk4"}
+    for entry in result["shapes"].values():
+        assert set(entry["variants"]) == set(VARIANTS)
+        for row in entry["variants"].values():
+            assert row["ms"] > 0 and row["peak_gib"] is None  # no peak on the CPU
+            assert 0 < row["rel_error_latents"] < 0.05 and 0 < row["rel_error_grad"] < 0.05, row
