@@ -6,13 +6,15 @@ Per shape and variant: ``ms`` (median of ``--calls``, the GPU synchronised after
 with no autocast. Every variant runs ``sds.encode_latents(..., chunk_size=1, checkpoint=True)`` under 16-mixed
 autocast, as the guidances run it:
 
-- ``autocast``: the half VAE under autocast (before 2026-12-01: GroupNorm and SiLU kept fp32 activations);
-- ``own``: the half VAE in its own dtype (``sds.own_precision``, what the guidances do now);
-- ``own+math-attention``: the same with scaled-dot-product attention on the math kernel. The SD VAE's mid-block
-  attention is one head of 512 channels over (side / 8)^2 tokens; no flash kernel takes a 512-wide head, and the
-  profile of a refine step showed the memory-efficient kernel's backward at about 60 ms per 1024 px image;
-- ``own+math-attention-half``: the math kernel allowed to reduce in half precision
-  (``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp``; by default it computes in fp32).
+- ``autocast``: the half VAE under autocast with the default attention kernel (the guidances before 2026-12-01:
+  GroupNorm and SiLU kept fp32 activations);
+- ``own``: the half VAE in its own dtype (``sds.own_precision``), default attention kernel;
+- ``own+math-attention``: the same with scaled-dot-product attention on the math kernel, reducing in fp32 (its
+  default). The SD VAE's mid-block attention is one head of 512 channels over (side / 8)^2 tokens; no flash kernel
+  takes a 512-wide head, and the profile of a refine step showed the memory-efficient kernel's backward at about
+  60 ms per 1024 px image;
+- ``own+math-attention-half``: the math kernel reducing in half precision (``sds.half_math_attention``): what the
+  guidances do now.
 
 Random weights (SD 1.5's VAE architecture from ``--models DIR/sd/vae``, ``animate124 make-tiny-models DIR
 --full-size``): honest for time and memory, never for quality. JSON written after each shape.
@@ -100,25 +102,19 @@ def main(argv=None) -> int:
 def _encode(vae, x0, w, device, autocast, variant: str = "own"):
     """Latents and image gradient of one checkpointed encode + backward, as the guidances run it."""
     x = x0.clone().requires_grad_(True)
-    precision = nullcontext()
-    if variant == "autocast":  # the path before sds.own_precision: the half VAE sees autocast
-        precision = _patched(sds, "own_precision", lambda network, device: nullcontext())
+    off = lambda network, device: nullcontext()  # noqa: E731
+    precision = _patched(sds, "own_precision", off) if variant == "autocast" else nullcontext()
+    # every variant but the last runs without the guidances' half math attention
+    attention_patch = _patched(sds, "half_math_attention", off) if variant != "own+math-attention-half" else nullcontext()
     attention = nullcontext()
-    if "math-attention" in variant:
+    if variant == "own+math-attention":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         attention = sdpa_kernel([SDPBackend.MATH])
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-    half_math = variant.endswith("-half")
-    if half_math:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with precision, attention, amp:
-            latents = sds.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
-            (latents * w).sum().backward()
-    finally:
-        if half_math:
-            torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
+    with precision, attention_patch, attention, amp:
+        latents = sds.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
+        (latents * w).sum().backward()
     return latents.detach().float(), x.grad
 
 

@@ -17,7 +17,7 @@ which is the standard form with scale ``s + 1``: upstream's ``100`` is our ``101
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -446,8 +446,33 @@ def own_precision(network, device: torch.device):
     return nullcontext()
 
 
+@contextmanager
+def half_math_attention(network, device: torch.device):
+    """Context in which a half-precision network on CUDA computes scaled-dot-product attention with the math kernel,
+    reducing in its own precision. For the VAE encoder: its mid-block attention is one head of 512 channels over
+    (side / 8)^2 tokens, which no flash kernel takes, and the memory-efficient kernel's backward is slow at that
+    width. Measured on an H200 (benchmarks/vae_encode.py, a 1024 px encode + backward, checkpointed, random weights):
+    176 -> 119 ms and 6.0 -> 7.8 GiB; 512 px 36 -> 30 ms; the error against fp32 unchanged. Global flags (what
+    ``sdpa_kernel`` sets), restored on exit; inside ``_moments``, so a checkpoint's recomputation gets them too.
+    A no-op on the CPU, for fp32 networks and on torch without ``allow_fp16_bf16_reduction_math_sdp`` (< 2.5)."""
+    backends = torch.backends.cuda
+    if (device.type != "cuda" or network.dtype not in (torch.float16, torch.bfloat16)
+            or not hasattr(backends, "allow_fp16_bf16_reduction_math_sdp")):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = backends.fp16_bf16_reduction_math_sdp_allowed()
+    backends.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        backends.allow_fp16_bf16_reduction_math_sdp(before)
+
+
 def _moments(vae, images: Tensor) -> tuple[Tensor, Tensor]:
-    with own_precision(vae, images.device):
+    with own_precision(vae, images.device), half_math_attention(vae, images.device):
         encoded = vae.encode(images.to(vae.dtype))
     dist = getattr(encoded, "latent_dist", None)
     if dist is None:  # deterministic encoder (AutoencoderTiny)

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from animate124.core.atomic_io import write_json
@@ -307,14 +307,14 @@ def summary_table(result: dict) -> str:
 class CallRecorder:
     """Wraps the renderer's ``forward``, every U-Net / ControlNet ``forward`` and every VAE ``encode`` of the loaded
     guidances. While ``active`` it times each call (CUDA events; wall clock on CPU) and keeps the first call of each
-    distinct signature (module, input shapes and dtypes, grad and autocast state) with a detached copy of its inputs,
-    to replay it alone for the floor."""
+    distinct signature (module, input shapes and dtypes, grad, autocast and attention-kernel state) with a detached
+    copy of its inputs, to replay it alone for the floor, in the same states."""
 
     def __init__(self, device):
         self.device = device
         self.active = False
         self.pending: list[tuple] = []  # (category, key, start, end) of the current step
-        self.samples: dict = {}  # key -> (call, args, kwargs, grad, autocast, backward, label)
+        self.samples: dict = {}  # key -> (call, (args, kwargs), grad, (autocast, attention), backward, label)
         self.modules: dict[str, list] = {}  # slot -> weak references to its networks
 
     def mark(self):
@@ -372,16 +372,17 @@ class CallRecorder:
         import torch
 
         grad = torch.is_grad_enabled()
-        autocast = _autocast_state(self.device)
+        # the attention kernels allowed (sds picks the math kernel for half VAEs): part of what the call costs
+        states = (_autocast_state(self.device), _attention_state())
         backward = category == "encode" and grad and _first_tensor_arg(args, kwargs).requires_grad
-        key = (id(module), category, _signature((args, kwargs)), grad, autocast, backward)
+        key = (id(module), category, _signature((args, kwargs)), grad, states, backward)
         if key not in self.samples:
             shapes = [list(t.shape) for t in _tensors((args, kwargs))][:2]
             what = f"{label} {'encode' if category == 'encode' else 'forward'} {shapes}"
             what += " + backward" if backward else ""
             # replayed through the module's own __call__ / method (its hooks run, this wrapper passes through)
             call = module if method == "forward" else getattr(module, method)
-            self.samples[key] = (call, _detached((args, kwargs)), grad, autocast, backward, what)
+            self.samples[key] = (call, _detached((args, kwargs)), grad, states, backward, what)
         return key
 
     def replay(self, replays: int) -> dict:
@@ -390,9 +391,9 @@ class CallRecorder:
 
         self.active = False
         timings = {}
-        for key, (call, (args, kwargs), grad, autocast, backward, what) in self.samples.items():
+        for key, (call, (args, kwargs), grad, (autocast, attention), backward, what) in self.samples.items():
             def once():
-                with torch.set_grad_enabled(grad), _autocast_ctx(self.device, autocast):
+                with torch.set_grad_enabled(grad), _autocast_ctx(self.device, autocast), _attention_ctx(attention):
                     if backward:
                         x = _first_tensor_arg(args, kwargs).detach().requires_grad_(True)
                         a = (x,) + tuple(args[1:]) if args else args
@@ -918,6 +919,37 @@ def _autocast_state(device):
         enabled = torch.is_autocast_enabled() if device.type == "cuda" else False
         dtype = torch.get_autocast_gpu_dtype() if enabled else None
     return (enabled, str(dtype) if dtype is not None else None)
+
+
+_ATTENTION_FLAGS = (  # (getter, setter) in torch.backends.cuda; those this torch lacks are skipped
+    ("flash_sdp_enabled", "enable_flash_sdp"), ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp"),
+    ("math_sdp_enabled", "enable_math_sdp"), ("cudnn_sdp_enabled", "enable_cudnn_sdp"),
+    ("fp16_bf16_reduction_math_sdp_allowed", "allow_fp16_bf16_reduction_math_sdp"),
+)
+
+
+def _attention_state() -> tuple:
+    """Which scaled-dot-product attention kernels are allowed now (global flags, as ``sdpa_kernel`` sets them)."""
+    import torch
+
+    backends = torch.backends.cuda
+    return tuple((setter, getattr(backends, getter)()) for getter, setter in _ATTENTION_FLAGS
+                 if hasattr(backends, getter) and hasattr(backends, setter))
+
+
+@contextmanager
+def _attention_ctx(state: tuple):
+    import torch
+
+    backends = torch.backends.cuda
+    before = _attention_state()
+    try:
+        for setter, value in state:
+            getattr(backends, setter)(value)
+        yield
+    finally:
+        for setter, value in before:
+            getattr(backends, setter)(value)
 
 
 def _autocast_ctx(device, state):

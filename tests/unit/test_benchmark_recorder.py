@@ -143,3 +143,27 @@ def test_evaluation_is_timed_in_eval_mode_and_training_mode_comes_back():
     assert system.modes == [(False, False)] * 4  # 3 timed images + the epoch end (the video)
     assert system.training and system.child.training
     assert result["images"] == 10 and result["timed_images"] == 3
+
+
+def test_calls_replay_with_the_attention_kernels_they_ran_with():
+    """sds runs half VAEs' attention on the math kernel (global flags, as sdpa_kernel sets them): the floor replays
+    a call with the flags it was recorded under, and puts the flags back afterwards."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    vae, _ = _tiny_vae_and_unet()
+    rec = CallRecorder(torch.device("cpu"))
+    rec.wrap(vae, "encode", "encode")
+    seen = []
+    vae.encoder.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.flash_sdp_enabled()))
+    rec.active = True
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.MATH]):
+            vae.encode(torch.rand(1, 3, 16, 16))
+        vae.encode(torch.rand(1, 3, 16, 16))  # the same signature under the default flags: a second sample
+    rec.active = False
+    assert len(rec.samples) == 2 and seen == [False, True]
+    default = torch.backends.cuda.flash_sdp_enabled()
+    seen.clear()
+    rec.replay(replays=1)
+    assert sorted(seen) == [False, False, True, True]  # warm-up + 1 replay each
+    assert torch.backends.cuda.flash_sdp_enabled() == default

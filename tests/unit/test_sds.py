@@ -366,3 +366,18 @@ def test_vae_encode_benchmark_smoke(tiny_models, tmp_path):
         for row in entry["variants"].values():
             assert row["ms"] > 0 and row["peak_gib"] is None  # no peak on the CPU
             assert 0 < row["rel_error_latents"] < 0.05 and 0 < row["rel_error_grad"] < 0.05, row
+
+
+def test_half_math_attention_only_for_half_networks_on_cuda_and_restores_the_flags():
+    backends = torch.backends.cuda
+    flags = lambda: (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(),  # noqa: E731
+                     backends.math_sdp_enabled(), backends.fp16_bf16_reduction_math_sdp_allowed())
+    before = flags()
+    half, full = torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2)
+    half.dtype, full.dtype = torch.float16, torch.float32  # as diffusers' ModelMixin.dtype
+    for network, device in ((half, torch.device("cpu")), (full, torch.device("cuda"))):
+        with sds.half_math_attention(network, device):  # the CPU, or an fp32 network: nothing changes
+            assert flags() == before
+    with sds.half_math_attention(half, torch.device("cuda")):  # only the flags: no CUDA needed to set them
+        assert flags() == (False, False, True, True)
+    assert flags() == before
