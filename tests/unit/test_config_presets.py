@@ -34,9 +34,9 @@ PRESETS = {
         "name": "animate124-fast", "data.n_test_views": 60,
         "system.guidances.cn.guidance.fixed_size": 512, "system.stages.0.steps": 2000, "system.stages.1.steps": 3000,
         "system.stages.2.steps": 1000, "trainer.max_steps": 6000, "checkpoint.every_n_train_steps": 2000,
-        # no VAE checkpointing: the fast preset trades memory (24.9 GiB on an H200) for step time
+        # no VAE checkpointing: the fast preset trades memory (20.0 GiB on an H200) for step time
         "system.guidances.cn.guidance.vae_checkpoint": ABSENT, "system.guidances.video.guidance.vae_checkpoint": ABSENT,
-        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 24.9,
+        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 20.0,
         # forward-difference normals (3 density queries per sample instead of 6), half the samples per ray
         "system.geometry.normal_type": "finite_difference_forward", "system.renderer.num_samples_per_ray": 128,
         # normals on 4 random frames of 16, on samples of weight >= 1e-3 only
@@ -46,7 +46,7 @@ PRESETS = {
         "name": "animate124-lowvram", "data.video.height": 64, "data.video.width": 64,
         "system.guidances.cn.guidance.fixed_size": 512, "system.guidances.cn.guidance.n_frames": 1,
         "system.guidances.video.guidance.low_ram_vae": 4, "system.renderer.num_samples_per_ray": 128,
-        "system.min_free_vram_gb": 11.6,
+        "system.min_free_vram_gb": 10.8,
     },
     "animate124-zeroscope": {
         "name": "animate124-zeroscope", "data.video.height": 80, "data.video.width": 144,
