@@ -49,11 +49,12 @@ want default && bench default 330 "$repo/configs/animate124.yaml" --warmup 3 --s
 want fast && bench fast 240 "$repo/configs/animate124-fast.yaml" --warmup 3 --steps 5 --eval-images 3 --export-times 1
 want lowvram && bench lowvram 240 "$repo/configs/animate124-lowvram.yaml" --warmup 3 --steps 5 --eval-images 3 \
   --export-times 1
-# where the default's time goes beyond its floor: torch.profiler + cProfile tables (default-profile.profile.txt)
+# where the default's time goes beyond its floor: torch.profiler + cProfile tables, and on CUDA the memory table of
+# each stage's trailing step (default-profile.profile.txt)
 want profile && bench default-profile 300 "$repo/configs/animate124.yaml" --warmup 3 --steps 3 --eval-images 2 \
   --export-times 1 --profile
-# what the low-VRAM peaks are made of (the memory table of lowvram-profile.profile.txt, over 5 profiled warm-up steps
-# per stage: the refine peak depends on the step's cameras)
+# the low-VRAM preset's profile: operators over 5 warm-up steps per stage, and what each stage's peak is made of (the
+# memory table of its trailing step, in lowvram-profile.profile.txt)
 want lowvram-profile && bench lowvram-profile 240 "$repo/configs/animate124-lowvram.yaml" --warmup 6 --steps 2 \
   --eval-images 2 --export-times 0 --profile
 # one change against the default each, training steps only (names usable in A124_BENCH; `knobs` and `speed` are
@@ -96,7 +97,8 @@ preset_knob fast-all-normals animate124-fast.yaml --set system.renderer.normal_f
 preset_knob lowvram-train animate124-lowvram.yaml
 preset_knob lowvram-normal-both animate124-lowvram.yaml --set system.renderer.normal_frames=4 \
   --set system.renderer.normal_weight_min=0.001
-# the low-VRAM refine peak (11.1-11.6 GiB by the step's cameras): the video VAE re-encoded 2 frames at a time in the
+# the low-VRAM refine peak (10.7-10.8 GiB since the networks run in their own precision, 11.1-11.6 before; by the
+# step's cameras): the video VAE re-encoded 2 frames at a time in the
 # backward instead of 4 (compare its peak with lowvram-train's)
 preset_knob lowvram-vae-chunk2 animate124-lowvram.yaml --set system.guidances.video.guidance.vae_chunk_size=2
 # torch.compile of the frozen U-Nets / ControlNets (group `compile`; compare with default-train): each stage's first

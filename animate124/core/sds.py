@@ -452,7 +452,7 @@ def half_math_attention(network, device: torch.device):
     reducing in its own precision. For the VAE encoder: its mid-block attention is one head of 512 channels over
     (side / 8)^2 tokens, which no flash kernel takes, and the memory-efficient kernel's backward is slow at that
     width. Measured on an H200 (benchmarks/vae_encode.py, a 1024 px encode + backward, checkpointed, random weights):
-    176 -> 119 ms and 6.0 -> 7.8 GiB; 512 px 36 -> 30 ms; the error against fp32 unchanged. Global flags (what
+    176 -> 119 ms and 6.0 -> 7.8 GiB; 512 px 36 -> 30-33 ms (two calls); the error against fp32 unchanged. Global flags (what
     ``sdpa_kernel`` sets), restored on exit; inside ``_moments``, so a checkpoint's recomputation gets them too.
     A no-op on the CPU, for fp32 networks and on torch without ``allow_fp16_bf16_reduction_math_sdp`` (< 2.5)."""
     backends = torch.backends.cuda

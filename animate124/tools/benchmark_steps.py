@@ -67,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config override, as on launch.py's command line (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile (torch.profiler) the warm-up steps after each stage's first, and one "
-                             "validation image, into OUT.profile.txt: the operators by GPU and CPU time, the "
-                             "Python functions by cumulative time (cProfile) and, on CUDA, the memory live at the "
-                             "window's peak by the code that allocated it; the timed steps stay unprofiled; needs "
-                             "--warmup >= 2 and --out")
+                             "validation image, into OUT.profile.txt: the operators by GPU and CPU time and the "
+                             "Python functions by cumulative time (cProfile); on CUDA also the memory live at the peak "
+                             "of each stage's trailing (untimed) step, by the code that allocated it; the timed steps "
+                             "stay unprofiled; needs --warmup >= 2 and --out")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the short run writes its trial folder (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
@@ -160,7 +160,7 @@ def benchmark_config(
     docstring for what is measured. Returns the result as a JSON-ready dict; ``on_progress(result)``, when given, gets
     the result so far after training and after each evaluation piece (``eval`` entries not yet timed say
     ``"pending"``). ``profile_to``: write torch.profiler tables of warm-up steps 1.. of each stage and of one
-    validation image there."""
+    validation image there, and on CUDA the memory table of each stage's trailing step."""
     import pytorch_lightning as pl
     import threestudio
     import torch
@@ -428,14 +428,16 @@ class CallRecorder:
 
 class Profiles:
     """Profiled windows written one after another to a text file: per window the operators by self device and by self
-    CPU time (torch.profiler), the Python functions by cumulative time (cProfile), to find what a step spends beyond
-    its floor; and on CUDA the memory live at the window's peak by the code that allocated it (``memory_peak``)."""
+    CPU time (torch.profiler) and the Python functions by cumulative time (cProfile), to find what a step spends
+    beyond its floor. On CUDA, apart from those windows (recording every allocation's Python stack would inflate their
+    CPU times), the memory live at a window's peak by the code that allocated it (``memory_peak``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(f"animate124 benchmark --profile ({NOTE})\n")
         self.current = None
+        self.memory = None
 
     def start(self) -> None:
         import cProfile
@@ -444,10 +446,7 @@ class Profiles:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        from animate124.tools.memory_peak import MemoryWindow
-
-        self.current = (profile(activities=activities), cProfile.Profile(), MemoryWindow())
-        self.current[2].start()
+        self.current = (profile(activities=activities), cProfile.Profile())
         self.current[0].__enter__()
         self.current[1].enable()
 
@@ -461,20 +460,33 @@ class Profiles:
         import io
         import pstats
 
-        (prof, python, memory), self.current = self.current, None
+        (prof, python), self.current = self.current, None
         python.disable()
         prof.__exit__(None, None, None)
-        memory_table = memory.stop()
         events = prof.key_averages()
         stream = io.StringIO()
         pstats.Stats(python, stream=stream).sort_stats("cumulative").print_stats(
             r"animate124|threestudio|lightning|diffusers|torch/(optim|nn/functional)", 40)
         cuda_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        parts = [f"\n===== {title} =====", "-- operators by self device time", events.table(sort_by=cuda_key, row_limit=25),
-                 "-- operators by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=25),
-                 "-- Python functions by cumulative time (cProfile)", stream.getvalue().split("\n", 4)[-1]]
-        if memory_table is not None:
-            parts += ["-- memory at the window's peak, by allocating code", memory_table]
+        self._write([f"\n===== {title} =====", "-- operators by self device time",
+                     events.table(sort_by=cuda_key, row_limit=25),
+                     "-- operators by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=25),
+                     "-- Python functions by cumulative time (cProfile)", stream.getvalue().split("\n", 4)[-1]])
+
+    def start_memory(self) -> None:
+        from animate124.tools.memory_peak import MemoryWindow
+
+        self.memory = MemoryWindow()
+        self.memory.start()
+
+    def stop_memory(self, title: str) -> None:
+        if self.memory is None:
+            return
+        table, self.memory = self.memory.stop(), None
+        if table is not None:  # None without CUDA
+            self._write([f"\n===== {title} =====", "-- memory at the window's peak, by allocating code", table])
+
+    def _write(self, parts: list[str]) -> None:
         with open(self.path, "a") as f:
             f.write("\n".join(parts) + "\n")
 
@@ -535,6 +547,8 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                 self.first_step_start = time.perf_counter()
             if role == "trailing":  # the stage's timed window is over: its floor, while its networks are loaded
                 self.floors[name] = recorder.replay(replays)
+                if profiler is not None:  # and what its memory peak is made of, in this untimed step
+                    profiler.start_memory()
             recorder.active = role == "measure"
             recorder.pending = []
             if profiler is not None and offset == 1 and warmup >= 2:
@@ -553,6 +567,8 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             recorder.sync()
             cur = self.current
+            if profiler is not None and cur["role"] == "trailing":
+                profiler.stop_memory(f"stage {cur['stage']}: its trailing step (after the timed ones)")
             cur["end"] = recorder.clock()
             cur["categories"] = {c: 0.0 for c in ("render", "encode", "unets")}
             cur["floor_keys"] = []

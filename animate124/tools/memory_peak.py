@@ -7,28 +7,66 @@ extension or threestudio, and the innermost frame in a model library (diffusers,
 before the window and still alive at its peak (models, optimiser state, earlier steps' caches) is one line. Used by
 ``animate124 benchmark --profile`` to find what a stage's peak is made of; the replay itself is plain Python and is
 tested on synthetic events on the CPU.
+
+The events carry the sizes asked for, while ``torch.cuda.memory_allocated`` counts the allocator's rounded blocks, so
+the peak here can read slightly below ``max_memory_allocated``. ``stop()`` turns the allocator's history off, ending
+any recording of your own.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections import defaultdict
-
-OURS = ("animate124", "threestudio")
-INSTRUMENTATION = ("animate124/tools/benchmark_steps.py",)  # the benchmark's own wrappers: look past them
-LIBRARIES = ("diffusers", "transformers", "nerfacc", "lightning", "torch/nn", "torch/utils/checkpoint")
+from typing import NamedTuple
 
 
-def _site(frames: list[dict], markers: tuple[str, ...]) -> str | None:
+class Roots(NamedTuple):
+    """Folders (or files) whose frames name a site, each with the folder its paths are shown from: ``ours`` (this
+    extension, threestudio) and ``libraries``; and ``skipped``: files looked past (the benchmark's own wrappers)."""
+
+    ours: tuple[tuple[str, str], ...]
+    libraries: tuple[tuple[str, str], ...]
+    skipped: tuple[str, ...] = ()
+
+
+def package_roots() -> Roots:
+    """The installed packages' own folders, found by import spec. Matching paths by a package *name* would take
+    ``threestudio/venv/.../torch/...`` or ``threestudio/custom/...`` for threestudio's own code."""
+
+    def where(package: str, *sub: str) -> tuple[str, str] | None:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            return None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = list(spec.submodule_search_locations)[0]
+        return os.path.join(folder, *sub), os.path.dirname(folder)
+
+    ours = tuple(r for r in (where("animate124"), where("threestudio")) if r)
+    libraries = tuple(r for r in (where("diffusers"), where("transformers"), where("nerfacc"),
+                                  where("pytorch_lightning"), where("lightning"), where("torch", "nn"),
+                                  where("torch", "utils", "checkpoint.py")) if r)
+    wrapper = where("animate124", "tools", "benchmark_steps.py")
+    return Roots(ours, libraries, (wrapper[0],) if wrapper else ())
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(os.path.realpath(path)) if os.path.exists(path) else os.path.normpath(path)
+
+
+def _site(frames: list[dict], roots: tuple[tuple[str, str], ...], skipped: tuple[str, ...] = ()) -> str | None:
     """``path:line function`` of the innermost frame (the allocator lists them innermost first) whose file is under
-    one of ``markers``, the path shortened to start at the marker's package."""
+    one of ``roots``, the path shown from the root's base (``animate124/core/sds.py``)."""
     for frame in frames:
-        filename = frame.get("filename", "").replace("\\", "/")
-        if any(filename.endswith(path) for path in INSTRUMENTATION):
+        filename = _norm(frame.get("filename", ""))
+        if any(filename == _norm(path) for path in skipped):
             continue
-        for marker in markers:
-            if f"/{marker}/" in filename or filename.startswith(f"{marker}/"):
-                package = marker.split("/")[0] + "/"
-                short = filename[filename.rfind(package):]
+        for root, base in roots:
+            root = _norm(root)
+            if filename == root or filename.startswith(root + os.sep):
+                short = os.path.relpath(filename, _norm(base)).replace(os.sep, "/")
                 return f"{short}:{frame.get('line')} {frame.get('name')}"
     return None
 
@@ -59,16 +97,17 @@ def peak_live(events: list[dict]) -> tuple[int, int, list[dict], int]:
     return best, best_index, list(live.values()), freed_from_before
 
 
-def peak_table(events: list[dict], allocated_at_start: int, *, rows: int = 25) -> str:
+def peak_table(events: list[dict], allocated_at_start: int, *, rows: int = 25, roots: Roots | None = None) -> str:
     """Text table of the peak: total, what was allocated before the window and is still alive, and the window's live
-    allocations by site (largest first)."""
+    allocations by site (largest first). ``roots``: where the sites' files live (default: ``package_roots()``)."""
+    roots = roots or package_roots()
     gib = 1024**3
     rise, index, live, freed_from_before = peak_live(events)
     groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for event in live:
         frames = event.get("frames") or []
-        ours = _site(frames, OURS) or "(no extension / threestudio frame)"
-        library = _site(frames, LIBRARIES) or ("(autograd backward, no Python frame)" if not frames else "-")
+        ours = _site(frames, roots.ours, roots.skipped) or "(no extension / threestudio frame)"
+        library = _site(frames, roots.libraries) or ("(autograd backward, no Python frame)" if not frames else "-")
         groups[(ours, library)][0] += event["size"]
         groups[(ours, library)][1] += 1
     peak = allocated_at_start + rise

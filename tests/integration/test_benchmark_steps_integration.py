@@ -57,9 +57,16 @@ def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir,
 
     progress = []
     result = benchmark_config(REPO / "configs" / "animate124.yaml", models_dir=None,
-                              overrides=tiny_overrides(tiny_models), warmup=1, steps=2, replays=1, eval_images=2,
-                              export_times=1, workdir=run_dir / "bench", on_progress=lambda r: progress.append(json.dumps(r)))
+                              overrides=tiny_overrides(tiny_models), warmup=2, steps=2, replays=1, eval_images=2,
+                              export_times=1, workdir=run_dir / "bench", on_progress=lambda r: progress.append(json.dumps(r)),
+                              profile_to=run_dir / "bench.profile.txt")
     json.dumps(result)  # JSON-ready
+    # --profile: warm-up step 1 of each stage and one validation image; no memory tables without CUDA
+    profile = (run_dir / "bench.profile.txt").read_text()
+    titles = [line for line in profile.splitlines() if line.startswith("=====")]
+    assert titles == [f"===== stage {s}: warm-up steps 1..1 (after its first) =====" for s in ("static", "dynamic",
+                      "refine")] + ["===== validate image (1 timed apart) ====="], titles
+    assert profile.count("-- operators by self device time") == 4 and "memory at the window" not in profile
     # the result so far after training and after each evaluation piece (a run cut short keeps its step numbers)
     partial = [json.loads(text) for text in progress]
     assert [[name for name, ev in r["eval"].items() if ev.get("pending")] for r in partial] == [

@@ -4,9 +4,17 @@ the real CUDA allocator history when a GPU is present."""
 import pytest
 import torch
 
-from animate124.tools.memory_peak import MemoryWindow, peak_live, peak_table
+from animate124.tools.memory_peak import MemoryWindow, Roots, package_roots, peak_live
+from animate124.tools.memory_peak import peak_table as _peak_table
 
 MIB = 2**20
+ROOTS = Roots(ours=(("/w/animate124", "/w"), ("/w/ts/threestudio", "/w/ts")),
+              libraries=(("/py/site-packages/diffusers", "/py/site-packages"),),
+              skipped=("/w/animate124/tools/benchmark_steps.py",))
+
+
+def peak_table(events, allocated_at_start):
+    return _peak_table(events, allocated_at_start, roots=ROOTS)
 
 
 def _alloc(addr, size, filename="/w/animate124/core/volrend.py", line=10, name="render_rays"):
@@ -51,6 +59,25 @@ def test_the_benchmark_wrapper_frame_is_looked_past():
     assert "animate124/core/video_sds.py:222 _predict_noise" in row and "benchmark_steps" not in row
 
 
+def test_sites_are_matched_by_package_folder_not_by_a_name_in_the_path():
+    """threestudio's README puts a venv inside its checkout, and ours puts this extension under threestudio/custom:
+    a torch frame there is a library frame, not threestudio's; real files are shown from their package."""
+    import os
+
+    import animate124.core.sds as sds_module
+
+    roots = package_roots()
+    torch_file = os.path.join(os.path.dirname(torch.__file__), "nn", "functional.py")
+    frames = [{"filename": "/home/u/threestudio/venv/lib/python3.11/site-packages/torch/_tensor.py", "line": 1,
+               "name": "x"},
+              {"filename": torch_file, "line": 2990, "name": "group_norm"},
+              {"filename": "/home/u/threestudio/custom/threestudio-animate124/tests/x.py", "line": 3, "name": "t"},
+              {"filename": sds_module.__file__, "line": 451, "name": "_moments"}]
+    event = {"action": "alloc", "addr": 1, "size": 64 * MIB, "frames": frames}
+    row = _peak_table([event], allocated_at_start=0, roots=roots).splitlines()[2]
+    assert row.endswith("animate124/core/sds.py:451 _moments  |  torch/nn/functional.py:2990 group_norm"), row
+
+
 def test_sites_group_allocations_and_frameless_ones_are_named_as_backward():
     events = [_alloc(1, 64 * MIB, line=7), _alloc(2, 64 * MIB, line=7),
               {"action": "alloc", "addr": 3, "size": 32 * MIB, "frames": []}]
@@ -71,6 +98,7 @@ def test_cuda_history_finds_the_line_that_made_the_peak():
     small = torch.empty(8 * MIB, dtype=torch.uint8, device="cuda")
     table = window.stop()
     del keep, small
+    # (the table's sites come from package_roots(): this test file is neither the extension nor a library)
     rows = table.splitlines()
     gib = 2**30
     assert rows[0].startswith(f"peak allocated {(before + 256 * MIB) / gib:.3f} GiB = {before / gib:.3f} GiB "

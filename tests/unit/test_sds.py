@@ -381,3 +381,8 @@ def test_half_math_attention_only_for_half_networks_on_cuda_and_restores_the_fla
     with sds.half_math_attention(half, torch.device("cuda")):  # only the flags: no CUDA needed to set them
         assert flags() == (False, False, True, True)
     assert flags() == before
+    # an exception inside (a non-reentrant checkpoint stops its recomputation early by raising one) restores them too
+    with pytest.raises(RuntimeError, match="stop"):
+        with sds.half_math_attention(half, torch.device("cuda")):
+            raise RuntimeError("stop")
+    assert flags() == before
