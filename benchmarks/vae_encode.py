@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 def _encode(vae, x0, w, device, autocast, variant: str = "own"):
     """Latents and image gradient of one checkpointed encode + backward, as the guidances run it."""
     x = x0.clone().requires_grad_(True)
-    off = lambda network, device: nullcontext()  # noqa: E731
+    off = lambda *args: nullcontext()  # noqa: E731
     precision = _patched(sds, "own_precision", off) if variant == "autocast" else nullcontext()
     # every variant but the last runs without the guidances' half math attention
     attention_patch = _patched(sds, "half_math_attention", off) if variant != "own+math-attention-half" else nullcontext()

@@ -446,17 +446,24 @@ def own_precision(network, device: torch.device):
     return nullcontext()
 
 
+MATH_ATTENTION_MAX_TOKENS = 128 * 128
+"""Largest attention (tokens = latent pixels of one image: a 1024 px image) ``half_math_attention`` puts on the math
+kernel, whose score matrix grows with tokens^2 (0.5 GiB in fp16 at this size); larger ones keep the default kernel."""
+
+
 @contextmanager
-def half_math_attention(network, device: torch.device):
+def half_math_attention(network, device: torch.device, tokens: int | None = None):
     """Context in which a half-precision network on CUDA computes scaled-dot-product attention with the math kernel,
     reducing in its own precision. For the VAE encoder: its mid-block attention is one head of 512 channels over
     (side / 8)^2 tokens, which no flash kernel takes, and the memory-efficient kernel's backward is slow at that
     width. Measured on an H200 (benchmarks/vae_encode.py, a 1024 px encode + backward, checkpointed, random weights):
-    176 -> 119 ms and 6.0 -> 7.8 GiB; 512 px 36 -> 30-33 ms (two calls); the error against fp32 unchanged. Global flags (what
-    ``sdpa_kernel`` sets), restored on exit; inside ``_moments``, so a checkpoint's recomputation gets them too.
-    A no-op on the CPU, for fp32 networks and on torch without ``allow_fp16_bf16_reduction_math_sdp`` (< 2.5)."""
+    176 -> 119 ms and 6.0 -> 7.8 GiB; 512 px 36 -> 30-33 ms (two calls); the error against fp32 unchanged. Global
+    flags (what ``sdpa_kernel`` sets), restored on exit; inside ``_moments``, so a checkpoint's recomputation gets
+    them too. A no-op on the CPU, for fp32 networks, above ``MATH_ATTENTION_MAX_TOKENS`` ``tokens`` and on torch
+    without ``allow_fp16_bf16_reduction_math_sdp`` (< 2.5)."""
     backends = torch.backends.cuda
     if (device.type != "cuda" or network.dtype not in (torch.float16, torch.bfloat16)
+            or (tokens is not None and tokens > MATH_ATTENTION_MAX_TOKENS)
             or not hasattr(backends, "allow_fp16_bf16_reduction_math_sdp")):
         yield
         return
@@ -472,7 +479,8 @@ def half_math_attention(network, device: torch.device):
 
 
 def _moments(vae, images: Tensor) -> tuple[Tensor, Tensor]:
-    with own_precision(vae, images.device), half_math_attention(vae, images.device):
+    tokens = (images.shape[-2] // 8) * (images.shape[-1] // 8)  # the encoder's mid-block attention, per image
+    with own_precision(vae, images.device), half_math_attention(vae, images.device, tokens):
         encoded = vae.encode(images.to(vae.dtype))
     dist = getattr(encoded, "latent_dist", None)
     if dist is None:  # deterministic encoder (AutoencoderTiny)

@@ -381,6 +381,11 @@ def test_half_math_attention_only_for_half_networks_on_cuda_and_restores_the_fla
     with sds.half_math_attention(half, torch.device("cuda")):  # only the flags: no CUDA needed to set them
         assert flags() == (False, False, True, True)
     assert flags() == before
+    # a 1024 px image's attention (128^2 tokens) goes to the math kernel; a larger one (score matrix ~ tokens^2) not
+    with sds.half_math_attention(half, torch.device("cuda"), tokens=128 * 128):
+        assert flags() == (False, False, True, True)
+    with sds.half_math_attention(half, torch.device("cuda"), tokens=128 * 128 + 1):
+        assert flags() == before
     # an exception inside (a non-reentrant checkpoint stops its recomputation early by raising one) restores them too
     with pytest.raises(RuntimeError, match="stop"):
         with sds.half_math_attention(half, torch.device("cuda")):
