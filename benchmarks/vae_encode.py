@@ -31,6 +31,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -103,9 +104,10 @@ def _encode(vae, x0, w, device, autocast, variant: str = "own"):
     """Latents and image gradient of one checkpointed encode + backward, as the guidances run it."""
     x = x0.clone().requires_grad_(True)
     off = lambda *args: nullcontext()  # noqa: E731
-    precision = _patched(sds, "own_precision", off) if variant == "autocast" else nullcontext()
+    precision = patch.object(sds, "own_precision", off) if variant == "autocast" else nullcontext()
     # every variant but the last runs without the guidances' half math attention
-    attention_patch = _patched(sds, "half_math_attention", off) if variant != "own+math-attention-half" else nullcontext()
+    attention_patch = patch.object(sds, "half_math_attention", off) if variant != "own+math-attention-half" \
+        else nullcontext()
     attention = nullcontext()
     if variant == "own+math-attention":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -116,18 +118,6 @@ def _encode(vae, x0, w, device, autocast, variant: str = "own"):
         latents = sds.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
         (latents * w).sum().backward()
     return latents.detach().float(), x.grad
-
-
-class _patched:
-    def __init__(self, obj, name, value):
-        self.obj, self.name, self.value = obj, name, value
-
-    def __enter__(self):
-        self.old = getattr(self.obj, self.name)
-        setattr(self.obj, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.obj, self.name, self.old)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:

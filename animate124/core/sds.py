@@ -441,9 +441,11 @@ def own_precision(network, device: torch.device):
     VAE encode holds for its backward (about half the low-VRAM refine peak's activations) and more time in every
     U-Net, for no accuracy the fp16 weights could use (GroupNorm accumulates its statistics in fp32 either way).
     An fp32 network (CPU, tests) runs as it is."""
-    if network.dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast(device.type, enabled=False)
-    return nullcontext()
+    return torch.autocast(device.type, enabled=False) if _is_half(network) else nullcontext()
+
+
+def _is_half(network) -> bool:
+    return network.dtype in (torch.float16, torch.bfloat16)
 
 
 MATH_ATTENTION_MAX_TOKENS = 128 * 128
@@ -462,7 +464,7 @@ def half_math_attention(network, device: torch.device, tokens: int | None = None
     them too. A no-op on the CPU, for fp32 networks, above ``MATH_ATTENTION_MAX_TOKENS`` ``tokens`` and on torch
     without ``allow_fp16_bf16_reduction_math_sdp`` (< 2.5)."""
     backends = torch.backends.cuda
-    if (device.type != "cuda" or network.dtype not in (torch.float16, torch.bfloat16)
+    if (device.type != "cuda" or not _is_half(network)
             or (tokens is not None and tokens > MATH_ATTENTION_MAX_TOKENS)
             or not hasattr(backends, "allow_fp16_bf16_reduction_math_sdp")):
         yield

@@ -15,6 +15,7 @@ any recording of your own.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections import defaultdict
@@ -52,6 +53,7 @@ def package_roots() -> Roots:
     return Roots(ours, libraries, (wrapper[0],) if wrapper else ())
 
 
+@functools.lru_cache(maxsize=None)  # the same files and roots come back for every frame of every allocation
 def _norm(path: str) -> str:
     return os.path.normpath(os.path.realpath(path)) if os.path.exists(path) else os.path.normpath(path)
 
