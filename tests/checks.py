@@ -26,3 +26,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class ReplayingGraph:
+    """A CPU stand-in for ``animate124.core.cuda_graphs.CudaGraph`` with a real CUDA graph's contract: recording runs
+    the function once on the recorded input buffers and keeps its output tensors; a replay computes again *from those
+    buffers* and writes the result *into those same output tensors* (earlier results are overwritten)."""
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def __init__(self, pool, device) -> None:
+        self.fn = self.out = None
+
+    def record(self, fn):
+        self.fn, self.out = fn, fn()
+        return self.out
+
+    def replay(self) -> None:
+        for old, value in zip(_tensors(self.out), _tensors(self.fn())):
+            old.copy_(value)
+
+
+def _tensors(out) -> list:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for v in out for t in _tensors(v)] if isinstance(out, (list, tuple)) else []

@@ -2,8 +2,9 @@
 stage does not, and called with the inputs their kind needs (validation of the mapping: ``core/step_plan.py``).
 
 Kept in plain dicts, not ``nn.Module`` attributes, so the frozen diffusion models stay out of the checkpoint.
-With ``compile_mode`` (``system.compile_denoisers``) each slot's denoisers are compiled in place when it loads
-(:func:`animate124.core.diffusion_networks.compile_networks`); the compilation itself runs at their first call.
+With ``compile_mode`` (``system.compile_denoisers``) each slot's denoisers are compiled (or wrapped for CUDA graphs)
+in place when it loads (:func:`animate124.core.diffusion_networks.compile_networks`); the compilation itself runs at
+their first call, a CUDA graph's recording at the second.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from threestudio.utils.misc import cleanup
 
 from animate124.components.host_compat import alias_host_zero123
+from animate124.core.cuda_graphs import GraphPool
 from animate124.core.diffusion_networks import compile_networks
 from animate124.core.step_plan import GuidanceSlot
 
@@ -25,6 +27,7 @@ class GuidanceSlots:
         self.slots = slots
         self.compile_mode, self.compile_vae_encoder = compile_mode, compile_vae_encoder
         self._compile_skip_logged = False
+        self._graph_pool = GraphPool()  # cuda-graphs: all slots' graphs in one memory pool (they never run at once)
         self.guidances: Dict[str, Any] = {}
         self.prompt_processors: Dict[str, Any] = {}  # type names and keys: checked by preflight.check_system
 
@@ -58,9 +61,11 @@ class GuidanceSlots:
                 threestudio.info(f"compile_denoisers={self.compile_mode!r}: skipped on {device.type} (CUDA only)")
                 self._compile_skip_logged = True
             return
-        labels = compile_networks([self.guidances[name]], self.compile_mode, vae_encoder=self.compile_vae_encoder)
-        threestudio.info(f"guidance slot {name!r}: torch.compile(mode={self.compile_mode!r}) of {labels or 'nothing'}"
-                         " (compiled at the first call)")
+        labels = compile_networks([self.guidances[name]], self.compile_mode, vae_encoder=self.compile_vae_encoder,
+                                  graph_pool=self._graph_pool)
+        how = ("CUDA graphs" if self.compile_mode == "cuda-graphs" else f"torch.compile(mode={self.compile_mode!r})")
+        threestudio.info(f"guidance slot {name!r}: {how} of {labels or 'nothing'}"
+                         " (recorded / compiled at the first calls)")
 
     def update_step(self, epoch: int, step: int, on_load_weights: bool = False) -> None:
         # the host's Updateable walk does not visit plain dicts

@@ -78,12 +78,14 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         min_free_vram_gb: Optional[float] = None
         """Refuse to start with less free GPU memory than this (None: no check); the message names the lowvram config."""
         compile_denoisers: Optional[str] = None
-        """``torch.compile`` the frozen U-Nets / ControlNets of each guidance slot when it loads: null (off), default or
-        max-autotune-no-cudagraphs (not CUDA graphs, see ``core.diffusion_networks.COMPILE_MODES``). CUDA only
-        (skipped, logged once, elsewhere); each stage's first call per network and shape compiles, which the
+        """Speed up the frozen U-Nets / ControlNets of each guidance slot when it loads: null (off); cuda-graphs
+        (their no-grad forwards recorded and replayed as CUDA graphs, no compilation); ``torch.compile`` with mode
+        default or max-autotune-no-cudagraphs (``core.diffusion_networks.COMPILE_MODES``). CUDA only (skipped,
+        logged once, elsewhere); each stage's first calls per network and shape record / compile, which the
         benchmark counts in ``switch_s``."""
         compile_vae_encoder: bool = False
-        """With ``compile_denoisers``: also compile the VAE encoders (they run with gradient)."""
+        """With a ``torch.compile`` mode of ``compile_denoisers``: also compile the VAE encoders (they run with
+        gradient, so ``cuda-graphs`` cannot take them)."""
 
         def __post_init__(self) -> None:
             check_choice("a124-system", "controlnet_condition", self.controlnet_condition, ("frozen", "current"))
@@ -91,9 +93,15 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
                 check_choice("a124-system", "compile_denoisers", self.compile_denoisers, COMPILE_MODES + ("null",))
                 if self.compile_denoisers == "null":  # --set system.compile_denoisers=null on some command lines
                     self.compile_denoisers = None
-                problem = compile_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-                if problem and self.compile_denoisers is not None:
+            if self.compile_denoisers is not None:
+                problem = compile_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                          mode=self.compile_denoisers)
+                if problem:
                     raise ValueError(f"a124-system: compile_denoisers={self.compile_denoisers!r}: {problem}")
+                if self.compile_denoisers == "cuda-graphs" and self.compile_vae_encoder:
+                    raise ValueError("a124-system: compile_vae_encoder=true needs a torch.compile mode (the encoders "
+                                     "run with gradient, which CUDA graphs here do not take): set "
+                                     "compile_denoisers=default, or compile_vae_encoder=false")
 
     cfg: Config
 

@@ -6,10 +6,11 @@ A guidance (ours or the host's) keeps its networks somewhere in its attributes: 
 and returns them by kind; the step benchmark (``animate124.tools.benchmark_steps``) times the same networks and
 ``a124-system``'s ``compile_denoisers`` compiles them (:func:`compile_networks`).
 
-Compiling replaces the module's ``forward`` *instance attribute* with ``torch.compile(module.forward)``: the module
-object, its weights and its hooks stay as they are, ``module(...)`` runs the compiled code (``nn.Module.__call__``
-looks ``forward`` up on the instance first), and anything that wraps ``forward`` afterwards (the benchmark's call
-recorder) wraps the compiled one. Compilation itself happens at the first call with each new input shape.
+Compiling replaces the module's ``forward`` *instance attribute* with ``torch.compile(module.forward)`` (with
+``cuda-graphs``, :class:`animate124.core.cuda_graphs.GraphedForward`): the module object, its weights and its hooks
+stay as they are, ``module(...)`` runs the compiled code (``nn.Module.__call__`` looks ``forward`` up on the instance
+first), and anything that wraps ``forward`` afterwards (the benchmark's call recorder) wraps the compiled one.
+Compilation itself happens at the first call with each new input shape (recording: at the second).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
+
+from animate124.core.cuda_graphs import GraphedForward, GraphPool
 
 __all__ = ["COMPILE_MODES", "MEASURE_ONLY_MODES", "DENOISER_CLASSES", "VAE_CLASSES", "FoundNetworks", "find_networks",
            "is_denoiser", "is_vae", "compile_networks", "compile_problem"]
@@ -28,12 +31,14 @@ LDM_DENOISER_CLASS = "UNetModel"
 """ldm's denoiser (``ldm.modules.diffusionmodules.openaimodel``), matched only in a module whose path names ldm."""
 VAE_CLASSES: tuple[str, ...] = ("AutoencoderKL", "AutoencoderTiny")
 """VAEs by class name (diffusers' and ldm's ``AutoencoderKL`` share it); their ``encoder`` runs with gradient."""
-COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
-"""``torch.compile`` modes offered for training: inductor's default; autotuned kernels without CUDA graphs.
+COMPILE_MODES: tuple[str, ...] = ("cuda-graphs", "default", "max-autotune-no-cudagraphs")
+"""Modes offered for training: ``cuda-graphs`` records each denoiser's eager no-grad forward as CUDA graphs (no
+compilation; :mod:`animate124.core.cuda_graphs`); ``torch.compile`` with inductor's default; autotuned kernels
+without CUDA graphs.
 
-Not ``reduce-overhead`` (CUDA graphs), though it is the fastest alone (``benchmarks/denoiser_compile.py``): a graph's
-outputs are overwritten by its next replay, and a step feeds the ControlNet's residuals into the U-Net and keeps
-noise predictions across calls, so it needs step marks and copies that no GPU run has checked yet."""
+Not ``torch.compile``'s ``reduce-overhead``: a graph's outputs are overwritten by its next replay, and a step feeds
+the ControlNet's residuals into the U-Net and keeps noise predictions across calls; ``cuda-graphs`` copies its
+outputs out instead, and needs no minute of compilation per network and shape."""
 MEASURE_ONLY_MODES: tuple[str, ...] = ("reduce-overhead",)
 """Modes the compile benchmark may time on their own (one call per step), never offered to training."""
 
@@ -78,6 +83,7 @@ def compile_networks(
     *,
     vae_encoder: bool = False,
     backend: str = "inductor",
+    graph_pool: Optional[GraphPool] = None,
 ) -> list[str]:
     """Compile the ``forward`` of every denoiser (and, with ``vae_encoder``, every VAE's ``encoder``) found in
     ``objects``, in place; returns one label per network compiled (``"UNet2DConditionModel"``,
@@ -91,6 +97,8 @@ def compile_networks(
             encode), inside ``torch.utils.checkpoint`` when the guidance checkpoints its VAE.
         backend: ``torch.compile``'s backend; tests use ``"aot_eager"`` (the same graph capture and autograd
             split as inductor, without generating kernels) to stay cheap on a CPU.
+        graph_pool: ``cuda-graphs``: the memory pool shared with other networks' graphs (one per guidance slot set,
+            so the slots' graphs hold one pool's peak, not one each); a new one when None.
 
     ``dynamic=False``: every stage calls a network with fixed shapes, so each new shape gets its own static graph
     (inductor's best kernels, and what CUDA graphs need) instead of a dynamic-shape recompile. The SD, Zero123 and
@@ -99,24 +107,33 @@ def compile_networks(
     """
     if mode not in COMPILE_MODES + MEASURE_ONLY_MODES:
         raise ValueError(f"compile_networks: mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if mode == "cuda-graphs" and vae_encoder:
+        raise ValueError("compile_networks: cuda-graphs replays no-grad forwards only and a VAE encoder runs with "
+                         "gradient: compile the encoders with mode='default', or leave vae_encoder off")
     found = find_networks(objects)
     targets = [(type(m).__name__, m) for m in found.denoisers]
     if vae_encoder:
         targets += [(f"{type(v).__name__}.encoder", v.encoder) for v in found.vaes if hasattr(v, "encoder")]
     kwargs = {"mode": mode} if backend == "inductor" else {}
+    pool = graph_pool if graph_pool is not None else GraphPool()
     labels = []
     for label, module in targets:
         if getattr(module.forward, "_a124_compiled", False):
             continue
-        compiled = torch.compile(module.forward, backend=backend, dynamic=False, **kwargs)
+        if mode == "cuda-graphs":
+            compiled = GraphedForward(module.forward, module.parameters(), pool, name=label)
+        else:
+            compiled = torch.compile(module.forward, backend=backend, dynamic=False, **kwargs)
         compiled._a124_compiled = True
         module.forward = compiled  # an instance attribute: the class's forward, the weights and the hooks stay
         labels.append(label)
     return labels
 
 
-def compile_problem(device: torch.device, backend: str = "inductor") -> Optional[str]:
+def compile_problem(device: torch.device, backend: str = "inductor", mode: str = "default") -> Optional[str]:
     """Why :func:`compile_networks` cannot work with this torch on ``device`` (one line with the fix), or None."""
+    if mode == "cuda-graphs":
+        return None  # torch.cuda.CUDAGraph: every torch this project supports; CUDA only, like the others
     if not hasattr(torch, "compile"):
         return f"torch {torch.__version__} has no torch.compile (needs torch >= 2.0): upgrade torch or set it to null"
     if backend == "inductor" and device.type == "cuda" and importlib.util.find_spec("triton") is None:

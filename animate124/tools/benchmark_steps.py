@@ -15,8 +15,9 @@ stage:
 - ``breakdown_ms`` (means): render forward, VAE encode forward, U-Net forwards, backward (all of it: renderer, VAE),
   rest (losses, optimiser, bookkeeping);
 - ``first_step_ms`` and ``switch_s`` (the first step's excess over the mean step: model loads, Triton and
-  ``torch.compile`` compilation; plus the excess of any later step in which ``torch.compile`` built a graph, those
-  steps listed by offset in ``compile_steps`` and left out of ``step_ms``), counted once in the projection;
+  ``torch.compile`` compilation; plus the excess of any later step in which ``torch.compile`` built a graph or
+  ``cuda-graphs`` recorded one, those steps listed by offset in ``compile_steps`` and left out of ``step_ms``),
+  counted once in the projection;
 - ``peak_allocated_gb`` / ``peak_reserved_gb`` over the stage (model loads included), ``resident_gb`` after its first
   step, and ``stale_guidances``: slots of earlier stages whose networks are still alive (should be none);
 
@@ -581,7 +582,7 @@ def StepTimer(recorder: CallRecorder, system, *, warmup: int, steps: int, replay
                 cur["forward_ms"] = recorder.elapsed_ms(cur["fwd0"], cur["fwd1"])
                 cur["backward_ms"] = recorder.elapsed_ms(cur["fwd1"], cur["bwd1"])
             cur["finite"] = bool(cur["finite"]) if cur["finite"] is not None else True
-            cur["compiles"] = _compiled_graphs() - cur.pop("graphs0")  # torch.compile graphs built in this step
+            cur["compiles"] = _compiled_graphs() - cur.pop("graphs0")  # graphs compiled / recorded in this step
             for k in ("fwd0", "fwd1", "bwd1"):
                 cur.pop(k)
             memory = self.stage_memory.setdefault(cur["stage"], {})
@@ -861,9 +862,12 @@ def _loggers(trial_dir: str) -> list:
 
 
 def _compiled_graphs() -> int:
-    """Graphs torch.compile has built so far in this process (0 while torch._dynamo was never imported)."""
+    """Graphs torch.compile has built (0 while torch._dynamo was never imported) and CUDA graphs ``cuda-graphs``
+    has recorded so far in this process."""
+    from animate124.core.cuda_graphs import records_total
+
     dynamo_utils = sys.modules.get("torch._dynamo.utils")
-    return int(dynamo_utils.counters["stats"]["unique_graphs"]) if dynamo_utils is not None else 0
+    return (int(dynamo_utils.counters["stats"]["unique_graphs"]) if dynamo_utils is not None else 0) + records_total()
 
 
 def _tensors(obj):

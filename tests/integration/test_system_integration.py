@@ -410,7 +410,12 @@ def test_compile_denoisers_choice_and_which_networks_each_slot_compiles(threestu
     cfg = load_config(text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_denoisers: fast", 1),
                       from_string=True)
     with pytest.raises(ValueError, match=r"^a124-system: compile_denoisers='fast' is not allowed; choose one of "
-                                         r"default, max-autotune-no-cudagraphs, null$"):
+                                         r"cuda-graphs, default, max-autotune-no-cudagraphs, null$"):
+        threestudio.find(cfg.system_type)(cfg.system)
+    cfg = load_config(text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_denoisers: cuda-graphs\n"
+                                   "  compile_vae_encoder: true", 1), from_string=True)
+    with pytest.raises(ValueError, match=r"^a124-system: compile_vae_encoder=true needs a torch.compile mode .*: set "
+                                         r"compile_denoisers=default, or compile_vae_encoder=false$"):
         threestudio.find(cfg.system_type)(cfg.system)
 
     cfg = load_config(text, from_string=True)
@@ -421,6 +426,49 @@ def test_compile_denoisers_choice_and_which_networks_each_slot_compiles(threestu
         slots._compile(name, torch.device("cuda"))
     assert {n: _compiled_networks(g) for n, g in slots.guidances.items()} == {
         "sd": ["UNet2DConditionModel"], "zero123": ["UNet2DConditionModel"], "video": ["UNet3DConditionModel"]}
+
+
+def test_cuda_graphs_through_the_system_give_the_eager_losses(threestudio, tiny_models, example_rgba, run_dir,
+                                                              monkeypatch):
+    """compile_denoisers: cuda-graphs in a whole run (the host's SD and Zero123 guidances, ours for video and
+    ControlNet-Tile), on the CPU with ``checks.ReplayingGraph`` standing in for CUDA graphs: every denoiser of every
+    slot replays (the guidances' calls are recordable: tensor timesteps, no gradient) and every step's losses equal
+    an eager run's, bit for bit."""
+    from checks import ReplayingGraph
+    from safetensors.torch import save_file
+
+    from animate124.components.guidance_slots import GuidanceSlots
+    from animate124.core import cuda_graphs
+    from animate124.core.diffusion_networks import compile_networks, find_networks
+
+    for root in ("eager", "graphs"):
+        (run_dir / root).mkdir()
+        save_file({"_tiny_tok_": torch.randn(32, generator=torch.Generator().manual_seed(0))},
+                  str(run_dir / root / "embeds.safetensors"))
+    text = _config(tiny_models, example_rgba, run_dir / "eager", steps=(3, 3, 3), with_cn=True)
+    eager = StepRecorder()
+    _run(threestudio, text, run_dir, callbacks=[eager])
+
+    monkeypatch.setattr(cuda_graphs, "CudaGraph", ReplayingGraph)
+    wrapped = []
+
+    def compile_on_cpu(self, name, device):  # the system compiles on CUDA only; here the stand-in records on the CPU
+        compile_networks([self.guidances[name]], self.compile_mode, graph_pool=self._graph_pool)
+        wrapped.extend((name, type(m).__name__, vars(m)["forward"])
+                       for m in find_networks([self.guidances[name]]).denoisers)
+
+    monkeypatch.setattr(GuidanceSlots, "_compile", compile_on_cpu)
+    text = _config(tiny_models, example_rgba, run_dir / "graphs", steps=(3, 3, 3), with_cn=True)
+    graphed = StepRecorder()
+    _run(threestudio, text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_denoisers: cuda-graphs", 1),
+         run_dir, callbacks=[graphed])
+    assert len(wrapped) == 5 and {(n, kind) for n, kind, _ in wrapped} == {
+        ("sd", "UNet2DConditionModel"), ("zero123", "UNet2DConditionModel"), ("video", "UNet3DConditionModel"),
+        ("cn", "UNet2DConditionModel"), ("cn", "ControlNetModel")}
+    replays = {(n, kind): f.replays for n, kind, f in wrapped}
+    assert all(r >= 1 for r in replays.values()), replays
+    assert len(eager.steps) == 9 and [s["stage"] for s in graphed.steps] == [s["stage"] for s in eager.steps]
+    assert [s["losses"] for s in graphed.steps] == [s["losses"] for s in eager.steps]
 
 
 def _compiled_networks(guidance) -> list:

@@ -110,11 +110,12 @@ def test_a_freed_compiled_network_is_collected(cn_sds):
 
 
 def test_bad_mode_and_support_messages():
-    with pytest.raises(ValueError, match=r"^compile_networks: mode='fast' is not one of default, "
+    with pytest.raises(ValueError, match=r"^compile_networks: mode='fast' is not one of cuda-graphs, default, "
                                          r"max-autotune-no-cudagraphs$"):
         compile_networks([], "fast")
-    assert COMPILE_MODES == ("default", "max-autotune-no-cudagraphs")  # CUDA graphs: measured alone only
+    assert COMPILE_MODES == ("cuda-graphs", "default", "max-autotune-no-cudagraphs")  # not reduce-overhead
     assert compile_problem(torch.device("cpu")) is None  # torch.compile exists in every supported torch
+    assert compile_problem(torch.device("cpu"), mode="cuda-graphs") is None
 
 
 @pytest.mark.slow
