@@ -5,7 +5,7 @@
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
 #   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
 #   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile lowvram-profile fit hashgrid, the groups knobs
-#                                       speed lowramvae merge compile normals opaque, or one knob's name: default-no-alpha-thre ...)
+#                                       speed lowramvae merge compile graphs normals opaque, or one knob's name: default-no-alpha-thre ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
 # Random weights: the numbers are honest for time and memory, never for quality.
 # The environment comes from benchmarks/gpu_env.sh (carried wheels in .gpu/whl, threestudio in .gpu/threestudio or
@@ -113,6 +113,14 @@ compile_knob() {  # name mode
   { want "$1" || want compile; } && bench "$1" 590 "$repo/configs/animate124.yaml" --warmup 3 --steps 4 \
     --eval-images 2 --export-times 0 --set system.compile_denoisers=$2
 }
+# CUDA graphs of the eager no-grad denoiser forwards (no compilation: recorded at each signature's second call, inside
+# the warm-up), against default-train / fast-train / lowvram-train (group `graphs`)
+{ want default-cuda-graphs || want graphs; } && bench default-cuda-graphs 200 "$repo/configs/animate124.yaml" \
+  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=cuda-graphs
+{ want fast-cuda-graphs || want graphs; } && bench fast-cuda-graphs 200 "$repo/configs/animate124-fast.yaml" \
+  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=cuda-graphs
+{ want lowvram-cuda-graphs || want graphs; } && bench lowvram-cuda-graphs 200 "$repo/configs/animate124-lowvram.yaml" \
+  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=cuda-graphs
 compile_knob default-compile max-autotune-no-cudagraphs
 compile_knob default-compile-inductor default   # (CUDA graphs, reduce-overhead, are timed alone only; see COMPILE_MODES)
 # the same with the VAE encoders compiled too (the refine floor is mostly two 1024 px encodes with their backward)
@@ -152,7 +160,8 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
              "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",
              "default-normal-frames4", "default-normal-weight", "default-normal-both", "fast-train",
              "fast-all-normals", "lowvram-train", "lowvram-normal-both", "lowvram-vae-chunk2", "default-compile-vae",
-             "default-opaque", "default-opaque-normal-both", "default-profile"):
+             "default-opaque", "default-opaque-normal-both", "default-profile", "default-cuda-graphs",
+             "fast-cuda-graphs", "lowvram-cuda-graphs"):
     if not (Path(sys.argv[1]) / f"{name}.log").is_file():
         continue
     path = Path(sys.argv[1]) / f"{name}.json"
@@ -168,7 +177,7 @@ for name in ("default", "default-train", "default-no-vae-checkpoint", "default-n
                   + f"; resident {st['resident_gb']} GB, reserved peak {st['peak_reserved_gb']} GB"
                   + f"; stale {st['stale_guidances']}; nonfinite {st['nonfinite_steps']}")
     print(f"  overhead: {json.dumps(r['overhead'])}")
-    if "compile" in name:  # loads + compilation per stage, and the steps that compiled
+    if "compile" in name or "graphs" in name:  # loads + compilation / recording per stage, and the steps that did it
         print("  switch_s / compile_steps: " + ", ".join(
             f"{st['name']} {st.get('switch_s')} s {st.get('compile_steps')}" for st in r["stages"]))
 EOF
