@@ -7,6 +7,7 @@ would on a GPU (tests/gpu/test_cuda_graphs_gpu.py runs the real graphs)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import types
 
@@ -137,7 +138,11 @@ def test_a_failed_recording_runs_eager_for_good_and_warns_once(caplog):
 
 
 def test_copy_outputs_keeps_the_containers_and_copies_every_tensor():
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    from diffusers.utils import BaseOutput
+
+    @dataclasses.dataclass
+    class UNet2DConditionOutput(BaseOutput):  # as diffusers declares its U-Nets' outputs
+        sample: torch.Tensor = None
 
     Pair = collections.namedtuple("Pair", "a b")
     a, b = torch.zeros(2), torch.ones(3)
