@@ -12,6 +12,11 @@ It runs the plain forward instead when a graph would be wrong or wasted:
 
 - gradient needed: grad mode on and an input or a parameter requires grad (a trained LoRA U-Net);
 - an input that is not a tensor, a bool, None, a str or a number, or a tensor not on a device the graphs support;
+- a first tensor argument (a denoiser's noisy latents) of more than ``max_sample_elements`` elements: such a call keeps
+  the GPU busy long enough to hide its launches, so a graph saves nothing, while its memory pool would keep the
+  call's activations from the rest of the step (measured on an H200, 2026-12-01: the refine stage's ControlNet +
+  U-Net on [4, 4, 128, 128] latents took 104 ms eager, 102 ms as a graph, and recording it raised the default
+  refine's reserved memory from 22.9 to 30.9 GiB);
 - the first call of a signature (it warms cuDNN / cuBLAS up; the second records);
 - more than ``max_graphs`` signatures (each holds its input buffers; a timestep passed as a Python number makes a
   signature per value);
@@ -35,6 +40,10 @@ log = logging.getLogger(__name__)
 _records_total = 0
 _MISSING = object()
 _SCALARS = (bool, int, float, str, type(None))
+MAX_SAMPLE_ELEMENTS = 2**17
+"""Largest first tensor argument recorded: the stages' launch-bound calls are well under it (SD U-Net [2, 4, 64, 64]
+and U-Net3D [2, 4, 16, 16, 16]: 32,768; the fast preset's 512 px ControlNet [4, 4, 64, 64]: 65,536); the default
+refine's 1024 px ControlNet / U-Net ([4, 4, 128, 128]: 262,144) is compute-bound and runs eager."""
 # another thread's CUDA call during a recording (a logger, a loader) is not this graph's business: only this thread's
 # calls must be recordable (the option exists from torch 2.1)
 _CAPTURE_KW = ({"capture_error_mode": "thread_local"}
@@ -83,10 +92,12 @@ class GraphedForward:
     ``replays`` / ``records`` / ``eager_calls`` count what the calls did (the tests and the benchmark read them)."""
 
     def __init__(self, forward: Callable, params: Iterable[torch.Tensor] = (), pool: Optional[GraphPool] = None,
-                 max_graphs: int = 8, graph_type: Optional[type] = None, name: str = "") -> None:
+                 max_graphs: int = 8, max_sample_elements: int = MAX_SAMPLE_ELEMENTS, graph_type: Optional[type] = None,
+                 name: str = "") -> None:
         self.forward, self.params = forward, list(params)
         self.pool = pool if pool is not None else GraphPool()
-        self.max_graphs, self.graph_type = max_graphs, graph_type or CudaGraph
+        self.max_graphs, self.max_sample_elements = max_graphs, max_sample_elements
+        self.graph_type = graph_type or CudaGraph
         self.name = name or getattr(forward, "__qualname__", "forward")
         self._seen: set = set()
         self._graphs: dict = {}  # signature -> _Recorded, or None: eager for good
@@ -114,6 +125,8 @@ class GraphedForward:
             return None
         device = tensors[0].device
         if not self.graph_type.supports(device) or any(t.device != device for t in tensors):
+            return None
+        if tensors[0].numel() > self.max_sample_elements:
             return None
         if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
                                         or any(p.requires_grad for p in self.params)):

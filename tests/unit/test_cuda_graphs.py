@@ -119,6 +119,12 @@ def test_signatures_shapes_scalars_autocast_and_the_graph_limit():
         graphed(x)  # autocast on: another signature, seen first, eager
     assert (graphed.records, graphed.eager_calls) == (1, 2)
     assert graphed(x, 1.0, flag=object()) is not None and graphed.eager_calls == 3  # not a recordable input
+    big = GraphedForward(forward, max_sample_elements=6, graph_type=ReplayingGraph)
+    for _ in range(3):  # the first tensor over max_sample_elements: compute-bound, eager
+        big(torch.ones(7))
+    for _ in range(2):
+        big(torch.ones(6))
+    assert (big.eager_calls, big.records, big.replays) == (4, 1, 1)
     assert GraphedForward(forward)(x)["y"] is not None  # CUDA graphs on a CPU tensor: eager, no error
 
 
