@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The host-environment checks on a CUDA machine, in one go (README, "Tests"):
-#   1. the smoke config through threestudio's own launch.py, --train then --export;
+#   1. the smoke config through threestudio's own launch.py, --train (A124_SMOKE_ARGS: extra overrides, e.g.
+#      system.compile_denoisers=cuda-graphs; the whole log in smoke-train.log) then --export;
 #   2. the CUDA unit cases and tests/gpu; 3. the whole integration tier (real threestudio).
 # Expects, as the device machine gets them: wheels in .gpu/whl (packages the image lacks, omegaconf 2.3.0 among them),
 # threestudio in .gpu/threestudio (or $THREESTUDIO_ROOT), the shared examples in .gpu/data. Logs go to $OUT.
@@ -13,7 +14,8 @@ t0=$(date +%s)
 echo "== 1. smoke config through launch.py ($(( $(date +%s) - t0 )) s)"
 ts=$THREESTUDIO_ROOT
 ( cd "$ts" && export PYTHONPATH=$PYTHONPATH:$repo/animate124/tools/host_stand_ins && s=$(date +%s) \
-  && python3 launch.py --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train --gpu 0 2>&1 | grep -vi warn | tail -8 \
+  && python3 launch.py --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train --gpu 0 ${A124_SMOKE_ARGS:-} \
+     2>&1 | tee "$OUT/smoke-train.log" | grep -vi warn | tail -8 \
   && echo "smoke train wall: $(( $(date +%s) - s )) s" \
   && ckpt=$(ls -d outputs/animate124-smoke/*/ckpts/last.ckpt | tail -1) && s=$(date +%s) \
   && python3 launch.py --config "$(dirname "$(dirname "$ckpt")")/configs/parsed.yaml" --export --gpu 0 resume="$ckpt" 2>&1 | grep -vi warn | tail -5 \
