@@ -103,8 +103,14 @@ class GraphedForward:
         self._graphs: dict = {}  # signature -> _Recorded, or None: eager for good
         self.replays = self.records = self.eager_calls = 0
         self._warned: set = set()
+        self._weights = self._weights_where()
 
     def __call__(self, *args, **kwargs):
+        weights = self._weights_where()
+        if weights != self._weights:  # moved or cast (module.to, .half()): the recordings read the old storage
+            self._graphs.clear()
+            self._seen.clear()
+            self._weights = weights
         leaves, rebuild = _flatten((args, kwargs))
         key = self._signature(leaves)
         recorded = _MISSING if key is None else self._graphs.get(key, _MISSING)
@@ -117,6 +123,12 @@ class GraphedForward:
             return self.forward(*args, **kwargs)
         self.replays += 1
         return recorded.run(leaves)
+
+    def _weights_where(self) -> tuple:
+        """Where the first and last parameter live: ``module.to`` / ``.half()`` make new storage for all of them
+        (``load_state_dict`` copies in place, which a replay sees)."""
+        ends = (self.params[0], self.params[-1]) if self.params else ()
+        return tuple((p.data_ptr(), p.device, p.dtype) for p in ends)
 
     def _signature(self, leaves: list) -> Optional[tuple]:
         """What a recording depends on besides the input values; None: not recordable."""
@@ -142,8 +154,8 @@ class GraphedForward:
         return (device, _autocast_state(device), tuple(sig))
 
     def _record(self, leaves: list, rebuild: Callable) -> Optional["_Recorded"]:
-        static = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
-                  if torch.is_tensor(x) else x for x in leaves]
+        # empty_like keeps the strides of a dense input; an expanded one (stride 0) gets a contiguous buffer
+        static = [torch.empty_like(x).copy_(x) if torch.is_tensor(x) else x for x in leaves]
         args, kwargs = rebuild(static)
         graph = self.graph_type(self.pool, static[next(i for i, x in enumerate(static) if torch.is_tensor(x))].device)
         try:

@@ -97,6 +97,32 @@ def test_gradient_needed_runs_eager(cn_sds):
     assert graphed.replays == 3
 
 
+def test_moved_weights_are_recorded_again_and_a_freed_network_is_collected(cn_sds):
+    import gc
+    import weakref
+
+    unet = cn_sds.unet
+    graphed = _graphed(unet)
+    x, t, c = _unet_inputs(0)
+    with torch.no_grad():
+        for _ in range(3):
+            unet(x, t, encoder_hidden_states=c)
+        unet.double()  # new storage for every weight: the recording would read the old one
+        outs = [unet(x.double(), t, encoder_hidden_states=c.double()).sample for _ in range(3)]
+    assert (graphed.records, graphed.replays) == (2, 4)
+    assert outs[-1].dtype == torch.float64 and torch.equal(outs[-1], outs[0])
+    expanded = c.double()[:1].expand(2, -1, -1)  # stride 0: recorded through a dense buffer of its own
+    assert expanded.stride(0) == 0
+    with torch.no_grad():
+        got = [unet(x.double(), t, encoder_hidden_states=expanded).sample for _ in range(3)]
+    assert graphed.records == 3
+    torch.testing.assert_close(got[2], got[0])  # eager read the strided input, the replay a dense copy
+    ref = weakref.ref(unet)
+    del cn_sds.unet, unet, graphed
+    gc.collect()
+    assert ref() is None  # the wrapper (module -> forward -> bound method -> module) keeps no slot alive
+
+
 def test_signatures_shapes_scalars_autocast_and_the_graph_limit():
     calls = []
 
