@@ -10,7 +10,8 @@ live on to the loss).
 
 It runs the plain forward instead when a graph would be wrong or wasted:
 
-- gradient needed: grad mode on and an input or a parameter requires grad (a trained LoRA U-Net);
+- gradient needed: grad mode on and an input requires grad; or any parameter requires grad, in any grad mode (a
+  trained LoRA U-Net: autocast would feed the recording its cached casts of those weights, stale after an update);
 - an input that is not a tensor, a bool, None, a str or a number, or a tensor not on a device the graphs support;
 - a first tensor argument (a denoiser's noisy latents) of more than ``max_sample_elements`` elements: such a call keeps
   the GPU busy long enough to hide its launches, so a graph saves nothing, while its memory pool would keep the
@@ -21,6 +22,11 @@ It runs the plain forward instead when a graph would be wrong or wasted:
 - more than ``max_graphs`` signatures (each holds its input buffers; a timestep passed as a Python number makes a
   signature per value);
 - a signature whose recording failed (a forward that waits on the CPU, e.g. ``.item()``): logged once, eager after.
+
+A signature is the tensors' shapes, dtypes and strides, the other arguments' values, autocast, inference mode and
+the module's ``training`` flag. What a recording cannot see is frozen in it: attention processors or hooks swapped
+after it, or a forward's Python side effects; weights that move or change dtype (``module.to``, ``.half()``) drop
+every recording. One caller at a time: the buffers and outputs are shared, as a module's are.
 
 The graphs of one :class:`GraphPool` share one memory pool. That is safe because they replay one at a time on the
 calling stream, each writing its temporaries before reading them, and their outputs are copied out right after the
@@ -40,10 +46,12 @@ log = logging.getLogger(__name__)
 _records_total = 0
 _MISSING = object()
 _SCALARS = (bool, int, float, str, type(None))
-MAX_SAMPLE_ELEMENTS = 2**17
-"""Largest first tensor argument recorded: the stages' launch-bound calls are well under it (SD U-Net [2, 4, 64, 64]
-and U-Net3D [2, 4, 16, 16, 16]: 32,768; the fast preset's 512 px ControlNet [4, 4, 64, 64]: 65,536); the default
-refine's 1024 px ControlNet / U-Net ([4, 4, 128, 128]: 262,144) is compute-bound and runs eager."""
+MAX_SAMPLE_ELEMENTS = 200_000
+"""Largest first tensor argument recorded, between the calls measured (benchmark JSON ``floor_calls``): recorded, the
+SD U-Net [2, 4, 64, 64] (32,768), the fast preset's 512 px ControlNet / U-Net [4, 4, 64, 64] (65,536), the U-Net3D
+[2, 4, 16, 32, 32] (131,072); eager, the default refine's compute-bound 1024 px ControlNet / U-Net [4, 4, 128, 128]
+(262,144). ``tests/unit/test_cuda_graphs.py`` reads those shapes from the committed results."""
+_MAX_SEEN = 64  # signatures remembered as seen once (a Python-number argument makes one per value)
 # another thread's CUDA call during a recording (a logger, a loader) is not this graph's business: only this thread's
 # calls must be recordable (the option exists from torch 2.1)
 _CAPTURE_KW = ({"capture_error_mode": "thread_local"}
@@ -67,7 +75,8 @@ class CudaGraph:
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=self.pool.handle(self.device), **_CAPTURE_KW):
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, pool=self.pool.handle(self.device),
+                                                               **_CAPTURE_KW):
             return fn()
 
     def replay(self) -> None:
@@ -117,7 +126,7 @@ class GraphedForward:
         if recorded is _MISSING and key is not None and key in self._seen and len(self._graphs) < self.max_graphs:
             recorded = self._graphs[key] = self._record(leaves, rebuild)
         if recorded is _MISSING or recorded is None:
-            if key is not None:
+            if key is not None and len(self._seen) < _MAX_SEEN:
                 self._seen.add(key)
             self.eager_calls += 1
             return self.forward(*args, **kwargs)
@@ -140,8 +149,8 @@ class GraphedForward:
             return None
         if tensors[0].numel() > self.max_sample_elements:
             return None
-        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
-                                        or any(p.requires_grad for p in self.params)):
+        if any(p.requires_grad for p in self.params) or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return None
         sig = []
         for x in leaves:
@@ -151,14 +160,15 @@ class GraphedForward:
                 sig.append((type(x), x))
             else:
                 return None
-        return (device, _autocast_state(device), tuple(sig))
+        return (device, _autocast_state(device), torch.is_inference_mode_enabled(),
+                getattr(getattr(self.forward, "__self__", None), "training", None), tuple(sig))
 
     def _record(self, leaves: list, rebuild: Callable) -> Optional["_Recorded"]:
-        # empty_like keeps the strides of a dense input; an expanded one (stride 0) gets a contiguous buffer
-        static = [torch.empty_like(x).copy_(x) if torch.is_tensor(x) else x for x in leaves]
-        args, kwargs = rebuild(static)
-        graph = self.graph_type(self.pool, static[next(i for i, x in enumerate(static) if torch.is_tensor(x))].device)
         try:
+            # empty_like keeps the strides of a dense input; an expanded one (stride 0) gets a contiguous buffer
+            static = [torch.empty_like(x).copy_(x) if torch.is_tensor(x) else x for x in leaves]
+            args, kwargs = rebuild(static)
+            graph = self.graph_type(self.pool, next(x for x in static if torch.is_tensor(x)).device)
             out = graph.record(lambda: self.forward(*args, **kwargs))
         except Exception as err:  # e.g. "operation not permitted when stream is capturing"
             message = f"{self.name}: CUDA graph recording failed, this input signature runs eager: {err}"

@@ -98,3 +98,20 @@ def test_a_forward_that_waits_on_the_cpu_runs_eager():
     assert graphed.records == 0 and graphed.eager_calls == 3
     assert all(torch.equal(o, torch.full((3,), 3.0, device="cuda")) for o in outs)
     assert torch.equal(torch.arange(3, device="cuda") + 1, torch.tensor([1, 2, 3], device="cuda"))  # CUDA still fine
+
+
+def test_trainable_weights_under_autocast_run_eager_and_follow_their_updates():
+    """A trained layer (a LoRA U-Net's) called under no_grad and autocast: a recording would replay autocast's cached
+    fp16 copy of the weights from before the update; it runs eager and sees the update."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, device="cuda")
+    lin.forward = graphed = GraphedForward(lin.forward, lin.parameters(), name="lora")
+    x = torch.randn(8, 64, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        for _ in range(3):
+            lin(x)
+        lin.weight.add_(1.0)
+        after = lin(x)
+    assert graphed.records == 0 and graphed.eager_calls == 4
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(after.float(), ref, rtol=2e-2, atol=5e-2)

@@ -439,7 +439,7 @@ def test_cuda_graphs_through_the_system_give_the_eager_losses(threestudio, tiny_
 
     from animate124.components.guidance_slots import GuidanceSlots
     from animate124.core import cuda_graphs
-    from animate124.core.diffusion_networks import compile_networks, find_networks
+    from animate124.core.diffusion_networks import find_networks
 
     for root in ("eager", "graphs"):
         (run_dir / root).mkdir()
@@ -452,8 +452,10 @@ def test_cuda_graphs_through_the_system_give_the_eager_losses(threestudio, tiny_
     monkeypatch.setattr(cuda_graphs, "CudaGraph", ReplayingGraph)
     wrapped = []
 
-    def compile_on_cpu(self, name, device):  # the system compiles on CUDA only; here the stand-in records on the CPU
-        compile_networks([self.guidances[name]], self.compile_mode, graph_pool=self._graph_pool)
+    real_compile = GuidanceSlots._compile
+
+    def compile_on_cpu(self, name, device):  # the slots skip a CPU device; the stand-in records on the CPU
+        real_compile(self, name, torch.device("cuda"))
         wrapped.extend((name, type(m).__name__, vars(m)["forward"])
                        for m in find_networks([self.guidances[name]]).denoisers)
 
@@ -467,6 +469,7 @@ def test_cuda_graphs_through_the_system_give_the_eager_losses(threestudio, tiny_
         ("cn", "UNet2DConditionModel"), ("cn", "ControlNetModel")}
     replays = {(n, kind): f.replays for n, kind, f in wrapped}
     assert all(r >= 1 for r in replays.values()), replays
+    assert len({id(f.pool) for _, _, f in wrapped}) == 1  # every slot's graphs in one memory pool
     assert len(eager.steps) == 9 and [s["stage"] for s in graphed.steps] == [s["stage"] for s in eager.steps]
     assert [s["losses"] for s in graphed.steps] == [s["losses"] for s in eager.steps]
 

@@ -10,12 +10,13 @@ import collections
 import dataclasses
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from checks import ReplayingGraph
 
-from animate124.core.cuda_graphs import GraphedForward, copy_outputs
+from animate124.core.cuda_graphs import MAX_SAMPLE_ELEMENTS, GraphedForward, copy_outputs
 from animate124.core.diffusion_networks import compile_networks
 
 
@@ -88,13 +89,62 @@ def test_gradient_needed_runs_eager(cn_sds):
     out = unet(xg, t, encoder_hidden_states=c).sample  # an input that needs its gradient: eager, gradient flows
     out.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0 and graphed.replays == 2
-    unet.conv_in.weight.requires_grad_(True)  # a trained parameter (a LoRA U-Net): eager while grad mode is on
+    unet.conv_in.weight.requires_grad_(True)  # a trained parameter (a LoRA U-Net): eager
     before = graphed.eager_calls
     unet(x, t, encoder_hidden_states=c).sample.sum().backward()
     assert graphed.eager_calls == before + 1 and unet.conv_in.weight.grad.abs().sum() > 0
-    with torch.no_grad():  # under no_grad the same call replays
+    with torch.no_grad():  # also under no_grad: autocast would hand a recording its cached casts of such weights
+        for _ in range(2):
+            unet(x, t, encoder_hidden_states=c)
+    assert graphed.replays == 2 and graphed.eager_calls == before + 3
+    unet.conv_in.weight.requires_grad_(False)
+    with torch.no_grad():
         unet(x, t, encoder_hidden_states=c)
     assert graphed.replays == 3
+
+
+def test_the_training_flag_is_part_of_the_signature(cn_sds):
+    unet = cn_sds.unet
+    graphed = _graphed(unet)
+    x, t, c = _unet_inputs(0)
+    with torch.no_grad():
+        for _ in range(2):
+            unet(x, t, encoder_hidden_states=c)
+        unet.train()  # dropout would be on: not the eval recording
+        unet(x, t, encoder_hidden_states=c)
+    assert (graphed.records, graphed.replays, graphed.eager_calls) == (1, 1, 2)
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "issue11-h200-2026-12-01-third"
+
+
+@pytest.mark.parametrize("config, recorded", [
+    ("default", {"UNet2DConditionModel [2, 4, 64, 64]", "UNet2DConditionModel [2, 8, 32, 32]",
+                 "UNet3DConditionModel [2, 4, 16, 32, 32]"}),
+    ("fast", {"UNet2DConditionModel [2, 4, 64, 64]", "UNet2DConditionModel [2, 8, 32, 32]",
+              "UNet3DConditionModel [2, 4, 16, 32, 32]", "ControlNetModel [4, 4, 64, 64]",
+              "UNet2DConditionModel [4, 4, 64, 64]"}),
+])
+def test_the_sample_limit_splits_the_measured_calls_as_documented(config, recorded):
+    """The denoiser calls of each stage as the H200 benchmark recorded them (``floor_calls``): the launch-bound ones
+    are recorded, the default refine's compute-bound 1024 px ControlNet / U-Net run eager."""
+    import json
+    import math
+    import re
+
+    calls = set()
+    for stage in json.loads((RESULTS / f"call3-{config}-cuda-graphs.json").read_text())["stages"]:
+        for call in stage["floor_calls"]:
+            m = re.match(r"(\w+) forward \[(\[[\d, ]+\])", call["what"])
+            if m:
+                calls.add((m.group(1), tuple(json.loads(m.group(2)))))
+    graphed = GraphedForward(lambda x: x, graph_type=ReplayingGraph)
+    got = {f"{name} {list(shape)}" for name, shape in calls
+           if graphed._signature([torch.empty(shape, dtype=torch.float16)]) is not None}
+    assert got == recorded
+    if config == "default":  # the eager ones were measured too
+        assert {("UNet2DConditionModel", (4, 4, 128, 128)), ("ControlNetModel", (4, 4, 128, 128))} <= calls
+    assert all(math.prod(shape) != MAX_SAMPLE_ELEMENTS for _, shape in calls)  # none on the boundary
 
 
 def test_moved_weights_are_recorded_again_and_a_freed_network_is_collected(cn_sds):
@@ -145,6 +195,9 @@ def test_signatures_shapes_scalars_autocast_and_the_graph_limit():
         graphed(x)  # autocast on: another signature, seen first, eager
     assert (graphed.records, graphed.eager_calls) == (1, 2)
     assert graphed(x, 1.0, flag=object()) is not None and graphed.eager_calls == 3  # not a recordable input
+    with torch.inference_mode():  # another signature: a recording made here holds inference tensors
+        graphed(x)
+    assert graphed.eager_calls == 4 and graphed(x)["y"] is not None and graphed.replays == 2
     big = GraphedForward(forward, max_sample_elements=6, graph_type=ReplayingGraph)
     for _ in range(3):  # the first tensor over max_sample_elements: compute-bound, eager
         big(torch.ones(7))
