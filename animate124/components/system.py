@@ -98,10 +98,12 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
                                           mode=self.compile_denoisers)
                 if problem:
                     raise ValueError(f"a124-system: compile_denoisers={self.compile_denoisers!r}: {problem}")
-                if self.compile_denoisers == "cuda-graphs" and self.compile_vae_encoder:
-                    raise ValueError("a124-system: compile_vae_encoder=true needs a torch.compile mode (the encoders "
-                                     "run with gradient, which CUDA graphs here do not take): set "
-                                     "compile_denoisers=default, or compile_vae_encoder=false")
+            if self.compile_vae_encoder and self.compile_denoisers in (None, "cuda-graphs"):
+                why = ("compiles nothing while compile_denoisers is null" if self.compile_denoisers is None else
+                       "needs a torch.compile mode (the encoders run with gradient, which CUDA graphs here do not "
+                       "take)")
+                raise ValueError(f"a124-system: compile_vae_encoder=true {why}: set compile_denoisers=default, or "
+                                 "compile_vae_encoder=false")
 
     cfg: Config
 

@@ -417,6 +417,12 @@ def test_compile_denoisers_choice_and_which_networks_each_slot_compiles(threestu
     with pytest.raises(ValueError, match=r"^a124-system: compile_vae_encoder=true needs a torch.compile mode .*: set "
                                          r"compile_denoisers=default, or compile_vae_encoder=false$"):
         threestudio.find(cfg.system_type)(cfg.system)
+    cfg = load_config(text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_vae_encoder: true", 1),
+                      from_string=True)  # on its own it would do nothing: said before anything loads
+    with pytest.raises(ValueError, match=r"^a124-system: compile_vae_encoder=true compiles nothing while "
+                                         r"compile_denoisers is null: set compile_denoisers=default, or "
+                                         r"compile_vae_encoder=false$"):
+        threestudio.find(cfg.system_type)(cfg.system)
 
     cfg = load_config(text, from_string=True)
     slots = GuidanceSlots(parse_slots(cfg.system.guidances), "max-autotune-no-cudagraphs")

@@ -36,8 +36,8 @@ PRESETS = {
         "system.stages.2.steps": 1000, "trainer.max_steps": 6000, "checkpoint.every_n_train_steps": 2000,
         # no VAE checkpointing: the fast preset trades memory (20.3 GiB allocated on an H200) for step time
         "system.guidances.cn.guidance.vae_checkpoint": ABSENT, "system.guidances.video.guidance.vae_checkpoint": ABSENT,
-        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 22.0,
-        # the frozen U-Nets' no-grad calls as CUDA graphs (their memory pool: 22.0 GiB reserved)
+        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 20.8,
+        # the frozen U-Nets' no-grad calls as CUDA graphs (+0.5 GiB reserved for their memory pool)
         "system.compile_denoisers": "cuda-graphs",
         # forward-difference normals (3 density queries per sample instead of 6), half the samples per ray
         "system.geometry.normal_type": "finite_difference_forward", "system.renderer.num_samples_per_ray": 128,
