@@ -22,8 +22,9 @@ PY=${PYTHON:-python}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -m pip --version >/dev/null 2>&1 || die "no pip for '$PY': activate the environment you run threestudio in"
 
-[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || echo "install.sh: note: no virtualenv or conda environment is active;" \
-  "the packages go into this Python's own site-packages (activate threestudio's environment first if that is not it)" >&2
+[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || echo "install.sh: note: no virtualenv or conda environment is" \
+  "active; the packages go into this Python's own site-packages (activate threestudio's environment first if that" \
+  "is not it)" >&2
 echo "[1/3] installing Python dependencies into $("$PY" -c 'import sys; print(sys.prefix)')"
 "$PY" -m pip install -q -e "$HERE" \
   || die "pip install failed (output above): check your network/PyPI access, then run install.sh again"

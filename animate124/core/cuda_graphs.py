@@ -3,10 +3,10 @@
 Every SDS step calls the same frozen U-Nets with the same shapes, and eager calls are bound by kernel launches: the
 SD U-Net took 46.4 ms eager against 12.1 ms replayed from this module's graph (README, "Speed and memory", third
 session). ``torch.compile``'s ``reduce-overhead`` gets as far after about a minute of compilation per network and
-shape, and its outputs are overwritten by the next replay. :class:`GraphedForward` records the *eager* forward instead (no compilation), once per
-input signature, and on each call copies the inputs into the graph's own buffers, replays it and returns copies of its
-outputs: a result stays valid whatever runs next (the ControlNet's residuals go into the U-Net; noise predictions
-live on to the loss).
+shape, and its outputs are overwritten by the next replay. :class:`GraphedForward` records the *eager* forward
+instead (no compilation), once per input signature, and on each call copies the inputs into the graph's own buffers,
+replays it and returns copies of its outputs: a result stays valid whatever runs next (the ControlNet's residuals go
+into the U-Net; noise predictions live on to the loss).
 
 It runs the plain forward instead when a graph would be wrong or wasted:
 
