@@ -25,6 +25,11 @@ def _graphed(module, **kw) -> GraphedForward:
     return module.forward
 
 
+def _graphed_unet(cn_sds):
+    """The tiny U-Net with its forward graphed (the CPU stand-in), and one batch of its inputs."""
+    return cn_sds.unet, _graphed(cn_sds.unet), _unet_inputs(0)
+
+
 @pytest.fixture()
 def cn_sds(tiny_models):
     from animate124.core.controlnet_sds import ControlNetTileSDS
@@ -79,9 +84,7 @@ def test_controlnet_residuals_into_the_unet_as_the_guidance_calls_them(cn_sds):
 
 
 def test_gradient_needed_runs_eager(cn_sds):
-    unet = cn_sds.unet
-    graphed = _graphed(unet)
-    x, t, c = _unet_inputs(0)
+    unet, graphed, (x, t, c) = _graphed_unet(cn_sds)
     for _ in range(3):  # grad mode on, nothing requires grad: the frozen SDS case, recorded
         unet(x, t, encoder_hidden_states=c)
     assert graphed.replays == 2
@@ -104,9 +107,7 @@ def test_gradient_needed_runs_eager(cn_sds):
 
 
 def test_the_training_flag_is_part_of_the_signature(cn_sds):
-    unet = cn_sds.unet
-    graphed = _graphed(unet)
-    x, t, c = _unet_inputs(0)
+    unet, graphed, (x, t, c) = _graphed_unet(cn_sds)
     with torch.no_grad():
         for _ in range(2):
             unet(x, t, encoder_hidden_states=c)
@@ -151,9 +152,7 @@ def test_moved_weights_are_recorded_again_and_a_freed_network_is_collected(cn_sd
     import gc
     import weakref
 
-    unet = cn_sds.unet
-    graphed = _graphed(unet)
-    x, t, c = _unet_inputs(0)
+    unet, graphed, (x, t, c) = _graphed_unet(cn_sds)
     with torch.no_grad():
         for _ in range(3):
             unet(x, t, encoder_hidden_states=c)
