@@ -115,12 +115,13 @@ compile_knob() {  # name mode
 }
 # CUDA graphs of the eager no-grad denoiser forwards (no compilation: recorded at each signature's second call, inside
 # the warm-up), against default-train / fast-train / lowvram-train (group `graphs`)
-{ want default-cuda-graphs || want graphs; } && bench default-cuda-graphs 200 "$repo/configs/animate124.yaml" \
-  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=cuda-graphs
-{ want fast-cuda-graphs || want graphs; } && bench fast-cuda-graphs 200 "$repo/configs/animate124-fast.yaml" \
-  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=cuda-graphs
-{ want lowvram-cuda-graphs || want graphs; } && bench lowvram-cuda-graphs 200 "$repo/configs/animate124-lowvram.yaml" \
-  --warmup 3 --steps 4 --eval-images 2 --export-times 0 --set system.compile_denoisers=cuda-graphs
+graphs_knob() {  # name config
+  { want "$1" || want graphs; } && bench "$1" 200 "$repo/configs/$2" --warmup 3 --steps 4 --eval-images 2 \
+    --export-times 0 --set system.compile_denoisers=cuda-graphs
+}
+graphs_knob default-cuda-graphs animate124.yaml
+graphs_knob fast-cuda-graphs animate124-fast.yaml
+graphs_knob lowvram-cuda-graphs animate124-lowvram.yaml
 compile_knob default-compile max-autotune-no-cudagraphs
 compile_knob default-compile-inductor default   # (CUDA graphs, reduce-overhead, are timed alone only; see COMPILE_MODES)
 # the same with the VAE encoders compiled too (the refine floor is mostly two 1024 px encodes with their backward)

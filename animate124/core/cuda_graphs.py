@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["GraphedForward", "GraphPool", "CudaGraph", "copy_outputs", "records_total"]
+__all__ = ["GraphedForward", "GraphPool", "CudaGraph", "autocast_state", "copy_outputs", "records_total"]
 
 log = logging.getLogger(__name__)
 _records_total = 0
@@ -120,11 +120,11 @@ class GraphedForward:
             self._graphs.clear()
             self._seen.clear()
             self._weights = weights
-        leaves, rebuild = _flatten((args, kwargs))
+        leaves = _leaves((args, kwargs))
         key = self._signature(leaves)
         recorded = _MISSING if key is None else self._graphs.get(key, _MISSING)
         if recorded is _MISSING and key is not None and key in self._seen and len(self._graphs) < self.max_graphs:
-            recorded = self._graphs[key] = self._record(leaves, rebuild)
+            recorded = self._graphs[key] = self._record(leaves, (args, kwargs))
         if recorded is _MISSING or recorded is None:
             if key is not None and len(self._seen) < _MAX_SEEN:
                 self._seen.add(key)
@@ -160,14 +160,14 @@ class GraphedForward:
                 sig.append((type(x), x))
             else:
                 return None
-        return (device, _autocast_state(device), torch.is_inference_mode_enabled(),
+        return (device, autocast_state(device), torch.is_inference_mode_enabled(),
                 getattr(getattr(self.forward, "__self__", None), "training", None), tuple(sig))
 
-    def _record(self, leaves: list, rebuild: Callable) -> Optional["_Recorded"]:
+    def _record(self, leaves: list, call: tuple) -> Optional["_Recorded"]:
         try:
             # empty_like keeps the strides of a dense input; an expanded one (stride 0) gets a contiguous buffer
             static = [torch.empty_like(x).copy_(x) if torch.is_tensor(x) else x for x in leaves]
-            args, kwargs = rebuild(static)
+            args, kwargs = _rebuild(call, iter(static))
             graph = self.graph_type(self.pool, next(x for x in static if torch.is_tensor(x)).device)
             out = graph.record(lambda: self.forward(*args, **kwargs))
         except Exception as err:  # e.g. "operation not permitted when stream is capturing"
@@ -214,29 +214,33 @@ def copy_outputs(out):
     return out
 
 
-def _flatten(tree) -> tuple[list, Callable[[list], Any]]:
-    """Leaves of nested tuples / lists / dicts, and a function rebuilding the tree from new leaves."""
-    leaves: list = []
-
-    def walk(node):
-        if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
-            parts = [walk(v) for v in node]
-            kind = type(node)
-            return lambda it: kind(p(it) for p in parts)
-        if isinstance(node, dict):
-            parts = {k: walk(v) for k, v in node.items()}
-            return lambda it: {k: p(it) for k, p in parts.items()}
-        leaves.append(node)
-        return lambda it: next(it)
-
-    build = walk(tree)
-    return leaves, lambda new: build(iter(new))
+def _leaves(tree) -> list:
+    """The leaves of nested tuples / lists / dicts (a namedtuple is a leaf), in order."""
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return [x for v in tree for x in _leaves(v)]
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    return [tree]
 
 
-def _autocast_state(device: torch.device) -> tuple:
+def _rebuild(tree, new: Iterator):
+    """``tree`` with its leaves (in :func:`_leaves` order) taken from ``new``."""
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_rebuild(v, new) for v in tree)
+    if isinstance(tree, dict):
+        return {k: _rebuild(v, new) for k, v in tree.items()}
+    return next(new)
+
+
+def autocast_state(device: torch.device) -> tuple[bool, Optional[torch.dtype]]:
+    """Whether autocast is on for ``device``'s type, and its dtype (None when off): part of what a call computes (the
+    step benchmark's call recorder keys and replays its calls by it too)."""
     try:  # torch >= 2.4
-        return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+        enabled = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type)
     except (TypeError, AttributeError):
         if device.type == "cuda":
-            return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return enabled, dtype if enabled else None

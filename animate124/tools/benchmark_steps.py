@@ -372,9 +372,11 @@ class CallRecorder:
     def _remember(self, module, method, label, category, args, kwargs):
         import torch
 
+        from animate124.core.cuda_graphs import autocast_state
+
         grad = torch.is_grad_enabled()
         # the attention kernels allowed (sds picks the math kernel for half VAEs): part of what the call costs
-        states = (_autocast_state(self.device), _attention_state())
+        states = (autocast_state(self.device), _attention_state())
         backward = category == "encode" and grad and _first_tensor_arg(args, kwargs).requires_grad
         key = (id(module), category, _signature((args, kwargs)), grad, states, backward)
         if key not in self.samples:
@@ -929,18 +931,6 @@ def _output_tensor(out):
     return out[0] if not hasattr(out[0], "parameters") else out[0].parameters
 
 
-def _autocast_state(device):
-    import torch
-
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if enabled else None
-    except TypeError:  # torch < 2.4: CUDA-only queries
-        enabled = torch.is_autocast_enabled() if device.type == "cuda" else False
-        dtype = torch.get_autocast_gpu_dtype() if enabled else None
-    return (enabled, str(dtype) if dtype is not None else None)
-
-
 _ATTENTION_FLAGS = (  # (getter, setter) in torch.backends.cuda; those this torch lacks are skipped
     ("flash_sdp_enabled", "enable_flash_sdp"), ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp"),
     ("math_sdp_enabled", "enable_math_sdp"), ("cudnn_sdp_enabled", "enable_cudnn_sdp"),
@@ -976,9 +966,7 @@ def _autocast_ctx(device, state):
     import torch
 
     enabled, dtype = state
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype.replace("torch.", "")))
+    return torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
 
 
 def _autocast(device, precision: str):
