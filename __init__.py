@@ -23,3 +23,4 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import animate124.components  # noqa: E402,F401  (registers every a124-* name)
+import animate124.testing.oracle_guidance  # noqa: E402,F401  (the test-only oracle guidances of animate124-oracle.yaml)

@@ -4,7 +4,7 @@ Per case and variant: ``ms`` (median of ``--calls`` calls, the GPU synchronised 
 ``one_time_s`` (the first ``--first-calls`` calls minus as many steady calls: compilation, autotuning, CUDA-graph
 recording), ``break_even_calls`` (``one_time_s`` / the time saved per call; null when nothing is saved) and
 ``max_abs_diff`` of the output against eager. Compilation as the system does it
-(:func:`animate124.core.diffusion_networks.compile_networks`: the ``forward`` of each U-Net / ControlNet, the VAE's
+(:func:`animate124.core.guidance.diffusion_networks.compile_networks`: the ``forward`` of each U-Net / ControlNet, the VAE's
 ``encoder``); a fresh inductor cache per run, so ``one_time_s`` is a fresh machine's.
 
 Cases (the stages' shapes; fp16 on CUDA): Zero123 U-Net [2,8,32,32], SD U-Net [2,4,64,64], ControlNet + SD U-Net
@@ -29,8 +29,8 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="a124-i
 
 import torch  # noqa: E402
 
-from animate124.core.atomic_io import write_json  # noqa: E402
-from animate124.core.diffusion_networks import COMPILE_MODES, MEASURE_ONLY_MODES, compile_networks  # noqa: E402
+from animate124.core.guidance.diffusion_networks import COMPILE_MODES, MEASURE_ONLY_MODES, compile_networks  # noqa: E402
+from animate124.core.io.atomic_io import write_json  # noqa: E402
 
 # case -> (model folder, input shape on the GPU, on the CPU smoke run)
 CASES = {

@@ -1,6 +1,6 @@
 """Fit DynamicField + render_rays to a procedural dynamic scene; report PSNR on unseen views and unseen times.
 
-The scene is ``animate124.core.synthetic_scene.blobs_scene`` (a moving sphere and a breathing ellipsoid). Ground truth
+The scene is ``animate124.testing.synthetic_scene.blobs_scene`` (a moving sphere and a breathing ellipsoid). Ground truth
 comes from the independent dense quadrature renderer there (camera-centred near/far, cumprod transmittance, no nerfacc,
 no aabb clipping), on a white background. Training images: ``n_train_views`` cameras around
 the scene x ``n_train_times`` times in [0, 1]. Evaluation: ``n_eval_views`` UNSEEN cameras (azimuths half-way
@@ -25,17 +25,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from animate124.core.field import DynamicField, features_to_rgb
-from animate124.core.occupancy import TimeOccupancyGrid
-from animate124.core.synthetic_scene import orbit_camera_rays, reference_render
-from animate124.core.volrend import render_rays
+from animate124.core.field.dynamic_field import DynamicField, features_to_rgb
+from animate124.core.field.occupancy import TimeOccupancyGrid
+from animate124.core.render.volrend import render_rays
+from animate124.testing.synthetic_scene import orbit_camera_rays, reference_render
 
 AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
 CAMERA_DISTANCE, FOV_DEG = 2.6, 40.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the procedural scene (animate124.core.synthetic_scene, shared with the oracle guidances)
+# the procedural scene (animate124.testing.synthetic_scene, shared with the oracle guidances)
 
 
 def camera_rays(azimuth_deg: float, elevation_deg: float, resolution: int, device) -> tuple[torch.Tensor, ...]:

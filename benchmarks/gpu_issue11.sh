@@ -155,7 +155,7 @@ done
 python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
-from animate124.tools.benchmark_steps import summary_table
+from step_benchmark.cli import summary_table
 for name in ("default", "default-train", "default-no-vae-checkpoint", "default-no-alpha-thre",
              "default-no-normal-checkpoint", "default-forward-normals", "fast", "lowvram", "default-lowramvae4",
              "default-no-merge", "default-merge64", "default-merge-all", "default-compile", "default-compile-inductor",

@@ -99,7 +99,7 @@ def main():
 def bench_video(args, device, dtype) -> list[dict]:
     from diffusers import AutoencoderKL, UNet3DConditionModel
 
-    from animate124.core.video_sds import VideoSDS
+    from animate124.core.guidance.video_sds import VideoSDS
 
     size = 64 if args.tiny else 256
     with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
@@ -151,7 +151,7 @@ def bench_video(args, device, dtype) -> list[dict]:
 def bench_controlnet(args, device, dtype) -> list[dict]:
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from animate124.core.controlnet_sds import ControlNetTileSDS
+    from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
 
     size, k = args.cn_size, 2
     with torch.device(device):

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from animate124.core import hashgrid_triton as ht  # noqa: E402
-from animate124.core.hashgrid import HashGridEncoding, level_table  # noqa: E402
+from animate124.core.field import hashgrid_triton as ht  # noqa: E402
+from animate124.core.field.grid_levels import level_table  # noqa: E402
+from animate124.core.field.hashgrid import HashGridEncoding  # noqa: E402
 
 CONFIG = dict(n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16,
               per_level_scale=1.447269237440378)

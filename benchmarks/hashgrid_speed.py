@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from animate124.core.hashgrid import HashGridEncoding  # noqa: E402
+from animate124.core.field.hashgrid import HashGridEncoding  # noqa: E402
 
 CONFIG = dict(n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16,
               per_level_scale=1.447269237440378)
@@ -114,7 +114,7 @@ def _measure(enc: HashGridEncoding, impl: str, x: torch.Tensor, grad_out: torch.
 
 
 def _sweep(enc: HashGridEncoding, x: torch.Tensor, grad_out: torch.Tensor, args, d: int) -> list[dict]:
-    from animate124.core import hashgrid_triton as ht
+    from animate124.core.field import hashgrid_triton as ht
 
     rows = []
     for block, warps in SWEEP:

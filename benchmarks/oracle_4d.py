@@ -3,8 +3,8 @@
 ``configs/animate124-oracle.yaml`` runs the real ``a124-system`` through threestudio (``load_config`` + a Lightning
 Trainer, as ``launch.py``; the extension loaded by launch.py's own custom-module loader via
 ``animate124.tools.host``, on the CPU when there is no GPU) static -> dynamic from a freshly initialised field, with the oracle guidances of
-``animate124/components/oracle_guidance.py`` in place of SD / Zero123 / the video model. They render the procedural
-target (``animate124.core.synthetic_scene``) from the batch's cameras and frame times with an independent renderer
+``animate124/testing/oracle_guidance.py`` in place of SD / Zero123 / the video model. They render the procedural
+target (``animate124.testing.synthetic_scene``) from the batch's cameras and frame times with an independent renderer
 and return SDS with the exact denoiser. Reference-view losses are weighted 0.
 
 Scored against the target with the learned field rendered by our renderer:
@@ -140,7 +140,7 @@ def _unseen_times(n: int, precision: int) -> list[float]:
 
 def _camera_batch(elevation: float, azimuth: float, t: float, data_cfg, device) -> tuple[dict, dict]:
     """One eval camera through the same core camera code as the data module."""
-    from animate124.core import cameras as cams
+    from animate124.core.render import cameras as cams
 
     one = lambda v: torch.tensor([float(v)], device=device)  # noqa: E731
     traj = cams.make_trajectory(one(elevation), one(azimuth), one(data_cfg.eval_camera_distance), one(t),
@@ -157,7 +157,7 @@ def _camera_batch(elevation: float, azimuth: float, t: float, data_cfg, device) 
 def _render_pairs(system, grid, data_cfg, eval_samples: int):
     """Ours (our renderer, learned field) and the target (reference renderer) at (elevation, azimuth, time) triples:
     two [N, H, W, 3] tensors on the CPU."""
-    from animate124.core.oracle import render_target
+    from animate124.testing.oracle import render_target
 
     renderer, device = system.renderer, system.device
     was_training = renderer.training
@@ -208,7 +208,7 @@ def _write_reference_view(path: Path, data_cfg) -> None:
     """The target at t = 0 from the data module's reference camera, as RGBA (alpha = opacity)."""
     from PIL import Image
 
-    from animate124.core.synthetic_scene import orbit_camera_rays, reference_render
+    from animate124.testing.synthetic_scene import orbit_camera_rays, reference_render
 
     one = lambda v: torch.tensor([float(v)])  # noqa: E731
     h, w = data_cfg.height, data_cfg.width

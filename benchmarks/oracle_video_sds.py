@@ -95,7 +95,7 @@ def run_oracle(
     seed: int = 0,
 ) -> dict:
     """Optimise one clip with video SDS against an exact denoiser; return PSNR before / after and timings."""
-    from animate124.core.video_sds import VideoSDS
+    from animate124.core.guidance.video_sds import VideoSDS
 
     base = VideoSDS.from_pretrained(model_dir, model_size=(size, size))
     if vae == "linear":

@@ -3,17 +3,17 @@ ControlNet-Tile guidance runs at 1024 px (twice per refine step in animate124.ya
 
 Per shape and variant: ``ms`` (median of ``--calls``, the GPU synchronised after each, as a step is), ``peak_gib``
 (allocated above the start) and the relative error of the latents and of the image gradient against an fp32 VAE
-with no autocast. Every variant runs ``sds.encode_latents(..., chunk_size=1, checkpoint=True)`` under 16-mixed
+with no autocast. Every variant runs ``vae_encoding.encode_latents(..., chunk_size=1, checkpoint=True)`` under 16-mixed
 autocast, as the guidances run it:
 
 - ``autocast``: the half VAE under autocast with the default attention kernel (the guidances before 2026-12-01:
   GroupNorm and SiLU kept fp32 activations);
-- ``own``: the half VAE in its own dtype (``sds.own_precision``), default attention kernel;
+- ``own``: the half VAE in its own dtype (``vae_encoding.own_precision``), default attention kernel;
 - ``own+math-attention``: the same with scaled-dot-product attention on the math kernel, reducing in fp32 (its
   default). The SD VAE's mid-block attention is one head of 512 channels over (side / 8)^2 tokens; no flash kernel
   takes a 512-wide head, and the profile of a refine step showed the memory-efficient kernel's backward at about
   60 ms per 1024 px image;
-- ``own+math-attention-half``: the math kernel reducing in half precision (``sds.half_math_attention``): what the
+- ``own+math-attention-half``: the math kernel reducing in half precision (``vae_encoding.half_math_attention``): what the
   guidances do now.
 
 Random weights (SD 1.5's VAE architecture from ``--models DIR/sd/vae``, ``animate124 make-tiny-models DIR
@@ -35,8 +35,8 @@ from unittest.mock import patch
 
 import torch
 
-from animate124.core import sds
-from animate124.core.atomic_io import write_json
+from animate124.core.guidance import vae_encoding
+from animate124.core.io.atomic_io import write_json
 
 SHAPES = {"cn-1024": (1, 3, 1024, 1024), "cn-512": (1, 3, 512, 512), "video-chunk4": (4, 3, 256, 256)}
 CPU_SHAPES = {"cn-1024": (1, 3, 64, 64), "cn-512": (1, 3, 32, 32), "video-chunk4": (4, 3, 16, 16)}
@@ -104,9 +104,9 @@ def _encode(vae, x0, w, device, autocast, variant: str = "own"):
     """Latents and image gradient of one checkpointed encode + backward, as the guidances run it."""
     x = x0.clone().requires_grad_(True)
     off = lambda *args: nullcontext()  # noqa: E731
-    precision = patch.object(sds, "own_precision", off) if variant == "autocast" else nullcontext()
+    precision = patch.object(vae_encoding, "own_precision", off) if variant == "autocast" else nullcontext()
     # every variant but the last runs without the guidances' half math attention
-    attention_patch = patch.object(sds, "half_math_attention", off) if variant != "own+math-attention-half" \
+    attention_patch = patch.object(vae_encoding, "half_math_attention", off) if variant != "own+math-attention-half" \
         else nullcontext()
     attention = nullcontext()
     if variant == "own+math-attention":
@@ -115,7 +115,7 @@ def _encode(vae, x0, w, device, autocast, variant: str = "own"):
         attention = sdpa_kernel([SDPBackend.MATH])
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     with precision, attention_patch, attention, amp:
-        latents = sds.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
+        latents = vae_encoding.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
         (latents * w).sum().backward()
     return latents.detach().float(), x.grad
 

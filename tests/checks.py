@@ -29,7 +29,7 @@ def one_thread():
 
 
 class ReplayingGraph:
-    """A CPU stand-in for ``animate124.core.cuda_graphs.CudaGraph`` with a real CUDA graph's contract: recording runs
+    """A CPU stand-in for ``animate124.core.guidance.cuda_graphs.CudaGraph`` with a real CUDA graph's contract: recording runs
     the function once on the recorded input buffers and keeps its output tensors; a replay computes again *from those
     buffers* and writes the result *into those same output tensors* (earlier results are overwritten)."""
 

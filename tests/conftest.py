@@ -15,6 +15,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SHARED_DATA = Path(os.environ.get("A124_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(REPO / "benchmarks"))  # the step benchmark (step_benchmark) and the benchmark scripts
 
 from threestudio_env import why_unavailable  # noqa: E402
 
@@ -69,7 +70,7 @@ def example_rgba(tmp_path_factory) -> Path:
     path = SHARED_DATA / "examples" / "panda-dance" / "rgba.png"
     if path.is_file():
         return path
-    from animate124.tools.smoke_assets import write_smoke_image
+    from animate124.testing.smoke_assets import write_smoke_image
 
     out = tmp_path_factory.mktemp("example") / "rgba.png"
     write_smoke_image(str(out), size=256)

@@ -4,7 +4,13 @@ Needs threestudio importable (launch.py does that); ``animate124.core`` never do
 """
 # importing the modules registers their a124-* names
 from animate124.components import (  # noqa: F401
-    data, exporter, geometry, guidance, oracle_guidance, prompt_processors, renderer, system,
+    data,
+    exporter,
+    geometry,
+    guidance,
+    prompt_processors,
+    renderer,
+    system,
 )
 
 REGISTERED_NAMES = (
@@ -17,6 +23,4 @@ REGISTERED_NAMES = (
     "a124-textual-inversion-prompt-processor",
     "a124-mesh-sequence-exporter",
     "a124-controlnet-tile-guidance",
-    "a124-oracle-image-guidance",
-    "a124-oracle-video-guidance",
 )

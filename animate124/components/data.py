@@ -8,7 +8,7 @@ Every training batch holds three parts, so one data module serves every stage (t
   camera whose azimuth really moves by the azimuth delta, fixing upstream's elevation-delta bug).
 
 Validation renders an orbit while animating (64 frames by default); test renders turntables at fixed times, the
-front view over time and the orbit while animating. Cameras and rays come from the core (``core/cameras.py``,
+front view over time and the orbit while animating. Cameras and rays come from the core (``core/render/cameras.py``,
 tested against the host's helpers); projection / mvp matrices from the host.
 
 Training rays are made on the training device: the loader's batches carry ``rays_pending`` instead of
@@ -32,10 +32,10 @@ from threestudio.utils.base import Updateable
 from threestudio.utils.ops import get_mvp_matrix, get_projection_matrix
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from animate124.core import cameras as cams
-from animate124.core.frame_times import sample_frame_times
-from animate124.components.choices import check_choice
 from animate124.components import preflight
+from animate124.components.choices import check_choice
+from animate124.core.render import cameras as cams
+from animate124.core.render.frame_times import sample_frame_times
 
 
 @dataclass

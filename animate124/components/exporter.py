@@ -1,7 +1,7 @@
 """``a124-mesh-sequence-exporter``: meshes of the 4D field at several frame times, plus one animated ``.glb``.
 
 The host's ``mesh-exporter`` extracts one mesh and takes no time argument. This exporter runs marching cubes
-on ``geometry.forward_density(points, times=t)`` at each requested time (``animate124.core.mesh_export``), colours the
+on ``geometry.forward_density(points, times=t)`` at each requested time (``animate124.core.export.mesh_export``), colours the
 vertices with the material (``material.export(points, **geometry.export(points, times=t))["albedo"]``, as the host's
 exporter does), and writes
 
@@ -25,8 +25,8 @@ import torch
 from threestudio.models.exporters.base import Exporter, ExporterOutput
 from threestudio.utils.typing import List
 
-from animate124.core.mesh_export import build_mesh_animation, write_mesh_sequence, write_morph_glb
 from animate124.components.choices import check_choice
+from animate124.core.export.mesh_export import build_mesh_animation, write_mesh_sequence, write_morph_glb
 
 
 @threestudio.register("a124-mesh-sequence-exporter")

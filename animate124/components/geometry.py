@@ -14,8 +14,8 @@ import torch
 from threestudio.models.geometry.base import BaseGeometry, BaseImplicitGeometry
 from threestudio.utils.typing import Any, Dict, Float, Tensor, Tuple
 
-from animate124.core.field import DynamicField
 from animate124.components.choices import check_choice
+from animate124.core.field.dynamic_field import DynamicField
 
 
 def _default_grid() -> dict:
@@ -41,7 +41,7 @@ class TimeVolume(BaseImplicitGeometry):
         pos_encoding_config: dict = field(default_factory=_default_grid)
         """Level configuration shared by the 3-D and the 4-D grid (tiny-cuda-nn HashGrid keys; ``otype`` ignored;
         ``implementation``: auto | torch | triton | tcnn; ``merge_runs_max_res``: the Triton backward's coarse levels
-        add a run of consecutive samples in one cell with one atomic, see animate124.core.hashgrid_triton)."""
+        add a run of consecutive samples in one cell with one atomic, see animate124.core.field.hashgrid_triton)."""
         time_init_scale: float = 1e-4
         """The 4-D grid starts as U(-s, s): the dynamic model starts as the static one."""
         mlp_network_config: dict = field(default_factory=lambda: {"n_neurons": 64, "n_hidden_layers": 1})

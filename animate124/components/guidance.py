@@ -14,10 +14,10 @@ import torch
 from threestudio.utils.base import BaseObject
 from threestudio.utils.misc import C
 
-from animate124.core import sds
-from animate124.core.controlnet_sds import CONTROLNET_TILE_ID, SD15_ID, ControlNetTileSDS
-from animate124.core.video_sds import MODELSCOPE_ID, VideoSDS
 from animate124.components.choices import check_choice
+from animate124.core.guidance import sds
+from animate124.core.guidance.controlnet_sds import CONTROLNET_TILE_ID, SD15_ID, ControlNetTileSDS
+from animate124.core.guidance.video_sds import MODELSCOPE_ID, VideoSDS
 
 
 class _SDSGuidance(BaseObject):
@@ -28,7 +28,7 @@ class _SDSGuidance(BaseObject):
         half_precision_weights: bool = True
         """fp16 weights on CUDA (always fp32 on CPU); losses are computed in fp32."""
         weighting_strategy: str = "sds"
-        """w(t): sds = 1 - alpha_bar (upstream); see animate124.core.sds.sds_weight for the others."""
+        """w(t): sds = 1 - alpha_bar (upstream); see animate124.core.guidance.sds.sds_weight for the others."""
         min_step_percent: Any = 0.02
         """A number or a host C() schedule ([start_step, start, end, end_step])."""
         max_step_percent: Any = 0.98

@@ -1,9 +1,9 @@
 """The guidance slots of ``system.guidances`` at run time: loaded when a stage that uses them starts, freed when a
-stage does not, and called with the inputs their kind needs (validation of the mapping: ``core/step_plan.py``).
+stage does not, and called with the inputs their kind needs (validation of the mapping: ``core/training/step_plan.py``).
 
 Kept in plain dicts, not ``nn.Module`` attributes, so the frozen diffusion models stay out of the checkpoint.
 With ``compile_mode`` (``system.compile_denoisers``) each slot's denoisers are compiled (or wrapped for CUDA graphs)
-in place when it loads (:func:`animate124.core.diffusion_networks.compile_networks`); the compilation itself runs at
+in place when it loads (:func:`animate124.core.guidance.diffusion_networks.compile_networks`); the compilation itself runs at
 their first call, a CUDA graph's recording at the second.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from threestudio.utils.misc import cleanup
 
 from animate124.components.host_compat import alias_host_zero123
-from animate124.core.cuda_graphs import GraphPool
-from animate124.core.diffusion_networks import compile_networks
-from animate124.core.step_plan import GuidanceSlot
+from animate124.core.guidance.cuda_graphs import GraphPool
+from animate124.core.guidance.diffusion_networks import compile_networks
+from animate124.core.training.step_plan import GuidanceSlot
 
 
 class GuidanceSlots:

@@ -59,7 +59,7 @@ def load_weights_reporting(module, weights: str, ignore_modules, strict: bool, s
 
 
 def _smoke_assets(out_dir: str) -> str:
-    from animate124.tools.smoke_assets import ensure_smoke_assets  # only smoke configs pay for this import
+    from animate124.testing.smoke_assets import ensure_smoke_assets  # only smoke configs pay for this import
 
     ensure_smoke_assets(out_dir)
     return out_dir

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import threestudio
 import torch
 
-from animate124.core.safe_files import UnsafeFileError
+from animate124.core.io.safe_files import UnsafeFileError
 
 TEXTUAL_INVERSION_PP = "a124-textual-inversion-prompt-processor"
 CONTROLNET_GUIDANCE = "a124-controlnet-tile-guidance"
@@ -91,7 +91,7 @@ def _unused_host_fields(cfg: Any) -> List[str]:
     problems = []
     loss = dict(getattr(cfg, "loss", None) or {})
     if loss:
-        from animate124.core.step_plan import OWN_TERMS as OWN_LOSSES
+        from animate124.core.training.step_plan import OWN_TERMS as OWN_LOSSES
 
         problems.append(
             f"system.loss has keys {sorted(loss)}, which a124-system does not read: put loss weights in "
@@ -161,7 +161,7 @@ def _prompt(where: str, slot: Any) -> List[str]:
                 "(system.prompt / system.motion_prompt / system.refine_prompt)"]
     if slot.prompt_processor_type != TEXTUAL_INVERSION_PP:
         return []
-    from animate124.core.textual_inversion import PLACEHOLDER
+    from animate124.core.guidance.textual_inversion import PLACEHOLDER
 
     placeholder = pp.get("placeholder", PLACEHOLDER)
     problems = []
@@ -175,7 +175,7 @@ def _prompt(where: str, slot: Any) -> List[str]:
 
 def check_embedding(where: str, path: str, width: Optional[int]) -> List[str]:
     """A textual-inversion file: exists, loads without running code, holds one token of the text encoder's width."""
-    from animate124.core.textual_inversion import read_learned_embeds
+    from animate124.core.guidance.textual_inversion import read_learned_embeds
 
     if not path:
         return [f"{where} is empty: make the embedding with `animate124 invert IMAGE --token ... --out DIR` and set "

@@ -13,10 +13,10 @@ import torch
 from threestudio.models.prompt_processors.base import hash_prompt
 from threestudio.models.prompt_processors.stable_diffusion_prompt_processor import StableDiffusionPromptProcessor
 
-from animate124.core.textual_inversion import PLACEHOLDER, load_textual_inversion, replace_placeholder
-from animate124.core import text_encoding
-from animate124.core.atomic_io import save_with
-from animate124.core.video_sds import MODELSCOPE_ID
+from animate124.core.guidance import text_encoding
+from animate124.core.guidance.textual_inversion import PLACEHOLDER, load_textual_inversion, replace_placeholder
+from animate124.core.guidance.video_sds import MODELSCOPE_ID
+from animate124.core.io.atomic_io import save_with
 
 
 @threestudio.register("a124-video-prompt-processor")
@@ -34,7 +34,7 @@ class VideoPromptProcessor(StableDiffusionPromptProcessor):
 
     @staticmethod
     def spawn_func(pretrained_model_name_or_path, prompts, cache_dir):
-        """The host's per-prompt cache files, computed with ``core/text_encoding.py`` (prompts longer than 77 tokens
+        """The host's per-prompt cache files, computed with ``core/guidance/text_encoding.py`` (prompts longer than 77 tokens
         are truncated, as the SDS cores do, instead of failing). Each file appears whole or not at all: two runs
         started together in one checkout share the cache, and the host loads any file that exists (a half-written
         one stopped a run on an H200 with ``EOFError``)."""

@@ -14,9 +14,9 @@ import torch
 from threestudio.models.renderers.base import VolumeRenderer
 from threestudio.utils.typing import Dict, Float, Tensor
 
-from animate124.core.occupancy import TimeOccupancyGrid
-from animate124.core.volrend import render_rays
 from animate124.components.choices import check_choice
+from animate124.core.field.occupancy import TimeOccupancyGrid
+from animate124.core.render.volrend import render_rays
 
 
 @threestudio.register("a124-time-volume-renderer")

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 
-from animate124.core.atomic_io import write_json
-from animate124.core.stages import stage_at, stage_starts, total_steps
+from animate124.core.io.atomic_io import write_json
+from animate124.core.training.stages import stage_at, stage_starts, total_steps
 
 
 class StageRecords(pl.Callback):

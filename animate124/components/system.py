@@ -1,9 +1,9 @@
 """``a124-system``: every Animate124 stage (static -> dynamic -> refine) inside ONE run, switched by the step.
 
-``stages:`` (:mod:`animate124.core.stages`) says per stage how many steps it runs, which guidance slots are active,
+``stages:`` (:mod:`animate124.core.training.stages`) says per stage how many steps it runs, which guidance slots are active,
 the loss weights, the learning rate of each parameter group and which groups train. Slots are declared once under
 ``guidances:`` with any host or a124 guidance; a slot is loaded when a stage that uses it starts and freed when the
-stage that follows does not use it. What each step renders and weighs is :func:`animate124.core.step_plan.plan_step`;
+stage that follows does not use it. What each step renders and weighs is :func:`animate124.core.training.step_plan.plan_step`;
 this class executes the plan. Stage timing / VRAM: :mod:`animate124.components.stage_records`.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from animate124.components.guidance_slots import GuidanceSlots
 from animate124.components.host_compat import load_weights_reporting
 from animate124.components.nonfinite_guard import NonfiniteGuard
 from animate124.components.stage_records import StageRecords
-from animate124.core import losses
-from animate124.core.diffusion_networks import COMPILE_MODES, compile_problem
-from animate124.core.stages import Stage, parse_stages, stage_at, starts_later_stage
-from animate124.core.step_plan import check_weights, parse_slots, plan_step, slot_weight
+from animate124.core.guidance.diffusion_networks import COMPILE_MODES, compile_problem
+from animate124.core.training import losses
+from animate124.core.training.stages import Stage, parse_stages, stage_at, starts_later_stage
+from animate124.core.training.step_plan import check_weights, parse_slots, plan_step, slot_weight
 
 # parameter group (stages' learning_rates / trainable) -> attribute path on the system
 PARAM_PATHS = {"field_3d": "geometry.encoding", "field_4d": "geometry.encoding_time",

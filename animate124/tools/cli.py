@@ -33,8 +33,9 @@ _TOOLS = {
     "evaluate": "animate124.tools.evaluate",
     "run-benchmark": "animate124.tools.run_benchmark",
     "launch": "animate124.tools.launch",
-    "benchmark": "animate124.tools.benchmark_steps",
+    "benchmark": "step_benchmark.cli",  # measuring equipment, kept in the checkout's benchmarks/ (see _import_tool)
 }
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 class ToolError(ValueError):
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"animate124 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, module_name in _TOOLS.items():
-        module = importlib.import_module(module_name)
+        module = _import_tool(module_name)
         doc = (module.__doc__ or "").strip()
         tool_parser = sub.add_parser(
             name,
@@ -86,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         tool_parser.set_defaults(run=module.run)
     _add_make_tiny_models(sub)
     return parser
+
+
+def _import_tool(module_name: str):
+    """The tool's module; ``step_benchmark`` is imported from the checkout's ``benchmarks/`` folder, which is not part
+    of the installed package."""
+    if module_name.startswith("step_benchmark") and str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(module_name)
 
 
 def check_writable(paths: Sequence[Path], overwrite: bool) -> None:

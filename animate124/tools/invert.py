@@ -8,7 +8,7 @@ Everything else (U-Net, VAE, every other embedding row) stays bit-identical.
 Defaults follow the upstream recipe: 3000 steps, batch 16, lr 1e-4 constant, AdamW (0.9, 0.999, weight decay 1e-2),
 fp16 autocast on GPU, the RealFusion augmentations. Writes learned_embeds.safetensors and learned_embeds.bin
 (the same {token: float32 tensor[dim]}; load the .bin with torch.load(path, weights_only=True)) and invert.json.
-The loss and the loop live in animate124.core.textual_inversion (train_token); this command parses its arguments,
+The loss and the loop live in animate124.core.guidance.textual_inversion (train_token); this command parses its arguments,
 loads the models and the photo, and checks --out is writable before the first step.
 """
 
@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from animate124.core.atomic_io import write_text
+from animate124.core.io.atomic_io import write_text
 from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = ["DEFAULT_SD_MODEL", "load_sd_parts", "load_image", "add_arguments", "run"]
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     fp16 = args.precision == "fp16" or (args.precision == "auto" and device.startswith("cuda"))
     if fp16 and not device.startswith("cuda"):
         raise ToolError(f"--precision fp16 needs a CUDA device, got --device {device}: use --precision fp32")
-    from animate124.core.textual_inversion import check_placeholder_token, save_learned_embeds, train_token
+    from animate124.core.guidance.textual_inversion import check_placeholder_token, save_learned_embeds, train_token
 
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from animate124.core.atomic_io import save_with
+from animate124.core.io.atomic_io import save_with
 from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = [

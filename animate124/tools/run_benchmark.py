@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from animate124.core.atomic_io import write_text
+from animate124.core.io.atomic_io import write_text
 from animate124.tools.cli import ToolError, natural_key
 
 __all__ = [

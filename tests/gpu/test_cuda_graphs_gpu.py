@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from animate124.core.cuda_graphs import GraphedForward, GraphPool
+from animate124.core.guidance.cuda_graphs import GraphedForward, GraphPool
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,7 +57,7 @@ def test_sd_unet_graph_equals_eager_and_is_faster():
 
 
 def test_controlnet_into_unet_with_a_shared_pool_replayed_out_of_order(tiny_models):
-    from animate124.core.controlnet_sds import ControlNetTileSDS
+    from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
 
     sds = ControlNetTileSDS.from_pretrained(tiny_models["sd"], tiny_models["controlnet-tile"], device="cuda",
                                             torch_dtype=torch.float32)

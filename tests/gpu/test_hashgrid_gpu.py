@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from animate124.core.hashgrid import HashGridEncoding
+from animate124.core.field.hashgrid import HashGridEncoding
 
 pytestmark = [
     pytest.mark.gpu,
@@ -92,7 +92,7 @@ def test_tcnn_matches_torch_when_installed():
 def test_backward_variants_agree_on_ray_ordered_samples(d):
     """Run merging changes only the order of the float additions: on samples packed ray after ray (runs of equal rows
     on the coarse levels) and on shuffled ones, every threshold gives the torch reference's embedding gradient."""
-    from animate124.core import hashgrid_triton as ht
+    from animate124.core.field import hashgrid_triton as ht
 
     gen = torch.Generator().manual_seed(20 + d)
     enc = HashGridEncoding(d, implementation="torch", init_scale=1.0, generator=gen).cuda()

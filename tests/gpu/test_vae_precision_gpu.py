@@ -1,6 +1,6 @@
 """A half-precision VAE encode with its backward (what every SDS step of the video and ControlNet-Tile guidances
-does) under 16-mixed autocast: run in the VAE's own dtype (``sds.own_precision``, with the attention on the math
-kernel in half precision, ``sds.half_math_attention``) it holds less memory than under autocast with the default
+does) under 16-mixed autocast: run in the VAE's own dtype (``vae_encoding.own_precision``, with the attention on the math
+kernel in half precision, ``vae_encoding.half_math_attention``) it holds less memory than under autocast with the default
 attention kernel, where GroupNorm keeps fp32 activations, and is as close to an fp32 encode. SD 1.5's VAE architecture,
 random weights, one 512 px image, checkpointed as the presets run it."""
 
@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from animate124.core import sds
+from animate124.core.guidance import vae_encoding
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,7 +36,7 @@ def _encode(vae, x0, w, autocast: bool):
     start = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-        latents = sds.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
+        latents = vae_encoding.encode_latents(vae, x, sample_posterior=False, chunk_size=1, checkpoint=True)
         (latents * w).sum().backward()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) * 1e3
@@ -58,8 +58,8 @@ def test_own_precision_vae_encode_holds_less_and_is_as_accurate(monkeypatch):
     rows = {}
     for name in ("autocast", "own", "autocast", "own"):  # second round timed warm
         if name == "autocast":  # the guidances before 2026-12-01: autocast on, the default attention kernel
-            monkeypatch.setattr(sds, "own_precision", lambda network, device: torch.autocast("cuda", enabled=True))
-            monkeypatch.setattr(sds, "half_math_attention", lambda *args: nullcontext())
+            monkeypatch.setattr(vae_encoding, "own_precision", lambda network, device: torch.autocast("cuda", enabled=True))
+            monkeypatch.setattr(vae_encoding, "half_math_attention", lambda *args: nullcontext())
         else:  # now: own precision, the math attention kernel in half precision
             monkeypatch.undo()
         latents, grad, peak, ms = _encode(vae16, x0, w, autocast=True)

@@ -53,7 +53,8 @@ def one_thread():
 
 
 def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir, one_thread):
-    from animate124.tools.benchmark_steps import benchmark_config, summary_table
+    from step_benchmark.cli import summary_table
+    from step_benchmark.runner import benchmark_config
 
     progress = []
     result = benchmark_config(REPO / "configs" / "animate124.yaml", models_dir=None,
@@ -120,7 +121,7 @@ def test_benchmark_stopped_by_sigterm_keeps_the_stages_measured(threestudio, tin
     import os
     import signal
 
-    from animate124.tools import benchmark_steps
+    from step_benchmark import runner as benchmark_steps
 
     make_timer = benchmark_steps.StepTimer
 

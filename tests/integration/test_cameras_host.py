@@ -1,11 +1,11 @@
-"""animate124.core.cameras against threestudio's own helpers and data modules (same numbers, same conventions)."""
+"""animate124.core.render.cameras against threestudio's own helpers and data modules (same numbers, same conventions)."""
 
 import math
 
 import pytest
 import torch
 
-from animate124.core.cameras import get_rays, make_trajectory, turntable
+from animate124.core.render.cameras import get_rays, make_trajectory, turntable
 
 
 @pytest.fixture(scope="module")

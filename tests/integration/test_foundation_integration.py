@@ -133,7 +133,7 @@ def test_coarse_to_fine_levels_follow_the_step(threestudio, tmp_path):
 def test_normal_frames_and_weight_floor_from_the_yaml(threestudio, tmp_path):
     """renderer.normal_frames: normals on that many random images of a training batch, flagged in
     normal_frame_mask, the normal smoothness taken on those only; normal_weight_min: light samples get none."""
-    from animate124.core.losses import normal_smoothness_2d, render_term
+    from animate124.core.training.losses import normal_smoothness_2d, render_term
 
     torch.manual_seed(0)
     cfg, geometry, renderer, dm = _build_from_yaml(threestudio, tmp_path)

@@ -41,7 +41,7 @@ def _batch(threestudio, tmp_path):
 
 
 def test_oracle_guidances_score_the_batch_cameras_and_times(threestudio, tmp_path):
-    from animate124.core.oracle import render_target
+    from animate124.testing.oracle import render_target
 
     cfg, batch = _batch(threestudio, tmp_path)
     image = threestudio.find("a124-oracle-image-guidance")({"seed": 0, "reference_samples": 64})

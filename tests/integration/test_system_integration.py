@@ -404,7 +404,7 @@ def test_compile_denoisers_choice_and_which_networks_each_slot_compiles(threestu
     from threestudio.utils.config import load_config
 
     from animate124.components.guidance_slots import GuidanceSlots
-    from animate124.core.step_plan import parse_slots
+    from animate124.core.training.step_plan import parse_slots
 
     text = _config(tiny_models, example_rgba, run_dir)
     cfg = load_config(text.replace("  anchor_interval: 2", "  anchor_interval: 2\n  compile_denoisers: fast", 1),
@@ -444,8 +444,8 @@ def test_cuda_graphs_through_the_system_give_the_eager_losses(threestudio, tiny_
     from safetensors.torch import save_file
 
     from animate124.components.guidance_slots import GuidanceSlots
-    from animate124.core import cuda_graphs
-    from animate124.core.diffusion_networks import find_networks
+    from animate124.core.guidance import cuda_graphs
+    from animate124.core.guidance.diffusion_networks import find_networks
 
     for root in ("eager", "graphs"):
         (run_dir / root).mkdir()
@@ -481,7 +481,7 @@ def test_cuda_graphs_through_the_system_give_the_eager_losses(threestudio, tiny_
 
 
 def _compiled_networks(guidance) -> list:
-    from animate124.core.diffusion_networks import find_networks
+    from animate124.core.guidance.diffusion_networks import find_networks
 
     return sorted(type(m).__name__ for m in find_networks([guidance]).all()
                   if getattr(vars(m).get("forward"), "_a124_compiled", False))
@@ -491,7 +491,7 @@ def test_normal_frames_through_the_system_score_only_the_frames_with_normals(thr
                                                                             run_dir, monkeypatch):
     """renderer.normal_frames in a real run: each video step renders normals on 2 of the 4 frames, the normal
     smoothness is taken on those 2 only, and it still trains the 4-D grid."""
-    from animate124.core import losses
+    from animate124.core.training import losses
 
     cfg_text = _config(tiny_models, example_rgba, run_dir, steps=(1, 3, 1)).replace(
         "    implementation: torch\n  guidances:",

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from animate124.core import atomic_io
+from animate124.core.io import atomic_io
 
 
 def _files(folder):
@@ -52,7 +52,7 @@ def test_killed_process_leaves_old_file_intact(tmp_path):
     """A process killed mid-write (os._exit: no cleanup runs) leaves the old file untouched."""
     path = tmp_path / "mesh.glb"
     path.write_bytes(b"old mesh")
-    code = ("import os, sys; from animate124.core import atomic_io\n"
+    code = ("import os, sys; from animate124.core.io import atomic_io\n"
             "with atomic_io.atomic_open(sys.argv[1], 'wb') as f:\n"
             "    f.write(b'new mesh, first half'); f.flush(); os._exit(9)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -65,8 +65,8 @@ def test_killed_process_leaves_old_file_intact(tmp_path):
 
 def test_write_sites_are_atomic(tmp_path, monkeypatch):
     """The embedding (invert) and the mesh sequence go through atomic_io: a failing writer keeps the old files."""
-    from animate124.core.mesh_export import Mesh, write_mesh_sequence
-    from animate124.core.textual_inversion import save_learned_embeds
+    from animate124.core.export.mesh_export import Mesh, write_mesh_sequence
+    from animate124.core.guidance.textual_inversion import save_learned_embeds
 
     paths = save_learned_embeds(tmp_path, "_tok_", torch.ones(4))
     old = {p: p.read_bytes() for p in paths}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from animate124.tools.benchmark_steps import CallRecorder
+from step_benchmark.floor import CallRecorder
 
 
 def _tiny_vae_and_unet():
@@ -62,7 +62,7 @@ def test_compiled_networks_are_recorded_and_replayed_compiled():
 
     from torch._dynamo.utils import counters
 
-    from animate124.core.diffusion_networks import compile_networks
+    from animate124.core.guidance.diffusion_networks import compile_networks
 
     vae, unet = _tiny_vae_and_unet()
     guidance = types.SimpleNamespace(model=types.SimpleNamespace(unet=unet, vae=vae))
@@ -88,8 +88,8 @@ def test_steps_that_compiled_count_once_in_the_stage_switch_not_in_the_step_time
     adds once per stage."""
     import types
 
-    from animate124.core.stages import parse_stages
-    from animate124.tools.benchmark_steps import StepTimer
+    from animate124.core.training.stages import parse_stages
+    from step_benchmark.timer import StepTimer
 
     slots = types.SimpleNamespace(keep_only=lambda *a, **k: None, guidances={}, prompt_processors={})
     system = types.SimpleNamespace(renderer=torch.nn.Identity(), guidance_slots=slots,
@@ -115,7 +115,7 @@ def test_evaluation_is_timed_in_eval_mode_and_training_mode_comes_back():
     loops do (eval mode: no jitter, chunked, with normals), then leave the mode as it found it."""
     from contextlib import nullcontext
 
-    from animate124.tools.benchmark_steps import _time_eval
+    from step_benchmark.runner import _time_eval
 
     class System(torch.nn.Module):
         def __init__(self):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from animate124.core import cameras as cam
-from animate124.core.cameras import (
+from animate124.core.render import cameras as cam
+from animate124.core.render.cameras import (
     camera_positions_from_angles,
     fixed_view,
     get_rays,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from animate124.core import sds
-from animate124.core.controlnet_sds import ControlNetTileSDS
+from animate124.core.guidance import vae_encoding
+from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
 
 SIZE = 64  # fixed_size override: 8x8 latents
 
@@ -98,7 +98,7 @@ def test_condition_is_resized_with_the_frames(cn_sds):
     )
     assert out["cond_image"].shape == (1, 3, 32, 32) and out["latents"].shape == (1, 4, 4, 4)
     i = out["frame_indices"].item()
-    expected = sds.resize_to_model(frames.detach()[i : i + 1].permute(0, 3, 1, 2), (32, 32))
+    expected = vae_encoding.resize_to_model(frames.detach()[i : i + 1].permute(0, 3, 1, 2), (32, 32))
     torch.testing.assert_close(out["cond_image"], expected, rtol=0, atol=0)
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from checks import ReplayingGraph
 
-from animate124.core.cuda_graphs import MAX_SAMPLE_ELEMENTS, GraphedForward, copy_outputs
-from animate124.core.diffusion_networks import compile_networks
+from animate124.core.guidance.cuda_graphs import MAX_SAMPLE_ELEMENTS, GraphedForward, copy_outputs
+from animate124.core.guidance.diffusion_networks import compile_networks
 
 
 def _graphed(module, **kw) -> GraphedForward:
@@ -32,7 +32,7 @@ def _graphed_unet(cn_sds):
 
 @pytest.fixture()
 def cn_sds(tiny_models):
-    from animate124.core.controlnet_sds import ControlNetTileSDS
+    from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
 
     return ControlNetTileSDS.from_pretrained(tiny_models["sd"], tiny_models["controlnet-tile"])
 
@@ -212,7 +212,7 @@ def test_a_failed_recording_runs_eager_for_good_and_warns_once(caplog):
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     graphed = GraphedForward(lambda x: x + 1, graph_type=FailingGraph, name="UNet2DConditionModel")
-    with caplog.at_level(logging.WARNING, logger="animate124.core.cuda_graphs"):
+    with caplog.at_level(logging.WARNING, logger="animate124.core.guidance.cuda_graphs"):
         results = [graphed(torch.zeros(2)) for _ in range(4)]
     assert all(torch.equal(r, torch.ones(2)) for r in results)
     assert (graphed.records, graphed.replays, graphed.eager_calls) == (0, 0, 4)

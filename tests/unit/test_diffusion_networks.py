@@ -12,10 +12,10 @@ import weakref
 import pytest
 import torch
 
-from animate124.core import sds
-from animate124.core.controlnet_sds import ControlNetTileSDS
-from animate124.core.diffusion_networks import COMPILE_MODES, compile_networks, compile_problem, find_networks
-from animate124.core.video_sds import VideoSDS
+from animate124.core.guidance import vae_encoding
+from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
+from animate124.core.guidance.diffusion_networks import COMPILE_MODES, compile_networks, compile_problem, find_networks
+from animate124.core.guidance.video_sds import VideoSDS
 
 SIZE = 64  # ControlNet fixed_size: 8x8 latents
 
@@ -85,7 +85,7 @@ def test_compiled_vae_encoder_gradient_under_autocast(cn_sds):
     def moments_and_grad(checkpoint):
         x = images.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mean, std = sds.encode_moments(cn_sds.vae, x, chunk_size=1, checkpoint=checkpoint)
+            mean, std = vae_encoding.encode_moments(cn_sds.vae, x, chunk_size=1, checkpoint=checkpoint)
         (mean.float().square().sum() + std.float().sum()).backward()
         return mean.detach().float(), x.grad
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from checks import bad_input
 
-from animate124.core.field import DENSITY_ACTIVATIONS, DynamicField, features_to_rgb, trunc_exp
+from animate124.core.field.dynamic_field import DENSITY_ACTIVATIONS, DynamicField, features_to_rgb, trunc_exp
 
 SMALL = dict(n_levels=4, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0, implementation="torch")
 

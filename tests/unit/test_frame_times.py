@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from animate124.core.frame_times import eval_times, sample_frame_times, stride_probabilities
+from animate124.core.render.frame_times import eval_times, sample_frame_times, stride_probabilities
 
 N_DRAWS = 10_000
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from animate124.testing import full_size_models as fsm
@@ -45,8 +44,8 @@ def test_layout_loads_through_the_real_loaders(tmp_path):
     from safetensors import safe_open
     from transformers import CLIPVisionModelWithProjection
 
-    from animate124.core.controlnet_sds import ControlNetTileSDS
-    from animate124.core.video_sds import VideoSDS
+    from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
+    from animate124.core.guidance.video_sds import VideoSDS
 
     paths = fsm.make_full_size_models(tmp_path, device="cpu", configs=SMALL)
     assert list(paths) == list(fsm.FULL_SIZE_KINDS)

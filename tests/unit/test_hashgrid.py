@@ -13,7 +13,7 @@ import pytest
 import torch
 from checks import bad_input
 
-from animate124.core.hashgrid import HashGridEncoding
+from animate124.core.field.hashgrid import HashGridEncoding
 
 REPO = Path(__file__).resolve().parents[2]
 PRIMES = (1, 2654435761, 805459861, 3674653429)
@@ -169,7 +169,7 @@ _INTERPRETED_CHECK = """
 import os
 assert os.environ["TRITON_INTERPRET"] == "1"
 import torch
-from animate124.core.hashgrid import HashGridEncoding
+from animate124.core.field.hashgrid import HashGridEncoding
 small = dict(n_levels=4, log2_hashmap_size=10, base_resolution=4, per_level_scale=2.0)
 for d, n_active in [(3, 4), (4, 4), (3, 3), (4, 1)]:
     gen = torch.Generator().manual_seed(10 + d)
@@ -196,7 +196,7 @@ for d, n_active in [(3, 4), (4, 4), (3, 3), (4, 1)]:
         assert results["triton"][1][enc.level_offsets[n_active]:].abs().max() == 0
 # summing runs of consecutive points with the same row (merge_runs_max_res) on samples packed ray after ray: the
 # same gradient from fewer atomic adds (lanes the interpreter's atomic sees unmasked, counted)
-from animate124.core import hashgrid_triton
+from animate124.core.field import hashgrid_triton
 from triton.runtime import interpreter
 added = [0]
 plain_atomic = interpreter.InterpreterBuilder.create_atomic_rmw
@@ -243,7 +243,7 @@ _COMPILE_CHECK = """
 import itertools, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from animate124.core import hashgrid_triton as ht
+from animate124.core.field import hashgrid_triton as ht
 signature = {"x_ptr": "*fp32", "gout_ptr": "*fp32", "emb_ptr": "*fp32", "gemb_ptr": "*fp32", "gx_ptr": "*fp32",
              "table_ptr": "*i32", "N": "i32", "merge_max_res": "i32", **{k: "constexpr" for k in
              ("D", "F", "LF", "NEED_DEMB", "NEED_DX", "MERGE", "BLOCK")}}
@@ -276,7 +276,7 @@ def test_backward_kernel_compiles_for_sm90():
 
 
 def test_exports_exist():
-    from animate124.core import hashgrid
+    from animate124.core.field import hashgrid
 
     assert all(hasattr(hashgrid, name) for name in hashgrid.__all__)
     # hashgrid_triton's exports are checked in the interpreted subprocess: importing it here, without

@@ -1,10 +1,10 @@
-"""core/losses.py against values worked out by hand on tiny tensors."""
+"""core/training/losses.py against values worked out by hand on tiny tensors."""
 import math
 
 import pytest
 import torch
 
-from animate124.core import losses
+from animate124.core.training import losses
 
 
 def test_all_exports_import():

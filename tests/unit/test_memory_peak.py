@@ -4,20 +4,20 @@ the real CUDA allocator history when a GPU is present."""
 import pytest
 import torch
 
-from animate124.tools.memory_peak import MemoryWindow, Roots, package_roots, peak_live
-from animate124.tools.memory_peak import peak_table as _peak_table
+from step_benchmark.memory_peak import MemoryWindow, Roots, package_roots, peak_live
+from step_benchmark.memory_peak import peak_table as _peak_table
 
 MIB = 2**20
 ROOTS = Roots(ours=(("/w/animate124", "/w"), ("/w/ts/threestudio", "/w/ts")),
               libraries=(("/py/site-packages/diffusers", "/py/site-packages"),),
-              skipped=("/w/animate124/tools/benchmark_steps.py",))
+              skipped=("/w/benchmarks/step_benchmark/floor.py",))
 
 
 def peak_table(events, allocated_at_start):
     return _peak_table(events, allocated_at_start, roots=ROOTS)
 
 
-def _alloc(addr, size, filename="/w/animate124/core/volrend.py", line=10, name="render_rays"):
+def _alloc(addr, size, filename="/w/animate124/core/render/volrend.py", line=10, name="render_rays"):
     return {"action": "alloc", "addr": addr, "size": size,
             "frames": [{"filename": "/py/torch/autograd/function.py", "line": 1, "name": "apply"},
                        {"filename": "/py/site-packages/diffusers/models/resnet.py", "line": 5, "name": "forward"},
@@ -47,16 +47,16 @@ def test_memory_from_before_the_window_freed_before_the_peak_is_not_counted_twic
     # peak = 1024 - 256 + 512 + 128 = 1408 MiB = 1.375 GiB; 0.75 GiB from before, 0.625 GiB made in the window
     assert first.startswith("peak allocated 1.375 GiB = 0.750 GiB allocated before") and "+ 0.625 GiB made" in first
     rows = table.splitlines()[2:]
-    assert rows[0].split()[:2] == ["0.500", "1"] and "animate124/core/volrend.py:11 render_rays" in rows[0]
+    assert rows[0].split()[:2] == ["0.500", "1"] and "animate124/core/render/volrend.py:11 render_rays" in rows[0]
     assert "diffusers/models/resnet.py:5 forward" in rows[0]  # the innermost library frame
     assert rows[1].split()[:2] == ["0.125", "1"] and "volrend.py:12" in rows[1]
 
 
 def test_the_benchmark_wrapper_frame_is_looked_past():
-    event = _alloc(1, 64 * MIB, filename="/w/animate124/core/video_sds.py", line=222, name="_predict_noise")
-    event["frames"].insert(2, {"filename": "/w/animate124/tools/benchmark_steps.py", "line": 347, "name": "timed"})
+    event = _alloc(1, 64 * MIB, filename="/w/animate124/core/guidance/video_sds.py", line=222, name="_predict_noise")
+    event["frames"].insert(2, {"filename": "/w/benchmarks/step_benchmark/floor.py", "line": 347, "name": "timed"})
     row = peak_table([event], allocated_at_start=0).splitlines()[2]
-    assert "animate124/core/video_sds.py:222 _predict_noise" in row and "benchmark_steps" not in row
+    assert "animate124/core/guidance/video_sds.py:222 _predict_noise" in row and "step_benchmark" not in row
 
 
 def test_sites_are_matched_by_package_folder_not_by_a_name_in_the_path():
@@ -64,7 +64,7 @@ def test_sites_are_matched_by_package_folder_not_by_a_name_in_the_path():
     a torch frame there is a library frame, not threestudio's; real files are shown from their package."""
     import os
 
-    import animate124.core.sds as sds_module
+    import animate124.core.guidance.sds as sds_module
 
     roots = package_roots()
     torch_file = os.path.join(os.path.dirname(torch.__file__), "nn", "functional.py")
@@ -75,7 +75,7 @@ def test_sites_are_matched_by_package_folder_not_by_a_name_in_the_path():
               {"filename": sds_module.__file__, "line": 451, "name": "_moments"}]
     event = {"action": "alloc", "addr": 1, "size": 64 * MIB, "frames": frames}
     row = _peak_table([event], allocated_at_start=0, roots=roots).splitlines()[2]
-    assert row.endswith("animate124/core/sds.py:451 _moments  |  torch/nn/functional.py:2990 group_norm"), row
+    assert row.endswith("animate124/core/guidance/sds.py:451 _moments  |  torch/nn/functional.py:2990 group_norm"), row
 
 
 def test_sites_group_allocations_and_frameless_ones_are_named_as_backward():

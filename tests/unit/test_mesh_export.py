@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from animate124.core import mesh_export as mx
-from animate124.core.mesh_export import (
+from animate124.core.export import mesh_export as mx
+from animate124.core.export.mesh_export import (
     build_mesh_animation,
     extract_mesh,
     topology_signature,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from checks import bad_input
 
-from animate124.core.occupancy import TimeOccupancyGrid
-from animate124.core.volrend import render_rays
+from animate124.core.field.occupancy import TimeOccupancyGrid
+from animate124.core.render.volrend import render_rays
 
 AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
 SIGMA, STD = 10.0, 0.08  # Gaussian blob: sigma(x, t) = SIGMA exp(-|x - c(t)|^2 / (2 STD^2))

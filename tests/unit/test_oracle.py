@@ -1,12 +1,12 @@
-"""The oracle's math (core/oracle.py) and the synthetic scene's independent camera and renderer (core/synthetic_scene.py)."""
+"""The oracle's math (animate124/testing/oracle.py) and the synthetic scene's independent camera and renderer (animate124/testing/synthetic_scene.py)."""
 import math
 
 import pytest
 import torch
 
-from animate124.core import cameras as cams
-from animate124.core import oracle
-from animate124.core.synthetic_scene import blobs_scene, orbit_camera_rays, reference_render
+from animate124.core.render import cameras as cams
+from animate124.testing import oracle
+from animate124.testing.synthetic_scene import blobs_scene, orbit_camera_rays, reference_render
 
 
 def test_scaled_linear_schedule_matches_diffusers():

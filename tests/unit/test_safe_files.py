@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from animate124.core.safe_files import UnsafeFileError, load_tensors
-from animate124.core.textual_inversion import read_learned_embeds
+from animate124.core.guidance.textual_inversion import read_learned_embeds
+from animate124.core.io.safe_files import UnsafeFileError, load_tensors
 
 
 class _RunsCode:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from animate124.core import sds
+from animate124.core.guidance import pretrained, sds, vae_encoding
 
 
 def test_timestep_range_defaults_and_annealing():
@@ -144,10 +144,10 @@ def test_encode_latents_samples_the_posterior_with_the_generator_and_scales():
     images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     x = images * 2 - 1
     mean = 2 * x[:, [0, 1, 2, 0]]  # x in [-1, 1]
-    got = sds.encode_latents(Posterior(), images, generator=torch.Generator().manual_seed(3))
+    got = vae_encoding.encode_latents(Posterior(), images, generator=torch.Generator().manual_seed(3))
     want = 0.5 * (mean + 0.1 * torch.randn(mean.shape, generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(sds.encode_latents(Posterior(), images, sample_posterior=False), 0.5 * mean)
+    torch.testing.assert_close(vae_encoding.encode_latents(Posterior(), images, sample_posterior=False), 0.5 * mean)
 
 
 def test_sds_gradient_weights_per_sample_and_is_nan_safe():
@@ -162,21 +162,21 @@ def test_sds_gradient_weights_per_sample_and_is_nan_safe():
 def test_resize_to_model_crops_centre_to_aspect_then_resizes():
     # a 2x8 image whose columns are numbered 0..7: a square target keeps the two central columns 3, 4
     img = torch.arange(8.0).repeat(2, 1)[None, None]
-    out = sds.resize_to_model(img, (2, 2))
+    out = vae_encoding.resize_to_model(img, (2, 2))
     torch.testing.assert_close(out, torch.tensor([[[[3.0, 4.0], [3.0, 4.0]]]]))
     # too tall (8x2) for a 1:2 target: keep 1 central row (row 3 or 4 -> index (8-1)//2 = 3), then resize
     tall = torch.arange(8.0)[:, None].repeat(1, 2)[None, None]
-    out = sds.resize_to_model(tall, (1, 2))
+    out = vae_encoding.resize_to_model(tall, (1, 2))
     torch.testing.assert_close(out, torch.tensor([[[[3.0, 3.0]]]]))
     # 80x144 render into the 320x576 model: same aspect 9:16 -> no crop, bilinear resize only
     x = torch.rand(1, 3, 81, 144, requires_grad=True)
-    y = sds.resize_to_model(x, (320, 576))
+    y = vae_encoding.resize_to_model(x, (320, 576))
     assert y.shape == (1, 3, 320, 576)
     y.sum().backward()
     assert x.grad.abs().sum() > 0
     # 256x256 into 320x576: crop to 144x256 first
     sq = torch.rand(1, 3, 256, 256)
-    torch.testing.assert_close(sds.resize_to_model(sq, (144, 256)), sq[:, :, 56:200])
+    torch.testing.assert_close(vae_encoding.resize_to_model(sq, (144, 256)), sq[:, :, 56:200])
 
 
 def test_cpu_generator_is_deterministic_and_passes_cpu_through():
@@ -189,7 +189,7 @@ def test_missing_model_error_names_the_id_and_the_fix(tmp_path):
     from diffusers import AutoencoderKL
 
     with pytest.raises(OSError, match="could not load AutoencoderKL from .*nowhere/vae.*local folder"):
-        sds.load_pretrained_component(AutoencoderKL, str(tmp_path / "nowhere"), "vae", local_files_only=True)
+        pretrained.load_pretrained_component(AutoencoderKL, str(tmp_path / "nowhere"), "vae", local_files_only=True)
 
 
 def test_weight_names_listed():
@@ -213,9 +213,9 @@ def _tiny_vae():
 def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
     vae = _tiny_vae()
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-    mean, std = sds.encode_moments(vae, x)
+    mean, std = vae_encoding.encode_moments(vae, x)
     graded = torch.tensor([True, False, True, False])
-    mean2, std2 = sds.encode_moments(vae, x, graded, chunk_size=1)
+    mean2, std2 = vae_encoding.encode_moments(vae, x, graded, chunk_size=1)
     torch.testing.assert_close(mean2, mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(std2, std, rtol=1e-5, atol=1e-6)
     mean2.sum().backward()
@@ -231,7 +231,7 @@ def test_encode_moments_split_and_chunks_agree_and_tiny_encoder_is_supported():
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
     ).eval()
-    m, s = sds.encode_moments(taesd, torch.rand(2, 3, 32, 32) * 2 - 1)
+    m, s = vae_encoding.encode_moments(taesd, torch.rand(2, 3, 32, 32) * 2 - 1)
     assert m.shape == (2, 4, 4, 4) and s.abs().sum() == 0
 
 
@@ -250,7 +250,7 @@ def test_checkpointed_encode_gives_the_same_values_and_gradients_and_keeps_one_c
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            mean, std = sds.encode_moments(vae, x * 2 - 1, **kwargs)
+            mean, std = vae_encoding.encode_moments(vae, x * 2 - 1, **kwargs)
         ((mean * w).sum() + std.sum()).backward()
         return mean.detach(), std.detach(), x.grad, sum(saved)
 
@@ -281,10 +281,10 @@ def test_load_pretrained_component_prefers_the_fp16_variant_when_present(tmp_pat
     )
     vae.half().save_pretrained(tmp_path / "only_fp16" / "vae", variant="fp16", safe_serialization=True)
     vae.float().save_pretrained(tmp_path / "plain" / "vae", safe_serialization=True)
-    a = sds.load_pretrained_component(
+    a = pretrained.load_pretrained_component(
         AutoencoderKL, str(tmp_path / "only_fp16"), "vae", torch_dtype=torch.float16, prefer_fp16_variant=True
     )
-    b = sds.load_pretrained_component(
+    b = pretrained.load_pretrained_component(
         AutoencoderKL, str(tmp_path / "plain"), "vae", torch_dtype=torch.float16, prefer_fp16_variant=True
     )
     assert a.dtype == b.dtype == torch.float16
@@ -303,7 +303,7 @@ def test_missing_hub_model_offline_error_names_the_id():
         match=r"could not load UNet3DConditionModel from 'no-such-org/no-such-model/unet'.*"
         r"huggingface-cli download no-such-org/no-such-model",
     ):
-        sds.load_pretrained_component(UNet3DConditionModel, "no-such-org/no-such-model", "unet", local_files_only=True)
+        pretrained.load_pretrained_component(UNet3DConditionModel, "no-such-org/no-such-model", "unet", local_files_only=True)
 
 
 def _autocast_on() -> bool:
@@ -318,8 +318,8 @@ def test_half_precision_networks_run_outside_autocast_and_fp32_ones_are_left_alo
     """16-mixed training wraps the step in autocast; a half-precision VAE / U-Net / ControlNet runs in its own dtype
     (as threestudio's guidances run theirs), so GroupNorm does not keep fp32 activations; fp32 networks (CPU tests)
     see autocast as it is. CPU autocast (bf16) stands in for CUDA's."""
-    from animate124.core.controlnet_sds import ControlNetTileSDS
-    from animate124.core.video_sds import VideoSDS
+    from animate124.core.guidance.controlnet_sds import ControlNetTileSDS
+    from animate124.core.guidance.video_sds import VideoSDS
 
     video = VideoSDS.from_pretrained(tiny_models["text-to-video"], model_size=(32, 32))
     cn = ControlNetTileSDS.from_pretrained(tiny_models["sd"], tiny_models["controlnet-tile"])
@@ -376,18 +376,18 @@ def test_half_math_attention_only_for_half_networks_on_cuda_and_restores_the_fla
     half, full = torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2)
     half.dtype, full.dtype = torch.float16, torch.float32  # as diffusers' ModelMixin.dtype
     for network, device in ((half, torch.device("cpu")), (full, torch.device("cuda"))):
-        with sds.half_math_attention(network, device):  # the CPU, or an fp32 network: nothing changes
+        with vae_encoding.half_math_attention(network, device):  # the CPU, or an fp32 network: nothing changes
             assert flags() == before
-    with sds.half_math_attention(half, torch.device("cuda")):  # only the flags: no CUDA needed to set them
+    with vae_encoding.half_math_attention(half, torch.device("cuda")):  # only the flags: no CUDA needed to set them
         assert flags() == (False, False, True, True)
     assert flags() == before
     # a 1024 px image's attention (128^2 tokens) goes to the math kernel; a larger one (score matrix ~ tokens^2) not
-    with sds.half_math_attention(half, torch.device("cuda"), tokens=128 * 128):
+    with vae_encoding.half_math_attention(half, torch.device("cuda"), tokens=128 * 128):
         assert flags() == (False, False, True, True)
-    with sds.half_math_attention(half, torch.device("cuda"), tokens=128 * 128 + 1):
+    with vae_encoding.half_math_attention(half, torch.device("cuda"), tokens=128 * 128 + 1):
         assert flags() == before
     # an exception inside (a non-reentrant checkpoint stops its recomputation early by raising one) restores them too
     with pytest.raises(RuntimeError, match="stop"):
-        with sds.half_math_attention(half, torch.device("cuda")):
+        with vae_encoding.half_math_attention(half, torch.device("cuda")):
             raise RuntimeError("stop")
     assert flags() == before

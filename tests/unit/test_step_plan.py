@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from animate124.core.stages import parse_stages
-from animate124.core.step_plan import check_weights, parse_slots, plan_step, slot_weight
+from animate124.core.training.stages import parse_stages
+from animate124.core.training.step_plan import check_weights, parse_slots, plan_step, slot_weight
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "animate124.yaml"
 
@@ -125,6 +125,6 @@ def test_every_shipped_config_passes_the_weight_check(path):
 
 
 def test_all_exports_import():
-    from animate124.core import step_plan
+    from animate124.core.training import step_plan
 
     assert all(hasattr(step_plan, name) for name in step_plan.__all__)

@@ -1,9 +1,9 @@
-"""core/text_encoding.py on the tiny SD folder's CLIP tokenizer and text encoder, loaded through from_pretrained."""
+"""core/guidance/text_encoding.py on the tiny SD folder's CLIP tokenizer and text encoder, loaded through from_pretrained."""
 
 import pytest
 import torch
 
-from animate124.core import text_encoding
+from animate124.core.guidance import text_encoding
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ replayed batch (train_token's overfit_one_batch: step 0's draws every step), whe
 import numpy as np
 import pytest
 import torch
-
 from checks import one_thread  # noqa: F401  (module fixture: one torch thread)
 
-from animate124.core import textual_inversion as ti
-from animate124.core.textual_inversion import (
+from animate124.core.guidance import textual_inversion as ti
+from animate124.core.guidance.textual_inversion import (
     PLACEHOLDER,
     load_textual_inversion,
     read_learned_embeds,

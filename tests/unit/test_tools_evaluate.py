@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 from animate124.tools import evaluate

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from animate124.core import sds
-from animate124.core.video_sds import VideoSDS
+from animate124.core.guidance import sds
+from animate124.core.guidance.video_sds import VideoSDS
 
 SIZE = (64, 64)  # model size override: 8x8 latents keep the CPU tests fast
 

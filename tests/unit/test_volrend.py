@@ -6,7 +6,7 @@ import pytest
 import torch
 from checks import bad_input
 
-from animate124.core.volrend import RenderOutput, ray_aabb_intersect, render_rays, stratified_samples
+from animate124.core.render.volrend import RenderOutput, ray_aabb_intersect, render_rays, stratified_samples
 
 AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
 SIGMA, RADIUS = 3.0, 0.3  # density inside the sphere, sphere radius (world units)
@@ -193,7 +193,7 @@ def test_all_rays_empty_still_backpropagates_to_the_field():
 
 def _normal_setup():
     """A small DynamicField (torch grid; blob density so rays are partly opaque) and 48 rays at mixed times."""
-    from animate124.core.field import DynamicField
+    from animate124.core.field.dynamic_field import DynamicField
 
     field = DynamicField(n_levels=4, log2_hashmap_size=10, density_bias="blob_magic3d",
                          generator=torch.Generator().manual_seed(0))
@@ -309,8 +309,8 @@ def test_dynamic_field_on_cuda_packed_matches_its_torch_twin_and_trains():
     """
     if not torch.cuda.is_available():
         pytest.skip("torch.cuda.is_available() is False: the packed nerfacc path and Triton grids need CUDA")
-    from animate124.core.field import DynamicField
-    from animate124.core.occupancy import TimeOccupancyGrid
+    from animate124.core.field.dynamic_field import DynamicField
+    from animate124.core.field.occupancy import TimeOccupancyGrid
 
     field = DynamicField(n_levels=8, log2_hashmap_size=16, generator=torch.Generator().manual_seed(0)).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -346,8 +346,8 @@ def test_normal_subset_on_cuda_packed_samples():
     stays within its reported bound while querying fewer normals."""
     if not torch.cuda.is_available():
         pytest.skip("torch.cuda.is_available() is False: the packed nerfacc path and Triton grids need CUDA")
-    from animate124.core.field import DynamicField
-    from animate124.core.occupancy import TimeOccupancyGrid
+    from animate124.core.field.dynamic_field import DynamicField
+    from animate124.core.field.occupancy import TimeOccupancyGrid
 
     field = DynamicField(n_levels=8, log2_hashmap_size=16, density_bias="blob_magic3d",
                          generator=torch.Generator().manual_seed(0)).cuda()
@@ -383,7 +383,7 @@ def test_normal_subset_on_cuda_packed_samples():
 def test_every_exported_name_imports():
     import importlib
 
-    for name in ("animate124.core.volrend", "animate124.core.field", "animate124.core.occupancy"):
+    for name in ("animate124.core.render.volrend", "animate124.core.field.dynamic_field", "animate124.core.field.occupancy"):
         module = importlib.import_module(name)
         for symbol in module.__all__:
             assert getattr(module, symbol) is not None, f"{name}.{symbol}"

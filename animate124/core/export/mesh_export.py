@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from animate124.core.atomic_io import save_with
+from animate124.core.io.atomic_io import save_with
 
 __all__ = [
     "DensityFn",

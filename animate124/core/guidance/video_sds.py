@@ -3,7 +3,7 @@
 One call turns a rendered clip into a loss whose gradient is the SDS gradient of a frozen text-to-video diffusion
 model (see ``sds.py`` for the symbols):
 
-1. resize every frame to the model size (centre crop to the model aspect, bilinear resize: ``sds.resize_to_model``);
+1. resize every frame to the model size (centre crop to the model aspect, bilinear resize: ``vae_encoding.resize_to_model``);
 2. VAE-encode every frame independently with gradient (``× vae scaling factor``): latents ``[B, 4, T, h, w]``;
 3. one timestep per clip, ``t ~ U{min_step, …, max_step}``; i.i.d. noise over all frames;
 4. the frozen U-Net predicts the noise for the text and the negative text (no gradient);
@@ -21,16 +21,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core import sds, text_encoding
+from animate124.core.guidance import pretrained, sds, text_encoding, vae_encoding
 
 MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
 ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
 
 
-class VideoSDS(sds.FrozenPrior):
+class VideoSDS(pretrained.FrozenPrior):
     """Frozen text-to-video diffusion model (U-Net3D, VAE, DDIM schedule, CLIP text encoder) used as an SDS prior.
 
-    Models and dtype are whatever was passed in; losses are computed in fp32 (see ``sds.FrozenPrior``).
+    Models and dtype are whatever was passed in; losses are computed in fp32 (see ``pretrained.FrozenPrior``).
 
     Args:
         unet: ``UNet3DConditionModel`` (input ``[B, 4, T, h, w]``).
@@ -54,7 +54,7 @@ class VideoSDS(sds.FrozenPrior):
         self.alphas_cumprod = alphas_cumprod.float()
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.model_size = tuple(model_size)
-        sds.freeze(unet, vae)
+        pretrained.freeze(unet, vae)
 
     @classmethod
     def from_pretrained(
@@ -76,7 +76,7 @@ class VideoSDS(sds.FrozenPrior):
         """
         from diffusers import UNet3DConditionModel
 
-        parts = sds.load_diffusion_parts(
+        parts = pretrained.load_diffusion_parts(
             name_or_path, UNet3DConditionModel, device=device, torch_dtype=torch_dtype,
             load_text_encoder=load_text_encoder, local_files_only=local_files_only,
         )
@@ -100,7 +100,7 @@ class VideoSDS(sds.FrozenPrior):
         ``no_grad`` (they get no gradient). ``vae_chunk_size``: encode at most this many images per VAE call (lower
         peak memory in the forward pass; the backward still keeps every graded frame's activations, unless
         ``vae_checkpoint``: then the backward runs each chunk's encoder again and holds one chunk's activations at a
-        time; see ``sds.encode_moments``).
+        time; see ``vae_encoding.encode_moments``).
         ``sample_posterior``: ``mean + std · ε'`` (upstream) or the mean.
         """
         b, t = frames.shape[:2]
@@ -110,7 +110,7 @@ class VideoSDS(sds.FrozenPrior):
         if low_ram_vae > 0:
             order = [torch.randperm(t, generator=sds.cpu_generator(generator)) for _ in range(b)]
             graded = torch.stack([o < low_ram_vae for o in order]).reshape(-1)  # n True per clip
-        latents = sds.encode_latents(
+        latents = vae_encoding.encode_latents(
             self.vae, frames.reshape(b * t, *frames.shape[2:]), sample_posterior=sample_posterior,
             generator=generator, graded=graded, chunk_size=vae_chunk_size, checkpoint=vae_checkpoint,
         )
@@ -157,7 +157,7 @@ class VideoSDS(sds.FrozenPrior):
         b = clips.shape[0]
         cond, uncond = self._embeddings(prompt, negative_prompt, cond_embeddings, uncond_embeddings, b)
         images = clips.permute(0, 1, 4, 2, 3).reshape(-1, 3, *clips.shape[2:4])  # [B*T, 3, H, W]
-        images = sds.resize_to_model(images, self.model_size).reshape(b, clips.shape[1], 3, *self.model_size)
+        images = vae_encoding.resize_to_model(images, self.model_size).reshape(b, clips.shape[1], 3, *self.model_size)
         # 2. latents with gradient
         latents = self.encode_frames(
             images,
@@ -219,7 +219,7 @@ class VideoSDS(sds.FrozenPrior):
     def _predict_noise(self, noisy, t, cond, uncond):
         """Both CFG halves in one U-Net batch: ``(ε_c, ε_u)``."""
         dtype = self.unet.dtype
-        with sds.own_precision(self.unet, noisy.device):
+        with vae_encoding.own_precision(self.unet, noisy.device):
             out = self.unet(
                 torch.cat([noisy, noisy]).to(dtype),
                 torch.cat([t, t]),

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from animate124.core.stages import Stage
+from animate124.core.training.stages import Stage
 
 __all__ = [
     "GuidanceSlot",

@@ -30,72 +30,25 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = [
-    "HashGridEncoding", "HashGridLevels", "hash_grid_levels", "hash_grid_encode_torch", "level_table", "HASH_PRIMES",
-    "MERGE_RUNS_MAX_RES",
-]
+from animate124.core.field.grid_levels import (
+    HASH_PRIMES,
+    MERGE_RUNS_MAX_RES,
+    HashGridLevels,
+    hash_grid_levels,
+    level_table,
+)
+
+__all__ = ["HashGridEncoding", "hash_grid_encode_torch"]
 
 Implementation = Literal["auto", "torch", "triton", "tcnn"]
 _IMPLEMENTATIONS = ("auto", "torch", "triton", "tcnn")
 _TRITON_MAX_DIMS = 4  # the kernels unroll at most 4 coordinates
-
-# tiny-cuda-nn's per-dimension hash factors (dimension 0 uses 1 for memory coherence).
-HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
-
-
-@dataclass(frozen=True)
-class HashGridLevels:
-    """Per-level layout of a hash grid: everything the kernels need besides the table itself.
-
-    ``scales`` are the float32 values of ``scale_l`` (stored as Python floats, exactly representable in float32);
-    ``offsets`` has ``n_levels + 1`` entries (the last one is the table's total number of entries).
-    """
-
-    scales: tuple[float, ...]
-    resolutions: tuple[int, ...]
-    sizes: tuple[int, ...]
-    offsets: tuple[int, ...]
-    dense: tuple[bool, ...]
-
-
-def hash_grid_levels(
-    n_input_dims: int, n_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float
-) -> HashGridLevels:
-    """Compute resolution, table size, offset and dense/hashed kind of every level, as tiny-cuda-nn does (float32)."""
-    log2_scale = np.log2(np.float32(per_level_scale))
-    scales, resolutions, sizes, offsets, dense = [], [], [], [0], []
-    for level in range(n_levels):
-        scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
-        resolution = int(np.ceil(scale)) + 1
-        n_dense = resolution**n_input_dims
-        size = min(_next_multiple(min(n_dense, 2**31 - 1), 8), 2**log2_hashmap_size)
-        scales.append(float(scale))
-        resolutions.append(resolution)
-        sizes.append(size)
-        offsets.append(offsets[-1] + size)
-        dense.append(n_dense <= size)
-    return HashGridLevels(tuple(scales), tuple(resolutions), tuple(sizes), tuple(offsets), tuple(dense))
-
-
-def level_table(levels: HashGridLevels, device: torch.device | str = "cpu") -> Tensor:
-    """Pack the per-level layout for the kernels: int32 ``[L, 5]`` rows (scale bits, resolution, size, offset, dense).
-
-    The float32 scale is stored bit-cast to int32 so that ``module.half()`` cannot round it.
-    """
-    scale_bits = torch.tensor(levels.scales, dtype=torch.float32).view(torch.int32)
-    cols = [torch.tensor(v, dtype=torch.int64) for v in (levels.resolutions, levels.sizes, levels.offsets[:-1])]
-    dense = torch.tensor(levels.dense, dtype=torch.int64)
-    table = torch.stack([scale_bits.long(), *cols, dense], dim=1)
-    return table.to(torch.int32).to(device)
-
 
 def hash_grid_encode_torch(
     x: Float[Tensor, "N D"], embeddings: Float[Tensor, "E F"], levels: HashGridLevels, n_active_levels: int
@@ -134,12 +87,6 @@ def hash_grid_encode_torch(
         values = embeddings.index_select(0, (index + levels.offsets[level]).reshape(-1)).view(n, -1, f)  # [N, C, F]
         outs.append((weight[..., None] * values).sum(dim=1))
     return torch.cat(outs, dim=1)
-
-
-# Levels up to this resolution merge runs in the Triton backward: the default grid's levels 0-6 (16 to 148), whose
-# cells hold several consecutive samples of a ray at 256 steps per ray. On an H200 the default recipe's dynamic step
-# spent 296 instead of 361 ms in its backward (README, "Speed and memory"); merging every level saved no more.
-MERGE_RUNS_MAX_RES = 160
 
 
 class HashGridEncoding(torch.nn.Module):
@@ -240,7 +187,7 @@ class HashGridEncoding(torch.nn.Module):
         if backend == "torch":
             out = hash_grid_encode_torch(points, self.embeddings, self.levels, self.n_active_levels)
         elif backend == "triton":
-            from animate124.core.hashgrid_triton import KernelConfig, hash_grid_encode_triton
+            from animate124.core.field.hashgrid_triton import KernelConfig, hash_grid_encode_triton
 
             out = hash_grid_encode_triton(points, self.embeddings, self.levels, self.n_active_levels,
                                           table=self._level_table,
@@ -331,10 +278,6 @@ def _check_args(d, n_levels, f, log2_size, base_res, scale, implementation, init
     for name, value, ok, allowed in checks:
         if not ok or isinstance(value, bool):
             raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
-
-
-def _next_multiple(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
 
 
 def _corner_bits(d: int, device: torch.device) -> Tensor:

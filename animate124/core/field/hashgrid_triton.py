@@ -29,7 +29,7 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core.hashgrid import MERGE_RUNS_MAX_RES, HashGridLevels, level_table
+from animate124.core.field.grid_levels import MERGE_RUNS_MAX_RES, HashGridLevels, level_table
 
 __all__ = ["hash_grid_encode_triton", "KernelConfig", "DEFAULT_CONFIG", "MAX_DIMS"]
 

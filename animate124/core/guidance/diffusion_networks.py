@@ -3,11 +3,11 @@
 A guidance (ours or the host's) keeps its networks somewhere in its attributes: ``self.unet``, ``self.pipe.unet``,
 ``self.model.unet``, or, for the host's LDM Zero123, ``self.model`` = a ``LatentDiffusion`` whose denoiser is
 ``model.model.diffusion_model`` (ldm's ``UNetModel``). :func:`find_networks` walks the attributes a few levels deep
-and returns them by kind; the step benchmark (``animate124.tools.benchmark_steps``) times the same networks and
+and returns them by kind; the step benchmark (``benchmarks/step_benchmark``) times the same networks and
 ``a124-system``'s ``compile_denoisers`` compiles them (:func:`compile_networks`).
 
 Compiling replaces the module's ``forward`` *instance attribute* with ``torch.compile(module.forward)`` (with
-``cuda-graphs``, :class:`animate124.core.cuda_graphs.GraphedForward`): the module object, its weights and its hooks
+``cuda-graphs``, :class:`animate124.core.guidance.cuda_graphs.GraphedForward`): the module object, its weights and its hooks
 stay as they are, ``module(...)`` runs the compiled code (``nn.Module.__call__`` looks ``forward`` up on the instance
 first), and anything that wraps ``forward`` afterwards (the benchmark's call recorder) wraps the compiled one.
 Compilation itself happens at the first call with each new input shape (recording: at the second).
@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from animate124.core.cuda_graphs import GraphedForward, GraphPool
+from animate124.core.guidance.cuda_graphs import GraphedForward, GraphPool
 
 __all__ = ["COMPILE_MODES", "MEASURE_ONLY_MODES", "DENOISER_CLASSES", "VAE_CLASSES", "FoundNetworks", "find_networks",
            "is_denoiser", "is_vae", "compile_networks", "compile_problem"]
@@ -33,7 +33,7 @@ VAE_CLASSES: tuple[str, ...] = ("AutoencoderKL", "AutoencoderTiny")
 """VAEs by class name (diffusers' and ldm's ``AutoencoderKL`` share it); their ``encoder`` runs with gradient."""
 COMPILE_MODES: tuple[str, ...] = ("cuda-graphs", "default", "max-autotune-no-cudagraphs")
 """Modes offered for training: ``cuda-graphs`` records each denoiser's eager no-grad forward as CUDA graphs (no
-compilation; :mod:`animate124.core.cuda_graphs`); ``torch.compile`` with inductor's default; autotuned kernels
+compilation; :mod:`animate124.core.guidance.cuda_graphs`); ``torch.compile`` with inductor's default; autotuned kernels
 without CUDA graphs.
 
 Not ``torch.compile``'s ``reduce-overhead``: a graph's outputs are overwritten by its next replay, and a step feeds

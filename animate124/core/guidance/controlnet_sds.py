@@ -28,13 +28,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from animate124.core import sds, text_encoding
+from animate124.core.guidance import pretrained, sds, text_encoding, vae_encoding
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ repository was withdrawn
 CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
 
 
-class ControlNetTileSDS(sds.FrozenPrior):
+class ControlNetTileSDS(pretrained.FrozenPrior):
     """Frozen SD 1.5 U-Net + ControlNet-Tile + VAE (+ CLIP text encoder) used as an SDS prior on single frames.
 
     Args:
@@ -52,7 +52,7 @@ class ControlNetTileSDS(sds.FrozenPrior):
         self.unet, self.controlnet, self.vae = unet, controlnet, vae
         self.prompt_encoder = prompt_encoder
         self.alphas_cumprod = alphas_cumprod.float()
-        sds.freeze(unet, controlnet, vae)
+        pretrained.freeze(unet, controlnet, vae)
 
     @classmethod
     def from_pretrained(
@@ -69,11 +69,11 @@ class ControlNetTileSDS(sds.FrozenPrior):
         ControlNet folder / id. fp16 (``fp16`` variant when present) on CUDA, fp32 on CPU, unless ``torch_dtype``."""
         from diffusers import ControlNetModel, UNet2DConditionModel
 
-        parts = sds.load_diffusion_parts(
+        parts = pretrained.load_diffusion_parts(
             sd_name_or_path, UNet2DConditionModel, device=device, torch_dtype=torch_dtype,
             load_text_encoder=load_text_encoder, local_files_only=local_files_only,
         )
-        controlnet = sds.load_pretrained_component(
+        controlnet = pretrained.load_pretrained_component(
             ControlNetModel, str(controlnet_name_or_path), None, torch_dtype=parts.dtype,
             prefer_fp16_variant=parts.dtype == torch.float16, local_files_only=local_files_only,
         ).to(parts.device)
@@ -131,12 +131,12 @@ class ControlNetTileSDS(sds.FrozenPrior):
             prompt, negative_prompt, controlnet_prompt, cond_embeddings, uncond_embeddings, controlnet_embeddings, k
         )
         # 2. square crop + resize (frames with gradient, condition without)
-        images = sds.resize_to_model(frames[idx.to(frames.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size))
-        cond_image = sds.resize_to_model(
+        images = vae_encoding.resize_to_model(frames[idx.to(frames.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size))
+        cond_image = vae_encoding.resize_to_model(
             cond_src[idx.to(cond_src.device)].permute(0, 3, 1, 2), (fixed_size, fixed_size)
         )
         # 3.-5. latents with gradient; one timestep per frame, noise, ControlNet + U-Net, guidance, weighting, loss
-        latents = sds.encode_latents(self.vae, images, sample_posterior=sample_posterior, generator=generator,
+        latents = vae_encoding.encode_latents(self.vae, images, sample_posterior=sample_posterior, generator=generator,
                                      chunk_size=1 if vae_checkpoint else None, checkpoint=vae_checkpoint)
         step = sds.sds_step(
             latents, lambda noisy, t: self._predict_noise(noisy, t, text, cond_image, conditioning_scale),
@@ -157,7 +157,7 @@ class ControlNetTileSDS(sds.FrozenPrior):
         dtype = self.unet.dtype
         x = torch.cat([noisy, noisy]).to(dtype)
         tt = torch.cat([t, t])
-        with sds.own_precision(self.unet, noisy.device):
+        with vae_encoding.own_precision(self.unet, noisy.device):
             down, mid = self.controlnet(
                 x,
                 tt,

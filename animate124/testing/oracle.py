@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from animate124.core import sds
-from animate124.core.synthetic_scene import blobs_scene, orbit_camera_rays, reference_render
+from animate124.core.guidance import sds, vae_encoding
+from animate124.testing.synthetic_scene import blobs_scene, orbit_camera_rays, reference_render
 
 __all__ = [
     "CONVENTION_FLIPS",
@@ -45,7 +45,7 @@ frame T−1−i; ``time_reversed``: t → 1 − t."""
 
 
 class LinearLatentEncoder(torch.nn.Module):
-    """Stand-in VAE with the interface ``sds.encode_moments`` reads (``encode(x).latents``, ``dtype``,
+    """Stand-in VAE with the interface ``vae_encoding.encode_moments`` reads (``encode(x).latents``, ``dtype``,
     ``config.scaling_factor``): latents = avg_pool_f(Q x) with Q a fixed [4, 3] matrix with orthonormal columns.
 
     ``downsample = 1`` is an isometry (``‖E(x) − E(y)‖ = ‖x − y‖``), so nothing of the image is lost.
@@ -127,11 +127,11 @@ def encode_images(
     encoder, images: Float[Tensor, "N H W 3"], model_size: tuple[int, int] | None = None
 ) -> Float[Tensor, "N C h w"]:
     """Latents (× scaling factor) of RGB images in [0, 1], channels last, as the real guidances make them: centre
-    crop and resize to ``model_size`` (``None``: keep the size), map to [−1, 1], ``sds.encode_moments`` (mean)."""
+    crop and resize to ``model_size`` (``None``: keep the size), map to [−1, 1], ``vae_encoding.encode_moments`` (mean)."""
     x = images.permute(0, 3, 1, 2)
     if model_size is not None:
-        x = sds.resize_to_model(x, tuple(model_size))
-    mean, _ = sds.encode_moments(encoder, x * 2 - 1)
+        x = vae_encoding.resize_to_model(x, tuple(model_size))
+    mean, _ = vae_encoding.encode_moments(encoder, x * 2 - 1)
     return mean * encoder.config.scaling_factor
 
 

@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core.atomic_io import save_with
-from animate124.core.safe_files import load_tensors
+from animate124.core.io.atomic_io import save_with
+from animate124.core.io.safe_files import load_tensors
 
 PLACEHOLDER = "<token>"
 """The placeholder users write in prompts (``"a <token> is dancing"``)."""

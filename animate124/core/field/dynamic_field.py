@@ -25,7 +25,8 @@ import torch.utils.checkpoint
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from animate124.core.hashgrid import MERGE_RUNS_MAX_RES, HashGridEncoding
+from animate124.core.field.grid_levels import MERGE_RUNS_MAX_RES
+from animate124.core.field.hashgrid import HashGridEncoding
 
 __all__ = ["DynamicField", "VanillaMLP", "trunc_exp", "features_to_rgb", "DENSITY_ACTIVATIONS", "DENSITY_BIASES"]
 

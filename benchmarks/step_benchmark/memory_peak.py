@@ -49,8 +49,7 @@ def package_roots() -> Roots:
     libraries = tuple(r for r in (where("diffusers"), where("transformers"), where("nerfacc"),
                                   where("pytorch_lightning"), where("lightning"), where("torch", "nn"),
                                   where("torch", "utils", "checkpoint.py")) if r)
-    wrapper = where("animate124", "tools", "benchmark_steps.py")
-    return Roots(ours, libraries, (wrapper[0],) if wrapper else ())
+    return Roots(ours, libraries)
 
 
 @functools.lru_cache(maxsize=None)  # the same files and roots come back for every frame of every allocation
@@ -60,7 +59,7 @@ def _norm(path: str) -> str:
 
 def _site(frames: list[dict], roots: tuple[tuple[str, str], ...], skipped: tuple[str, ...] = ()) -> str | None:
     """``path:line function`` of the innermost frame (the allocator lists them innermost first) whose file is under
-    one of ``roots``, the path shown from the root's base (``animate124/core/sds.py``)."""
+    one of ``roots``, the path shown from the root's base (``animate124/core/guidance/sds.py``)."""
     for frame in frames:
         filename = _norm(frame.get("filename", ""))
         if any(filename == _norm(path) for path in skipped):

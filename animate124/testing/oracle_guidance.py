@@ -1,8 +1,8 @@
 """Oracle guidances (tests and benchmarks only): SDS with an exact denoiser for a known 4D target scene.
 
 ``a124-oracle-image-guidance`` (image slots: SD / Zero123 stand-in) and ``a124-oracle-video-guidance`` (the video slot)
-render the procedural target of ``animate124.core.synthetic_scene`` from the cameras (elevation, azimuth, distance,
-fovy) and frame times *of the batch they are called with*, and return the SDS loss of ``animate124.core.oracle``: the
+render the procedural target of ``animate124.testing.synthetic_scene`` from the cameras (elevation, azimuth, distance,
+fovy) and frame times *of the batch they are called with*, and return the SDS loss of ``animate124.testing.oracle``: the
 real SDS step with ε̂ = (z_t − √ᾱ z*) / √(1 − ᾱ). A run that recovers the target (``benchmarks/oracle_4d.py``,
 ``configs/animate124-oracle.yaml``) shows the data module, renderer, slots, stages and optimiser agree on conventions;
 ``convention_flip`` breaks one convention in the oracle only, as a negative control. No weights, no prompt processor.
@@ -17,7 +17,7 @@ import torch
 
 from animate124.components.choices import check_choice
 from animate124.components.guidance import _SDSGuidance
-from animate124.core import oracle
+from animate124.testing import oracle
 
 
 class _OracleGuidance(_SDSGuidance):
@@ -26,7 +26,7 @@ class _OracleGuidance(_SDSGuidance):
     @dataclass
     class Config(_SDSGuidance.Config):
         scene: str = "blobs"
-        """The target 4D scene (``animate124.core.synthetic_scene.blobs_scene``)."""
+        """The target 4D scene (``animate124.testing.synthetic_scene.blobs_scene``)."""
         convention_flip: str = "none"
         """Negative control: azimuth_sign | frame_order | time_reversed break that convention in the oracle only."""
         guidance_scale: float = 1.0

@@ -15,7 +15,7 @@ Two sample layouts:
   to the AABB when given). nerfacc's batched ``render_weight_from_density`` / ``accumulate_along_rays`` are plain
   torch (cumsum / sum), so this path needs no compiled code. With a torch-mode occupancy estimator, samples in empty
   cells (at the ray's own time slice) are not evaluated and get density 0.
-* **packed** (CUDA, with a nerfacc-mode :class:`~animate124.core.occupancy.TimeOccupancyGrid`): nerfacc ray marching
+* **packed** (CUDA, with a nerfacc-mode :class:`~animate124.core.field.occupancy.TimeOccupancyGrid`): nerfacc ray marching
   per time slice, then nerfacc's packed compositing.
 
 Per-sample outputs (``weights``, ``points``, ``ray_indices``, ...) are always returned packed: one row per evaluated
@@ -100,7 +100,7 @@ def render_rays(
     Args:
         field_fn: ``field_fn(points [N,3], times [N], output_normal: bool) -> dict`` with ``"density"`` [N,1]
             (post-activation, >= 0), ``"features"`` [N,F] and/or ``"rgb"`` [N,C], and ``"normal"`` [N,3] when
-            ``output_normal``. :class:`~animate124.core.field.DynamicField` is such a callable.
+            ``output_normal``. :class:`~animate124.core.field.dynamic_field.DynamicField` is such a callable.
         rays_o, rays_d: ray origins and (normalised) directions, world units. No gradient is taken through them.
         times: frame time of each ray, in [0, 1]. No gradient.
         num_samples: samples per ray in the dense layout. In the packed layout the marching step is
@@ -110,7 +110,7 @@ def render_rays(
         color_fn: ``color_fn(field_out, points [N,3], dirs [N,3], ray_indices [N]) -> [N,C]``; default
             :func:`default_color_fn`.
             Wrap a threestudio material here.
-        estimator: optional :class:`~animate124.core.occupancy.TimeOccupancyGrid` (time-aware empty-space skipping).
+        estimator: optional :class:`~animate124.core.field.occupancy.TimeOccupancyGrid` (time-aware empty-space skipping).
         bg_color: background colour, ``[R, C]`` or broadcastable (e.g. ``[C]``); ``None`` means black.
         randomized: jitter the samples (training); deterministic bin centres otherwise.
         generator: torch.Generator for the jitter.
