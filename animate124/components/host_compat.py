@@ -6,8 +6,9 @@
   module (a no-op where ``extern`` is not importable).
 * ``${a124_smoke_assets:DIR}`` config resolver: the smoke config names its tiny random models and image by path;
   threestudio resolves a config before it builds anything, so resolving this interpolation is the one point where
-  they can be made before the data module reads the image. Registered on import (launch.py imports the extension
-  before it loads the config).
+  they can be made before the data module reads the image. :func:`register_config_resolvers` registers it (and
+  ``${a124_tag:...}``); the components package calls it, since launch.py imports the extension before it loads the
+  config.
 * :func:`video_format`: the host's ``save_img_sequence`` writes mp4 only through imageio-ffmpeg.
 * :func:`load_weights_reporting`: the host's ``load_weights`` loads with ``strict=False`` and says nothing about keys
   that did not match, so a renamed parameter silently stays at its initial value.
@@ -20,7 +21,7 @@ import sys
 import threestudio
 from omegaconf import OmegaConf
 
-__all__ = ["alias_host_zero123", "video_format", "load_weights_reporting"]
+__all__ = ["alias_host_zero123", "video_format", "load_weights_reporting", "register_config_resolvers"]
 
 
 def alias_host_zero123() -> None:
@@ -65,7 +66,13 @@ def _smoke_assets(out_dir: str) -> str:
     return out_dir
 
 
-OmegaConf.register_new_resolver("a124_smoke_assets", _smoke_assets, replace=True)
-# the run folder's tag from a prompt: the host's rmspace, but an empty or missing prompt gives "" instead of an
-# interpolation error, so the preflight can say which prompt is empty
-OmegaConf.register_new_resolver("a124_tag", lambda s, sub="_": str(s or "").strip().replace(" ", sub), replace=True)
+def _tag(s, sub: str = "_") -> str:
+    """The run folder's tag from a prompt: the host's rmspace, but an empty or missing prompt gives "" instead of an
+    interpolation error, so the preflight can say which prompt is empty."""
+    return str(s or "").strip().replace(" ", sub)
+
+
+def register_config_resolvers() -> None:
+    """``${a124_smoke_assets:DIR}`` and ``${a124_tag:PROMPT}`` for our configs (idempotent)."""
+    OmegaConf.register_new_resolver("a124_smoke_assets", _smoke_assets, replace=True)
+    OmegaConf.register_new_resolver("a124_tag", _tag, replace=True)

@@ -16,15 +16,15 @@ import threestudio
 import torch
 
 from animate124.components.choices import check_choice
-from animate124.components.guidance import _SDSGuidance
+from animate124.components.sds_guidance_base import SDSGuidanceBase
 from animate124.testing import oracle
 
 
-class _OracleGuidance(_SDSGuidance):
+class _OracleGuidance(SDSGuidanceBase):
     """The timestep schedule, weighting and seeding of the real guidances; an exact denoiser in place of the U-Net."""
 
     @dataclass
-    class Config(_SDSGuidance.Config):
+    class Config(SDSGuidanceBase.Config):
         scene: str = "blobs"
         """The target 4D scene (``animate124.testing.synthetic_scene.blobs_scene``)."""
         convention_flip: str = "none"

@@ -85,7 +85,6 @@ INIT_WORDS = {
     "rose-flowerpot": "rose", "skeleton-wine": "skeleton", "space-shuttle": "shuttle", "squirrel-nut": "squirrel",
     "squirrel-saxophone": "squirrel", "tiger-violin": "tiger", "tiger-guitar": "tiger", "fish": "fish",
 }
-STEPS = ("preprocess", "invert", "train", "evaluate")
 
 Runner = Callable[[Sequence[str], Path, dict, Path], int]
 

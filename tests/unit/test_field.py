@@ -46,18 +46,13 @@ def test_default_init_is_nearly_time_independent():
     torch.testing.assert_close(o1["features"], o0["features"], rtol=0, atol=1e-3)
 
 
-def test_state_dict_keys_are_stable_and_static_checkpoints_load():
+def test_state_dict_keys_are_stable():
     field = make_field()
     assert sorted(field.state_dict()) == [
         "density_network.layers.0.weight", "density_network.layers.2.weight",
         "encoding.embeddings", "encoding_time.embeddings",
         "feature_network.layers.0.weight", "feature_network.layers.2.weight",
     ]
-    static = {k: v for k, v in make_field(seed=5).state_dict().items() if not k.startswith("encoding_time")}
-    field.load_static_state_dict(static)
-    assert torch.equal(field.encoding.embeddings, static["encoding.embeddings"])
-    with bad_input("missing"):
-        field.load_static_state_dict({k: v for k, v in static.items() if k != "encoding.embeddings"})
 
 
 @pytest.mark.parametrize(

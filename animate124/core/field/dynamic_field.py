@@ -12,8 +12,7 @@ tensor instead of a mutable attribute (§10.2 item 9):
 The MLPs run in float32 with autocast disabled (as threestudio's VanillaMLP).
 
 State-dict keys: ``encoding.embeddings``, ``encoding_time.embeddings``, ``density_network.layers.{0,2,..}.weight``,
-``feature_network.layers.{0,2,..}.weight``; :meth:`DynamicField.load_static_state_dict` loads a checkpoint that has
-no ``encoding_time`` (a static-stage field) and leaves the 4-D grid as it is.
+``feature_network.layers.{0,2,..}.weight`` (a static-stage checkpoint lacks only ``encoding_time``).
 """
 
 
@@ -189,19 +188,6 @@ class DynamicField(nn.Module):
         t = torch.rand(n_points, 1, generator=generator, device=device) * (1.0 - dt)
         diff = self.encoding_time(torch.cat([x, t + dt], dim=-1)) - self.encoding_time(torch.cat([x, t], dim=-1))
         return (diff / dt).square().mean()
-
-    # --- checkpoints -------------------------------------------------------------------------------------------------
-
-    def load_static_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Load a static field (keys ``encoding.*``, ``density_network.*``, ``feature_network.*``), keeping the 4-D
-        grid; ``encoding_time.*`` keys, if present, are loaded too. Any other missing or unexpected key raises."""
-        result = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("encoding_time.")]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"static checkpoint does not match DynamicField: missing {missing}, unexpected "
-                f"{list(result.unexpected_keys)}; build the field with the checkpoint's grid/MLP sizes."
-            )
 
     # --- helpers -----------------------------------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from torch import Tensor
 from animate124.core.guidance import pretrained, sds, text_encoding, vae_encoding
 
 MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
-ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
 
 
 class VideoSDS(pretrained.FrozenPrior):
