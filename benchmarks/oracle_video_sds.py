@@ -34,6 +34,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from animate124.testing.oracle import LinearLatentEncoder
+
 
 class ExactDenoiser(torch.nn.Module):
     """Stands in for ``UNet3DConditionModel``: returns the exact ε of a point-mass data distribution at ``target``."""
@@ -52,31 +54,6 @@ class ExactDenoiser(torch.nn.Module):
         a = self.alphas_cumprod[timestep].view(-1, *([1] * (sample.dim() - 1)))
         target = self.target.repeat(sample.shape[0] // self.target.shape[0], *([1] * (sample.dim() - 1)))
         return SimpleNamespace(sample=(sample.float() - a.sqrt() * target) / (1 - a).sqrt())
-
-
-class LinearVAE(torch.nn.Module):
-    """Linear encoder with ``AutoencoderKL``'s interface: mean = 8×8 average pool of a 1×1 conv (3 → 4 channels),
-    log-variance fixed at −30 (a negligible std). Well conditioned: injective on block-constant frames."""
-
-    def __init__(self, seed: int = 1, scaling_factor: float = 0.18215):
-        super().__init__()
-        w = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))
-        self.weight = torch.nn.Parameter(w / w.norm(dim=0, keepdim=True), requires_grad=False)
-        self.config = SimpleNamespace(scaling_factor=scaling_factor, block_out_channels=(1, 1, 1, 1))
-
-    @property
-    def dtype(self):
-        return self.weight.dtype
-
-    def encode(self, x):
-        try:
-            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        except ImportError:  # diffusers < 0.25
-            from diffusers.models.vae import DiagonalGaussianDistribution
-
-        mean = F.avg_pool2d(torch.einsum("kc,nchw->nkhw", self.weight, x), 8)
-        moments = torch.cat([mean, torch.full_like(mean, -30.0)], 1)
-        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(moments))
 
 
 def psnr(x, y, peak: float = 1.0) -> float:
@@ -99,7 +76,7 @@ def run_oracle(
 
     base = VideoSDS.from_pretrained(model_dir, model_size=(size, size))
     if vae == "linear":
-        base.vae = LinearVAE()
+        base.vae = LinearLatentEncoder(downsample=8, seed=1, posterior=True)
     elif vae != "tiny":
         raise ValueError(f"run_oracle: vae={vae!r} is not one of ['tiny', 'linear']")
     gen = torch.Generator().manual_seed(seed)

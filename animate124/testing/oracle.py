@@ -45,21 +45,27 @@ frame T−1−i; ``time_reversed``: t → 1 − t."""
 
 
 class LinearLatentEncoder(torch.nn.Module):
-    """Stand-in VAE with the interface ``vae_encoding.encode_moments`` reads (``encode(x).latents``, ``dtype``,
-    ``config.scaling_factor``): latents = avg_pool_f(Q x) with Q a fixed [4, 3] matrix with orthonormal columns.
+    """Stand-in VAE with the interface ``vae_encoding.encode_moments`` reads (``encode(x)``, ``dtype``,
+    ``config.scaling_factor``): latents = avg_pool_f(Q x) with Q a fixed [C, 3] matrix with orthonormal columns. Its
+    Jacobian is known by hand, so tests can follow a gradient back to the pixels exactly.
 
-    ``downsample = 1`` is an isometry (``‖E(x) − E(y)‖ = ‖x − y‖``), so nothing of the image is lost.
+    ``downsample = 1`` is an isometry (``‖E(x) − E(y)‖ = ‖x − y‖``), so nothing of the image is lost; 8 pools like a
+    real SD VAE. ``posterior=True`` answers as ``AutoencoderKL`` does (``latent_dist`` with mean = the latents and a
+    log-variance of −30, a negligible std), else as a deterministic encoder (``latents``).
     """
 
-    def __init__(self, latent_channels: int = 4, downsample: int = 1, scaling_factor: float = 0.18215, seed: int = 0):
+    def __init__(self, latent_channels: int = 4, downsample: int = 1, scaling_factor: float = 0.18215, seed: int = 0,
+                 posterior: bool = False):
         super().__init__()
-        if latent_channels < 3 or downsample < 1:
-            raise ValueError(f"LinearLatentEncoder: need latent_channels >= 3 (injective on RGB) and downsample >= 1, "
-                             f"got {latent_channels}, {downsample}")
+        if latent_channels < 3 or downsample < 1 or downsample & (downsample - 1):
+            raise ValueError(f"LinearLatentEncoder: need latent_channels >= 3 (injective on RGB) and downsample a power "
+                             f"of 2, got {latent_channels}, {downsample}")
         q, _ = torch.linalg.qr(torch.randn(latent_channels, 3, generator=torch.Generator().manual_seed(seed)))
         self.register_buffer("weight", q)  # [C, 3], orthonormal columns
-        self.downsample = downsample
-        self.config = SimpleNamespace(scaling_factor=scaling_factor)
+        self.downsample, self.posterior = downsample, posterior
+        # a VAE with len(block_out_channels) - 1 halvings downsamples by 2 ** that
+        self.config = SimpleNamespace(scaling_factor=scaling_factor,
+                                      block_out_channels=(1,) * (downsample.bit_length()))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,7 +75,13 @@ class LinearLatentEncoder(torch.nn.Module):
         latents = torch.einsum("kc,nchw->nkhw", self.weight, images)
         if self.downsample > 1:
             latents = F.avg_pool2d(latents, self.downsample)
-        return SimpleNamespace(latents=latents)
+        if not self.posterior:
+            return SimpleNamespace(latents=latents)
+        try:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        except ImportError:  # diffusers < 0.25
+            from diffusers.models.vae import DiagonalGaussianDistribution
+        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(torch.cat([latents, torch.full_like(latents, -30.0)], 1)))
 
 
 def scaled_linear_alphas_cumprod(

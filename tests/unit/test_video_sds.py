@@ -1,13 +1,12 @@
 """VideoSDS on the tiny text-to-video model loaded through from_pretrained of its saved folder."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from animate124.core.guidance import sds
 from animate124.core.guidance.video_sds import VideoSDS
+from animate124.testing.oracle import LinearLatentEncoder
 
 SIZE = (64, 64)  # model size override: 8x8 latents keep the CPU tests fast
 
@@ -15,32 +14,6 @@ SIZE = (64, 64)  # model size override: 8x8 latents keep the CPU tests fast
 @pytest.fixture(scope="module")
 def video_sds(tiny_models):
     return VideoSDS.from_pretrained(tiny_models["text-to-video"], model_size=SIZE)
-
-
-class LinearStandInVAE(torch.nn.Module):
-    """Linear encoder with the VAE's interface: mean = 8x8 average pool of a 1x1 conv (3 -> 4), tiny fixed std.
-
-    Its Jacobian is known by hand, so the gradient reaching the pixels can be checked exactly."""
-
-    def __init__(self, scaling_factor: float = 0.5):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)))
-        self.config = SimpleNamespace(scaling_factor=scaling_factor, block_out_channels=(1, 1, 1, 1))
-
-    @property
-    def dtype(self):
-        return self.weight.dtype
-
-    def encode(self, x):
-        try:
-            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        except ImportError:  # diffusers < 0.25
-            from diffusers.models.vae import DiagonalGaussianDistribution
-
-        mean = F.avg_pool2d(torch.einsum("kc,nchw->nkhw", self.weight, x), 8)
-        return SimpleNamespace(
-            latent_dist=DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, -30)], 1))
-        )
 
 
 def _frames(shape, seed=0):
@@ -61,7 +34,7 @@ def test_gradient_reaches_every_frame_and_is_finite(video_sds):
 
 
 def test_linear_vae_gradient_is_w_times_eps_difference_mapped_back(video_sds):
-    vae = LinearStandInVAE(scaling_factor=0.5)
+    vae = LinearLatentEncoder(downsample=8, scaling_factor=0.5, seed=1, posterior=True)
     model = VideoSDS(video_sds.unet, vae, video_sds.alphas_cumprod, video_sds.prompt_encoder, SIZE)
     b, t, s = 2, 3, 7.5
     frames = _frames((b, t, *SIZE, 3))
