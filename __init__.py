@@ -1,7 +1,8 @@
 """threestudio-animate124: loaded by threestudio's ``launch.py`` from ``custom/threestudio-animate124``.
 
-This file only checks the host version and imports the components so every ``a124-*`` name registers.
-The registrations themselves live in ``animate124/components`` (never here: launch.py re-executes this file).
+This file only checks the host version and imports the components so every ``a124-*`` name registers (and the
+test-only oracle guidances and the smoke config's resolver from ``animate124/testing``). The registrations themselves
+live in those modules (never here: launch.py re-executes this file).
 """
 import os
 import sys
@@ -24,3 +25,6 @@ except ImportError:
 
 import animate124.components  # noqa: E402,F401  (registers every a124-* name)
 import animate124.testing.oracle_guidance  # noqa: E402,F401  (the test-only oracle guidances of animate124-oracle.yaml)
+from animate124.testing.smoke_assets import register_smoke_resolver  # noqa: E402
+
+register_smoke_resolver()  # ${a124_smoke_assets:DIR} of the smoke config: makes its tiny models on first use

@@ -4,11 +4,8 @@
   ``extern/zero123.py``); diffusers >= 0.3x no longer imports a library it is only named by, so the host's
   ``zero123-unified-guidance`` fails to load them. :func:`alias_host_zero123` makes that name resolve to the host
   module (a no-op where ``extern`` is not importable).
-* ``${a124_smoke_assets:DIR}`` config resolver: the smoke config names its tiny random models and image by path;
-  threestudio resolves a config before it builds anything, so resolving this interpolation is the one point where
-  they can be made before the data module reads the image. :func:`register_config_resolvers` registers it (and
-  ``${a124_tag:...}``); the components package calls it, since launch.py imports the extension before it loads the
-  config.
+* ``${a124_tag:PROMPT}`` config resolver (:func:`register_config_resolvers`, called by the components package,
+  since launch.py imports the extension before it loads the config).
 * :func:`video_format`: the host's ``save_img_sequence`` writes mp4 only through imageio-ffmpeg.
 * :func:`load_weights_reporting`: the host's ``load_weights`` loads with ``strict=False`` and says nothing about keys
   that did not match, so a renamed parameter silently stays at its initial value.
@@ -59,13 +56,6 @@ def load_weights_reporting(module, weights: str, ignore_modules, strict: bool, s
     return {"missing": missing, "unexpected": unexpected}
 
 
-def _smoke_assets(out_dir: str) -> str:
-    from animate124.testing.smoke_assets import ensure_smoke_assets  # only smoke configs pay for this import
-
-    ensure_smoke_assets(out_dir)
-    return out_dir
-
-
 def _tag(s, sub: str = "_") -> str:
     """The run folder's tag from a prompt: the host's rmspace, but an empty or missing prompt gives "" instead of an
     interpolation error, so the preflight can say which prompt is empty."""
@@ -73,6 +63,5 @@ def _tag(s, sub: str = "_") -> str:
 
 
 def register_config_resolvers() -> None:
-    """``${a124_smoke_assets:DIR}`` and ``${a124_tag:PROMPT}`` for our configs (idempotent)."""
-    OmegaConf.register_new_resolver("a124_smoke_assets", _smoke_assets, replace=True)
+    """``${a124_tag:PROMPT}`` for our configs (idempotent)."""
     OmegaConf.register_new_resolver("a124_tag", _tag, replace=True)

@@ -1,7 +1,8 @@
 """Assets of the smoke run (``configs/animate124-smoke.yaml``): the tiny random models, an RGBA subject and a
 textual-inversion embedding, written once into one folder. The config reaches this through the
-``${a124_smoke_assets:DIR}`` resolver (``animate124/components/host_compat.py``); ``animate124 make-tiny-models``
-makes the models alone.
+``${a124_smoke_assets:DIR}`` resolver (:func:`register_smoke_resolver`, which the extension's ``__init__.py`` calls):
+threestudio resolves a config before it builds anything, so resolving this interpolation is the one point where the
+models can be made before the data module reads the image. ``animate124 make-tiny-models`` makes the models alone.
 """
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ import torch
 from animate124.testing import tiny_models
 
 MARKER = ".complete"
+
+
+def register_smoke_resolver() -> None:
+    """``${a124_smoke_assets:DIR}``: make the smoke assets in DIR (once) and resolve to DIR (idempotent)."""
+    from omegaconf import OmegaConf
+
+    def resolve(out_dir: str) -> str:
+        ensure_smoke_assets(out_dir)
+        return out_dir
+
+    OmegaConf.register_new_resolver("a124_smoke_assets", resolve, replace=True)
 
 
 def ensure_smoke_assets(out_dir: str, wait_s: float = 1.0) -> None:
