@@ -7,7 +7,7 @@ the scene x ``n_train_times`` times in [0, 1]. Evaluation: ``n_eval_views`` UNSE
 between training ones, another elevation) at the training times, and training cameras at UNSEEN times (midpoints
 between training times). Photometric MSE, Adam (grid lr 1e-2, MLP lr 1e-3 by default).
 
-GPU goal (issue 2): >= 30 dB within 2000 steps:
+GPU goal: >= 30 dB within 2000 steps:
 
     python benchmarks/fit_synthetic_4d.py --device cuda --steps 2000
 

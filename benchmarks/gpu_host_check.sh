@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The host-environment checks on a CUDA machine, in one go (README, "Tests"):
+# The host-environment checks on a CUDA machine, in one go (docs/testing.md):
 #   1. the smoke config through threestudio's own launch.py, --train (A124_SMOKE_ARGS: extra overrides, e.g.
 #      system.compile_denoisers=cuda-graphs; the whole log in smoke-train.log) then --export;
 #   2. the CUDA unit cases and tests/gpu; 3. the whole integration tier (real threestudio).

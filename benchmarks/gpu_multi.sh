@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two GPUs (README, "Several GPUs"), on a machine with 2 CUDA GPUs, everything through threestudio's launch.py:
+# Two GPUs (docs/multi-gpu.md), on a machine with 2 CUDA GPUs, everything through threestudio's launch.py:
 #   1. the smoke recipe with STEPS steps per stage (tiny random models) on 1 GPU, then on 2 GPUs (DDP, NCCL):
 #      wall time, clips per second, peak memory per GPU (nvidia-smi), ddp_check.json (ranks bit-identical);
 #   2. the 2-GPU checkpoint taken in the dynamic stage resumed on 1 GPU (stage and step continue);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, for the `device` machine or any CUDA box (writes JSON/logs to ${OUT:-gpu-results}).
+# The GPU tests and the hash-grid / fit / guidance benchmarks on a CUDA machine (JSON/logs to ${OUT:-gpu-results}).
 #   bash benchmarks/gpu_run.sh [bench|integration|all]
-# Python packages missing on a bare image may be carried as wheels in .whl/ (see README, "GPU numbers").
+# Python packages missing on a bare image (no PyPI there) may be carried as wheels in .whl/.
 set -u -o pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 what=${1:-all}

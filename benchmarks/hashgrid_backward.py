@@ -1,6 +1,6 @@
 """Hash-grid backward on the points a training step really sends: ray-marched samples, ray after ray.
 
-The dynamic stage's profile (README, "Speed and memory") spent more GPU time in the Triton hash-grid backward than
+The dynamic stage's profile (``benchmark --profile``) spent more GPU time in the Triton hash-grid backward than
 in everything else: five times its forward. Random points in [0, 1]^D (``hashgrid_speed.py``) do not show why: the
 samples of one ray follow each other in memory and share the cells of the coarse levels, so their atomic adds
 queue on the same addresses. This script times the backward on such samples (rays of a 128^2 camera through a

@@ -6,7 +6,7 @@ Per shape and variant: ``ms`` (median of ``--calls``, the GPU synchronised after
 with no autocast. Every variant runs ``vae_encoding.encode_latents(..., chunk_size=1, checkpoint=True)`` under 16-mixed
 autocast, as the guidances run it:
 
-- ``autocast``: the half VAE under autocast with the default attention kernel (the guidances before 2026-12-01:
+- ``autocast``: the half VAE under autocast with the default attention kernel (how the guidances ran it before ``own``:
   GroupNorm and SiLU kept fp32 activations);
 - ``own``: the half VAE in its own dtype (``vae_encoding.own_precision``), default attention kernel;
 - ``own+math-attention``: the same with scaled-dot-product attention on the math kernel, reducing in fp32 (its

@@ -79,7 +79,7 @@ def example_rgba(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
-    """Tiny random diffusion/CLIP models in the real folder layouts, made once per session."""
+    """Tiny random diffusion/CLIP models in the real folder layouts, made once per test run."""
     from animate124.testing.tiny_models import make_tiny_models
 
     cache = os.environ.get("A124_TINY_MODELS")  # reuse across runs when set

@@ -82,7 +82,7 @@ def why_unavailable() -> str | None:
         return f"THREESTUDIO_ROOT={os.environ['THREESTUDIO_ROOT']} holds no launch.py"
     if threestudio_root() is None:
         return ("no threestudio checkout: clone this repo into threestudio/custom/, set THREESTUDIO_ROOT, put one in "
-                ".deps/threestudio, or keep ../shared/vendor/threestudio beside the repo (README, 'Tests')")
+                ".deps/threestudio, or keep ../shared/vendor/threestudio beside the repo (docs/testing.md)")
     missing = [pkg for mod, pkg in HOST_IMPORTS.items() if importlib.util.find_spec(mod) is None]
     if missing:
         return f"threestudio's import-time dependencies are missing: pip install -e '.[integration]' ({', '.join(missing)})"

@@ -59,7 +59,7 @@ class TimeVolume(BaseImplicitGeometry):
         normal_checkpoint: bool = True
         """Recompute the normals' density queries in the backward, one offset at a time, instead of keeping their
         activations: the same values and gradients; on an H200 the default recipe's dynamic peak fell from 32.5 to
-        12.8 GiB with no measurable change in step time (README, "Memory"). false: keep them."""
+        12.8 GiB with no measurable change in step time (docs/memory.md). false: keep them."""
         isosurface_threshold: Union[float, str] = 25.0
         export_time: float = 0.0
         """Frame time seen by time-unaware host code (isosurface, host exporters)."""

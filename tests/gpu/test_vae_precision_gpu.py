@@ -57,7 +57,7 @@ def test_own_precision_vae_encode_holds_less_and_is_as_accurate(monkeypatch):
 
     rows = {}
     for name in ("autocast", "own", "autocast", "own"):  # second round timed warm
-        if name == "autocast":  # the guidances before 2026-12-01: autocast on, the default attention kernel
+        if name == "autocast":  # the guidances before own precision: autocast on, the default attention kernel
             monkeypatch.setattr(vae_encoding, "own_precision", lambda network, device: torch.autocast("cuda", enabled=True))
             monkeypatch.setattr(vae_encoding, "half_math_attention", lambda *args: nullcontext())
         else:  # now: own precision, the math attention kernel in half precision

@@ -69,7 +69,7 @@ def test_oracle_guidances_score_the_batch_cameras_and_times(threestudio, tmp_pat
 
 @pytest.mark.timeout(1200)
 def test_small_cpu_oracle_run_recovers_the_scene_and_a_flipped_azimuth_does_not(threestudio, tmp_path, monkeypatch):
-    """Measured with exactly this configuration (seed 0) on the 2-core dev machine, 2026-11-30: t = 0 after static
+    """Measured with exactly this configuration (seed 0) on the 2-core dev machine: t = 0 after static
     21.23 dB (flipped azimuth 17.22), unseen views x times after 20 dynamic steps 18.58 dB (flipped 17.19); an
     all-white image scores 14.50. Training took 187 s + 221 s at load average 20 (a few times less on an idle
     machine). Bars keep ~40 % of each measured margin for platform differences."""

@@ -28,7 +28,7 @@ def differences(name: str) -> dict:
     return {k: other.get(k, ABSENT) for k in set(base) | set(other) if base.get(k, ABSENT) != other.get(k, ABSENT)}
 
 
-# what each preset changes, and nothing else (README, "Configs" and "Speed and memory")
+# what each preset changes, and nothing else (README, "Configs"; docs/performance.md)
 PRESETS = {
     "animate124-fast": {
         "name": "animate124-fast", "data.n_test_views": 60,
@@ -67,7 +67,7 @@ def test_presets_differ_from_the_default_only_where_documented(name):
 
 # the per-stage configs keep the default's guidance slots, except where a stage alone needs less
 STAGE_EXCEPTIONS = {
-    # the dynamic stage's peak is set by the render, not the video VAE: no checkpointing there (README)
+    # the dynamic stage's peak is set by the render, not the video VAE: no checkpointing there (docs/memory.md)
     "animate124-dynamic": {"system.guidances.video.guidance.vae_checkpoint", "system.guidances.video.guidance.vae_chunk_size"},
 }
 

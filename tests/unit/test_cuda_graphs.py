@@ -116,7 +116,7 @@ def test_the_training_flag_is_part_of_the_signature(cn_sds):
     assert (graphed.records, graphed.replays, graphed.eager_calls) == (1, 1, 2)
 
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "issue11-h200-2026-12-01-third"
+FLOOR_CALLS = Path(__file__).resolve().parents[1] / "fixtures" / "denoiser_floor_calls.json"
 
 
 @pytest.mark.parametrize("config, recorded", [
@@ -134,7 +134,7 @@ def test_the_sample_limit_splits_the_measured_calls_as_documented(config, record
     import re
 
     calls = set()
-    for stage in json.loads((RESULTS / f"call3-{config}-cuda-graphs.json").read_text())["stages"]:
+    for stage in json.loads(FLOOR_CALLS.read_text())[config]["stages"]:
         for call in stage["floor_calls"]:
             m = re.match(r"(\w+) forward \[(\[[\d, ]+\])", call["what"])
             if m:

@@ -2,7 +2,7 @@
 fit a procedural dynamic scene and generalise to unseen cameras and unseen times.
 
 Threshold: with this exact configuration (seed 0, 150 steps) the fit measured 23.55 dB on unseen views and 23.73 dB
-on unseen times on the 2-core dev machine (2026-11-25); an all-white prediction scores 14.7 dB. We assert 20 dB: ~3.5 dB
+on unseen times on the 2-core dev machine; an all-white prediction scores 14.7 dB. We assert 20 dB: ~3.5 dB
 of margin for platform/thread differences, still 5 dB above the trivial baseline. Wall time there: 37 s at load 2.7
 (175 s with 4 other jobs on the 2 cores). The result is deterministic for a given seed on one platform.
 """

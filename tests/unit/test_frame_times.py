@@ -1,4 +1,4 @@
-"""Frame-time sampler (method digest section 4.3): statistics over 10k draws and exact small cases."""
+"""Frame-time sampler (upstream's clip-time algorithm): statistics over 10k draws and exact small cases."""
 
 import math
 

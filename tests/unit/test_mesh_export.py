@@ -267,7 +267,7 @@ def test_write_mesh_sequence_roundtrip(tmp_path, moving, fmt):
         np.testing.assert_allclose(loaded.visual.vertex_colors[:, :3], expected, atol=1)
 
 
-# Pinned outputs of the hand-written scipy / numpy helpers that trimesh replaced (issue 15): vertex-connected
+# Pinned outputs of the hand-written scipy / numpy helpers that trimesh replaced (unchanged by it): vertex-connected
 # components, the Euler characteristic over referenced vertices, component dropping that keeps vertex order, and
 # area-weighted vertex normals (zero for unreferenced vertices and degenerate faces).
 HAND_VERTICES = torch.tensor(

@@ -11,7 +11,7 @@ from animate124.testing.tiny_models import ALL_KINDS, make_clip_tokenizer, make_
 
 @pytest.fixture(scope="module")
 def tiny(tiny_models):
-    """The session's tiny models (tests/conftest.py calls make_tiny_models once)."""
+    """The test run's tiny models (tests/conftest.py calls make_tiny_models once)."""
     return tiny_models
 
 
@@ -29,7 +29,7 @@ def test_clip_tokenizer_matches_openai_ids(tmp_path):
 
 
 # Pinned from the hand-written byte table and vocabulary builder this module had before it used transformers' table
-# (issue 15): the same 256 characters in the same order, the same 49,408 tokens in id order, the same 48,894 merges.
+# (unchanged): the same 256 characters in the same order, the same 49,408 tokens in id order, the same 48,894 merges.
 BYTE_TABLE_SHA256 = "6f4b22994511341556e0afed07c5c1642aff87bc6fdf4ff2a611f5c1f33f7865"
 VOCAB_SHA256 = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"
 MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"

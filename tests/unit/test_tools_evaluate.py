@@ -194,7 +194,7 @@ def test_panel_crop_keeps_the_rgb_of_a_grid(tiny_clip, images, tmp_path):
 
 
 def test_clip_scores_agree_with_torchmetrics_clipscore(tiny_clip, images):
-    """Kept ours (issue 15): torchmetrics' CLIPScore returns only max(100 * mean cos, 0) over matched pairs, so it
+    """Kept ours: torchmetrics' CLIPScore returns only max(100 * mean cos, 0) over matched pairs, so it
     re-encodes the prompt / reference once per frame, cannot give the frame x prompt matrix retrieval needs, loads a
     local folder only through a callable, and (1.9) breaks on transformers 5. On the same inputs its numbers are ours
     x 100 (clamped at 0)."""

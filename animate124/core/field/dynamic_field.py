@@ -1,7 +1,7 @@
 """4D radiance field: a static 3-D hash grid plus an additive 4-D (x, t) hash grid, then density and feature MLPs.
 
-Method digest §2.2 (threestudio branch's ``HashGridSpatialTime`` + ``implicit-volume``), with time as a per-sample
-tensor instead of a mutable attribute (§10.2 item 9):
+As the upstream threestudio branch's ``HashGridSpatialTime`` + ``implicit-volume``, with time as a per-sample
+tensor instead of a mutable attribute (so a clip renders in one call):
 
     h(x, t) = enc(x01) + enc_t([x01, t]),            x01 = (x + r) / (2 r)  (world bbox [-r, r]^3 -> [0, 1]^3)
     sigma   = act(density_mlp(h) + bias(x))          act: softplus | exp | trunc_exp;  bias: blob / none / constant

@@ -21,7 +21,7 @@ HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 216
 
 # Levels up to this resolution merge runs in the Triton backward: the default grid's levels 0-6 (16 to 148), whose
 # cells hold several consecutive samples of a ray at 256 steps per ray. On an H200 the default recipe's dynamic step
-# spent 296 instead of 361 ms in its backward (README, "Speed and memory"); merging every level saved no more.
+# spent 296 instead of 361 ms in its backward; merging every level saved no more.
 MERGE_RUNS_MAX_RES = 160
 
 

@@ -2,7 +2,7 @@
 
 The upstream threestudio branch keeps ONE nerfacc occupancy grid and refreshes it with the density at a single random
 time per update, so space that is occupied only at other times can be pruned and fast-moving parts get clipped
-(method digest §10.2 item 4). Here the grid has T time slices (as the ``main`` branch's ``[time_size, 128^3]`` density
+(its ``nerf_volume_renderer.py``). Here the grid has T time slices (as the ``main`` branch's ``[time_size, 128^3]`` density
 grid): a ray at frame time t is marched through slice ``k = min(floor(t * T), T - 1)``, and every update refreshes
 EVERY slice with the max of the occupancy over ``n_times_per_update`` stratified, jittered times inside that slice's
 interval [k/T, (k+1)/T). With ``n_time_slices=1`` this is the other fix: one grid updated with the max over several

@@ -1,8 +1,8 @@
 """A frozen network's no-grad forward replayed as a CUDA graph (``system.compile_denoisers: cuda-graphs``).
 
 Every SDS step calls the same frozen U-Nets with the same shapes, and eager calls are bound by kernel launches: the
-SD U-Net took 46.4 ms eager against 12.1 ms replayed from this module's graph (README, "Speed and memory", third
-session). ``torch.compile``'s ``reduce-overhead`` gets as far after about a minute of compilation per network and
+SD U-Net took 46.4 ms eager against 12.1 ms replayed from this module's graph (H200, benchmarks/denoiser_compile.py).
+``torch.compile``'s ``reduce-overhead`` gets as far after about a minute of compilation per network and
 shape, and its outputs are overwritten by the next replay. :class:`GraphedForward` records the *eager* forward
 instead (no compilation), once per input signature, and on each call copies the inputs into the graph's own buffers,
 replays it and returns copies of its outputs: a result stays valid whatever runs next (the ControlNet's residuals go
@@ -15,7 +15,7 @@ It runs the plain forward instead when a graph would be wrong or wasted:
 - an input that is not a tensor, a bool, None, a str or a number, or a tensor not on a device the graphs support;
 - a first tensor argument (a denoiser's noisy latents) of more than ``max_sample_elements`` elements: such a call keeps
   the GPU busy long enough to hide its launches, so a graph saves nothing, while its memory pool would keep the
-  call's activations from the rest of the step (measured on an H200, 2026-12-01: the refine stage's ControlNet +
+  call's activations from the rest of the step (measured on an H200: the refine stage's ControlNet +
   U-Net on [4, 4, 128, 128] latents took 104 ms eager, 102 ms as a graph, and recording it raised the default
   refine's reserved memory from 22.9 to 30.9 GiB);
 - the first call of a signature (it warms cuDNN / cuBLAS up; the second records);

@@ -1,7 +1,7 @@
 """Frame times of a training clip and of evaluation renders.
 
 A training clip is F frames equally spaced on a lattice of P = ``precision`` steps over t in [0, 1]. The sampler is
-the upstream Animate124 algorithm (method digest section 4.3, identical in both upstream branches):
+the upstream Animate124 algorithm (identical in both upstream branches' clip collate):
 
 1. ``start_from_zero`` = (U < ``zero_rate``).
 2. span = floor(randint(F, P) / F) * F, randint inclusive at both ends; stride k = span / F.

@@ -1,7 +1,7 @@
 """Time-aware volume rendering: many frame times x rays in one call.
 
 Every ray carries its own frame time ``t`` in [0, 1], so the F frames of a video batch (or any mix of times) are
-rendered by ONE field evaluation; there is no mutable "current frame time" anywhere (method digest §10.2 item 9).
+rendered by ONE field evaluation; there is no mutable "current frame time" anywhere (upstream sets one and renders frame by frame).
 
 Compositing follows the classic quadrature (Max 1995; NeRF eq. 3), computed with nerfacc::
 

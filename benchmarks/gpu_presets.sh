@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 11 on one GPU: full-size random models once, then `animate124 benchmark` for the default, fast and low-VRAM
+# Presets on one GPU: full-size random models once, then `animate124 benchmark` for the default, fast and low-VRAM
 # configs (3 warm-up + 5 timed steps per stage) and memory / speed knobs against the default; JSON and logs to $OUT,
 # a table at the end. Each benchmark saves its JSON after training and after each evaluation piece, so a process cut
 # short by its limit keeps what it measured. A step that fails prints why and the others still run.
-#   OUT=gpu-results bash benchmarks/gpu_issue11.sh        (THREESTUDIO_ROOT=... to use another checkout)
+#   OUT=gpu-results bash benchmarks/gpu_presets.sh        (THREESTUDIO_ROOT=... to use another checkout)
 #   A124_BENCH="default fast" ...      (which runs, of: default fast lowvram profile lowvram-profile fit hashgrid, the groups knobs
 #                                       speed lowramvae merge compile graphs normals opaque, or one knob's name: default-no-alpha-thre ...)
 # About 4 minutes for the default, 2-3 for each other config on an H200; split the runs over calls (or GPUs).
@@ -59,7 +59,7 @@ want lowvram-profile && bench lowvram-profile 240 "$repo/configs/animate124-lowv
   --eval-images 2 --export-times 0 --profile
 # one change against the default each, training steps only (names usable in A124_BENCH; `knobs` and `speed` are
 # groups): without VAE checkpointing; without the marcher's alpha threshold (every sample of an occupied cell gets a
-# gradient); without checkpointed normal queries; forward-difference normals. (Fused Adam, tried on 2026-11-30, stops
+# gradient); without checkpointed normal queries; forward-difference normals. (Fused Adam, tried once, stops
 # at the first step under 16-mixed: "No inf checks were recorded prior to update".)
 knob() {  # name group --set args...
   local name=$1 group=$2; shift 2
@@ -84,9 +84,8 @@ knob default-opaque opaque --set system.geometry.density_blob_scale=100
 knob default-opaque-normal-both opaque --set system.geometry.density_blob_scale=100 \
   --set system.renderer.normal_frames=4 --set system.renderer.normal_weight_min=0.001
 # the presets, training steps only: `fast-train` and `fast-all-normals` (normals on every frame and sample, as the
-# fast preset before 2026-12-01); `lowvram-train` and `lowvram-normal-both` (normals on 4 frames and weighted
-# samples; in 2026-12-01's call 4 the preset had them, so its `lowvram-train` was this and `lowvram-all-normals` the
-# preset as it is now)
+# fast preset had them first); `lowvram-train` and `lowvram-normal-both` (normals on 4 frames and weighted samples,
+# which the low-VRAM preset tried and dropped: no gain at its 64^2 renders)
 preset_knob() {  # name config --set args...
   local name=$1 config=$2; shift 2
   want "$name" && bench "$name" 200 "$repo/configs/$config" --warmup 3 --steps 4 --eval-images 2 --export-times 0 "$@"
