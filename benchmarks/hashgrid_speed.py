@@ -1,6 +1,6 @@
 """Hash-grid encoding speed: torch reference vs Triton (vs tinycudann when installed), forward and forward+backward.
 
-The anchors' configuration (docs/anchors.md): 16 levels x 2 features, 2**19 table, base 16, scale 1.4473, fp32,
+The upstream threestudio branch's grid: 16 levels x 2 features, 2**19 table, base 16, scale 1.4473, fp32,
 2**21 random points in [0, 1]^D, D = 3 and 4. Times are medians over ``--repeats`` calls after ``--warmup`` calls,
 measured with CUDA events; forward+backward includes the embeddings' gradient (dL/dout random). Only the ratios
 within one run mean something across machines.
