@@ -181,11 +181,11 @@ def complete_rays(batch: dict) -> dict:
 class ClipIterableDataset(IterableDataset, Updateable):
     """Endless training batches: ``{"ref": ..., "random": ..., "video": ...}`` (see the module docstring)."""
 
-    def __init__(self, cfg: ImageVideoDataModuleConfig, reference: dict) -> None:
+    def __init__(self, cfg: ImageVideoDataModuleConfig, reference: dict, rank: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.reference = reference
-        self.generator = torch.Generator().manual_seed(cfg.seed + _rank())
+        self.generator = torch.Generator().manual_seed(cfg.seed + rank)  # each process of a run draws its own clips
         ref_traj = cams.make_trajectory(
             torch.tensor([cfg.default_elevation_deg]),
             torch.tensor([cfg.default_azimuth_deg]),
@@ -256,8 +256,15 @@ class TrajectoryDataset(Dataset):
         return batch
 
 
-def _rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
+def _global_rank(trainer) -> int:
+    """This process's rank among all processes of the run (all machines): the trainer's when it is attached, else the
+    launcher's variables (a local rank alone would repeat the clips of another machine's process)."""
+    if trainer is not None:
+        return int(trainer.global_rank)
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 @threestudio.register("a124-image-video-datamodule")
@@ -274,7 +281,8 @@ class ImageVideoDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
             preflight.check_data_module(self)  # again before step 0 (any system; files written since)
-            self.train_dataset = ClipIterableDataset(self.cfg, load_reference(self.cfg))
+            self.train_dataset = ClipIterableDataset(self.cfg, load_reference(self.cfg),
+                                                     rank=_global_rank(getattr(self, "trainer", None)))
         if stage in (None, "fit", "validate"):
             self.val_dataset = TrajectoryDataset(self.cfg, "val")
         if stage in (None, "test", "predict"):

@@ -47,3 +47,21 @@ def test_two_rank_ddp_on_cpu(threestudio, tiny_models, example_rgba, tmp_path):
     rec = StepRecorder()
     _run(threestudio, config.read_text(), tmp_path, resume=str(ckpt[0]), max_steps=5, callbacks=[rec])
     assert [(s["step"], s["stage"]) for s in rec.steps] == [(3, "dynamic"), (4, "refine")]
+
+
+def test_clip_seed_rank_is_global_across_machines(threestudio, monkeypatch):
+    """A run over several machines: the clip stream is seeded by the GLOBAL rank (the trainer's, else RANK, then
+    SLURM_PROCID), so process 0 of the second machine does not repeat process 0 of the first (a LOCAL_RANK seed did)."""
+    from types import SimpleNamespace
+
+    from animate124.components.data import _global_rank
+
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _global_rank(None) == 0
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    assert _global_rank(None) == 5
+    monkeypatch.setenv("RANK", "3")
+    assert _global_rank(None) == 3
+    assert _global_rank(SimpleNamespace(global_rank=7)) == 7  # the trainer's rank wins once it is attached
