@@ -65,7 +65,8 @@ def test_killed_process_leaves_old_file_intact(tmp_path):
 
 def test_write_sites_are_atomic(tmp_path, monkeypatch):
     """The embedding (invert) and the mesh sequence go through atomic_io: a failing writer keeps the old files."""
-    from animate124.core.export.mesh_export import Mesh, write_mesh_sequence
+    from animate124.core.export.mesh_export import Mesh
+    from animate124.core.export.writers import write_mesh_sequence
     from animate124.core.guidance.textual_inversion import save_learned_embeds
 
     paths = save_learned_embeds(tmp_path, "_tok_", torch.ones(4))

@@ -1,5 +1,5 @@
 """Marching cubes, surface tracking and the animated .glb on analytic fields (spheres: signed distance r - |p - c|,
-threshold 0, so every target is known in closed form)."""
+threshold 0, so every target is known in closed form). The .glb holds y-up coordinates: host (x, y, z) -> (y, z, x)."""
 
 import math
 
@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from animate124.core.export import mesh_export as mx
-from animate124.core.export.mesh_export import (
-    build_mesh_animation,
-    extract_mesh,
-    topology_signature,
-    track_surface,
-    write_mesh_sequence,
-    write_morph_glb,
-)
+from animate124.core.export import writers as wr
+from animate124.core.export.mesh_export import build_mesh_animation, extract_mesh, topology_signature, track_surface
+from animate124.core.export.writers import write_mesh_sequence, write_morph_glb
 
 BBOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 RES = 48  # voxel = 2 / 47 = 0.04255
@@ -54,9 +49,16 @@ def moving():
     return build_mesh_animation(moving_sphere, BBOX, [0.0, 0.5, 1.0], resolution=RES, threshold=0.0, color_fn=xyz_color)
 
 
+def y_up(v):
+    """Host (x, y, z) -> glTF (y, z, x), written out by hand."""
+    v = np.asarray(v)
+    return np.stack([v[..., 1], v[..., 2], v[..., 0]], -1)
+
+
 def test_all_exports_import():
-    for name in mx.__all__:
-        assert hasattr(mx, name), name
+    for module in (mx, wr):
+        for name in module.__all__:
+            assert hasattr(module, name), name
 
 
 def test_marching_cubes_sphere_radius_volume_orientation_colors():
@@ -134,11 +136,24 @@ def test_topology_change_is_detected():
 def test_motion_too_fast_for_the_tracker_is_reported():
     base = extract_mesh(moving_sphere, BBOX, RES, time=0.0, threshold=0.0)
     refs = [base, extract_mesh(moving_sphere, BBOX, RES, time=1.0, threshold=0.0)]
-    # 0.3 / 0.0426 = 7 voxels of motion, but 2 steps of at most 1 voxel
-    slow = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=2)
+    # 0.3 / 0.0426 = 7 voxels of motion, but 2 steps of at most 1 voxel, no retries and no component shift
+    slow = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=2, max_substeps=1, follow_components=False)
     assert not slow.ok[1] and "voxels off the marching-cubes surface" in slow.reasons[0]
-    enough = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=4, substeps=3)
+    enough = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=4, substeps=3, follow_components=False)
     assert enough.ok.all() and enough.reasons == []
+    # retries: 1 substep fails, 2 do not (4 steps of 1 voxel each way cannot cover 7 voxels, 8 can)
+    retried = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=4, max_substeps=2,
+                            follow_components=False)
+    assert retried.ok.all()
+    once = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=4, max_substeps=1, follow_components=False)
+    assert not once.ok[1]
+    # the component shift moves the whole sphere by its centroid's motion (0.3, 0, 0): one Newton step then suffices
+    # and every vertex moved by the translation (no tangential sliding)
+    shifted = track_surface(moving_sphere, base, [0.0, 1.0], refs, iterations=1, max_substeps=1)
+    assert shifted.ok.all()
+    moved = shifted.frame_vertices[1] - base.vertices
+    torch.testing.assert_close(moved, torch.tensor([0.3, 0.0, 0.0]).expand_as(moved), atol=0.01 * 2 / (RES - 1),
+                               rtol=0)
     no_refs = track_surface(moving_sphere, base, [0.0, 1.0])
     assert torch.isnan(no_refs.surface_error).all() and no_refs.ok.all()
 
@@ -168,21 +183,31 @@ def test_morph_glb_exact_motion_roundtrip(tmp_path, moving):
     V = base.vertices.shape[0]
     acc, pos = read(prim.attributes.POSITION, 3)
     assert acc.count == V and acc.min is not None and acc.max is not None
-    np.testing.assert_allclose(pos, base.vertices.numpy())
-    np.testing.assert_allclose(acc.min, base.vertices.min(0).values.numpy())
+    np.testing.assert_allclose(pos, y_up(base.vertices.numpy()))
+    np.testing.assert_allclose(acc.min, y_up(base.vertices.min(0).values.numpy()))
     for k, target in enumerate(prim.targets, start=1):
         acc, disp = read(target["POSITION"], 3)
         assert acc.count == V and acc.min is not None and acc.max is not None  # required for POSITION accessors
-        np.testing.assert_allclose(disp, np.broadcast_to(motion[k].numpy(), (V, 3)), atol=1e-6)
-        np.testing.assert_allclose(acc.max, motion[k].numpy(), atol=1e-6)
+        np.testing.assert_allclose(disp, np.broadcast_to(y_up(motion[k].numpy()), (V, 3)), atol=1e-6)
+        np.testing.assert_allclose(acc.max, y_up(motion[k].numpy()), atol=1e-6)
     # smooth-shading normals: radial on a sphere; a pure translation leaves them unchanged (zero NORMAL targets)
     _, normals = read(prim.attributes.NORMAL, 3)
-    radial = base.vertices.numpy() / np.linalg.norm(base.vertices.numpy(), axis=1, keepdims=True)
+    radial = y_up(base.vertices.numpy()) / np.linalg.norm(base.vertices.numpy(), axis=1, keepdims=True)
     assert (normals * radial).sum(1).min() > 0.99
     for target in prim.targets:
         np.testing.assert_allclose(read(target["NORMAL"], 3)[1], 0.0, atol=1e-5)
+    # COLOR_0 is linear: sRGB c -> ((c + 0.055) / 1.055) ** 2.4 above 0.04045, c / 12.92 below
     _, colors = read(prim.attributes.COLOR_0, 3)
-    np.testing.assert_allclose(colors, base.vertex_colors.numpy())
+    srgb = base.vertex_colors.double().numpy()
+    np.testing.assert_allclose(colors, np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4),
+                               rtol=1e-5, atol=1e-7)
+    assert wr.srgb_to_linear(np.array([0.5, 1.0, 0.0])).tolist() == pytest.approx([0.214041, 1.0, 0.0], abs=1e-6)
+    # the material: PBR, vertex colours times white, not metallic, rough; single-sided on this closed sphere
+    assert prim.material == 0 and len(gltf.materials) == 1
+    material = gltf.materials[0]
+    pbr = material.pbrMetallicRoughness
+    assert (pbr.baseColorFactor, pbr.metallicFactor, pbr.roughnessFactor) == ([1.0, 1.0, 1.0, 1.0], 0.0, 1.0)
+    assert material.doubleSided is False
     _, indices = read(prim.indices, 1)
     assert indices.size == base.faces.numel() and np.array_equal(indices, base.faces.numpy().reshape(-1))
     sampler = gltf.animations[0].samplers[0]
@@ -192,22 +217,16 @@ def test_morph_glb_exact_motion_roundtrip(tmp_path, moving):
     assert keys.tolist() == [0.0, 1.0, 2.0] and acc.min == [0.0] and acc.max == [2.0]
     _, weights = read(sampler.output, 1)
     assert weights.tolist() == [0, 0, 1, 0, 0, 1]  # one-hot per keyframe, none at keyframe 0
-    # node rotation maps host axes to glTF's: +x (reference view) -> +z, +y -> +x, +z (up) -> +y
-    qx, qy, qz, qw = gltf.nodes[0].rotation
-    rot = np.array(
-        [
-            [1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qz * qw), 2 * (qx * qz + qy * qw)],
-            [2 * (qx * qy + qz * qw), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qx * qw)],
-            [2 * (qx * qz - qy * qw), 2 * (qy * qz + qx * qw), 1 - 2 * (qx * qx + qy * qy)],
-        ]
-    )
-    np.testing.assert_allclose(rot.T, [[0, 0, 1], [1, 0, 0], [0, 1, 0]], atol=1e-12)  # row i: image of e_i
+    # the axes are baked into the data: the node has no transform
+    node = gltf.nodes[0]
+    assert (node.rotation, node.matrix, node.translation, node.scale) == (None, None, None, None)
 
-    # trimesh reads the same mesh and its colours (it ignores the morph targets)
+    # trimesh reads the same mesh, its linear colours and the material (it ignores the morph targets)
     scene = trimesh.load(str(path))
     (geom,) = scene.geometry.values()
     assert geom.vertices.shape == (V, 3) and geom.faces.shape == tuple(base.faces.shape)
-    assert geom.visual.kind == "vertex"
+    np.testing.assert_allclose(geom.visual.vertex_attributes["color"], colors)
+    assert (geom.visual.material.metallicFactor, geom.visual.material.roughnessFactor) == (0.0, 1.0)
 
 
 def test_morph_glb_from_tracking(tmp_path, moving):
@@ -219,8 +238,8 @@ def test_morph_glb_from_tracking(tmp_path, moving):
     gltf = pygltflib.GLTF2().load(str(path))
     targets = gltf.meshes[0].primitives[0].targets
     assert len(targets) == 2 and gltf.animations[0].samplers[0].interpolation == "LINEAR"
-    # the bounds of the last target's displacements: +x pole moves by the motion 0.3
-    assert gltf.accessors[targets[1]["POSITION"]].max[0] == pytest.approx(0.3, abs=0.01)
+    # the bounds of the last target's displacements: the host's +x pole (glTF +z) moves by the motion 0.3
+    assert gltf.accessors[targets[1]["POSITION"]].max[2] == pytest.approx(0.3, abs=0.01)
     # blended normals at the last keyframe (base + target) are radial about that frame's centre (0.3, 0, 0)
     blob = gltf.binary_blob()
 
@@ -230,7 +249,7 @@ def test_morph_glb_from_tracking(tmp_path, moving):
         return np.frombuffer(blob, np.float32, acc.count * 3, offset).reshape(-1, 3)
 
     normals = read3(gltf.meshes[0].primitives[0].attributes.NORMAL) + read3(targets[1]["NORMAL"])
-    radial = frames[2].numpy() - np.array([0.3, 0.0, 0.0])
+    radial = y_up(frames[2].numpy() - np.array([0.3, 0.0, 0.0]))
     radial /= np.linalg.norm(radial, axis=1, keepdims=True)
     assert (normals * radial).sum(1).min() > 0.98
 
@@ -254,15 +273,27 @@ def test_morph_glb_bad_inputs(tmp_path, moving, kwargs, match):
         write_morph_glb(tmp_path / "x.glb", base.vertices, base.faces, frames, None, **args)
 
 
-@pytest.mark.parametrize("fmt", ["obj", "ply"])
-def test_write_mesh_sequence_roundtrip(tmp_path, moving, fmt):
+def test_open_surface_gets_a_double_sided_material(tmp_path):
+    import pygltflib
+
+    # a ball cut by the bbox: marching cubes leaves the cut open
+    mesh = extract_mesh(sphere((0.0, 0.0, 0.9), 0.5), BBOX, 24, threshold=0.0)
+    assert wr._has_boundary(mesh.faces.numpy())
+    path = tmp_path / "open.glb"
+    write_morph_glb(path, mesh.vertices, mesh.faces, [mesh.vertices, mesh.vertices + 0.01], None, [0.0, 1.0])
+    assert pygltflib.GLTF2().load(str(path)).materials[0].doubleSided is True
+
+
+@pytest.mark.parametrize("fmt, axes", [("obj", "y_up"), ("ply", "y_up"), ("obj", "z_up")])
+def test_write_mesh_sequence_roundtrip(tmp_path, moving, fmt, axes):
     import trimesh
 
-    paths = write_mesh_sequence(tmp_path, moving.meshes, fmt=fmt)
+    paths = write_mesh_sequence(tmp_path, moving.meshes, fmt=fmt, axes=axes)
     assert [p.rsplit("/", 1)[1] for p in paths] == [f"mesh_{k:04d}_t{t:.4f}.{fmt}" for k, t in enumerate([0, 0.5, 1])]
     for path, mesh in zip(paths, moving.meshes, strict=True):
         loaded = trimesh.load(path, process=False)
-        np.testing.assert_allclose(loaded.vertices, mesh.vertices.numpy(), atol=1e-6)
+        expected = y_up(mesh.vertices.numpy()) if axes == "y_up" else mesh.vertices.numpy()
+        np.testing.assert_allclose(loaded.vertices, expected, atol=1e-6)
         expected = (mesh.vertex_colors.numpy() * 255).round()
         np.testing.assert_allclose(loaded.visual.vertex_colors[:, :3], expected, atol=1)
 
@@ -296,13 +327,13 @@ def test_topology_and_component_helpers_pinned():
 
 
 def test_vertex_normals_pinned():
-    normals = mx._vertex_normals(HAND_VERTICES.numpy(), HAND_FACES.numpy().astype(np.uint32))
+    normals = wr._vertex_normals(HAND_VERTICES.numpy(), HAND_FACES.numpy().astype(np.uint32))
     s, h = 0.4472135901451111, 0.5**0.5  # vertex 2: face cross products (0, 0, 1) + (0, -1, 1) = (0, -1, 2), unit
     expected = [[0, 0, 1], [0, 0, 1], [0, -s, 2 * s], [0, -h, h], [0, -h, h]] + [[0] * 3] * 4
     assert normals.dtype == np.float32
     np.testing.assert_allclose(normals, np.array(expected, dtype=np.float32), rtol=0, atol=1e-7)
     mesh = extract_mesh(_big_and_small_sphere, BBOX, 24, threshold=0.0)
-    normals = mx._vertex_normals(mesh.vertices.numpy(), mesh.faces.numpy().astype(np.uint32))
+    normals = wr._vertex_normals(mesh.vertices.numpy(), mesh.faces.numpy().astype(np.uint32))
     assert float(normals.astype(np.float64).sum()) == pytest.approx(-1.4033355135470629, abs=1e-5)
     np.testing.assert_allclose(normals[0], [-0.98111009597, -0.18345443904, -0.06137972697], atol=1e-6)
     np.testing.assert_allclose(normals[100], [-0.57119929790, -0.71227282285, -0.40792015194], atol=1e-6)

@@ -1,4 +1,6 @@
-"""Meshes of a 4D density field: marching cubes at a time t, surface tracking over t, animated glTF and mesh sequences.
+"""Surfaces of a 4D density field: marching cubes at a time t and one topology tracked over t.
+
+The files are written by :mod:`animate124.core.export.writers`.
 
 The field is seen only through callables (no network, no threestudio)::
 
@@ -9,9 +11,13 @@ Evaluation is chunked and runs under ``torch.no_grad()`` on the device of ``bbox
 
 An animated mesh needs one topology for all times. ``track_surface`` takes the t = 0 mesh and moves its vertices onto
 the level set {density = threshold} at each later time by Newton steps along the (finite-difference) density gradient,
-starting from the previous frame's positions. Vertices therefore slide along the surface normal only: each keyframe
-has the right shape, but the t = 0 vertex colours may swim tangentially. Tracking cannot follow a change of topology
-(a part splitting off, a hole opening) or motion much faster than ``iterations * max_step_voxels`` voxels per substep,
+starting from the previous frame's positions. Newton steps move vertices along the surface normal only, so a part
+that travels far would see its vertices crowd on its trailing side (and its colours swim): with reference meshes,
+each connected component is first translated by the shift of its matching reference component's area-weighted
+centroid, then projected. A rigidly moving part is thus followed exactly (its colours move with it); a deforming one
+keeps its shape, its t = 0 colours may swim tangentially. Tracking cannot follow a change of topology
+(a part splitting off, a hole opening) or motion much faster than ``iterations * max_step_voxels`` voxels per substep
+beyond what the component shift explains,
 so every frame is checked against that frame's own marching-cubes mesh (distances both ways, in voxels, and the
 component count / Euler characteristic); ``MeshAnimation.morph_ok`` is False with a reason when a frame fails, and the
 caller then writes the per-frame sequence instead of (or next to) the ``.glb``.
@@ -19,7 +25,7 @@ caller then writes the per-frame sequence instead of (or next to) the ``.glb``.
 
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence
 
@@ -27,8 +33,6 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-
-from animate124.core.io.atomic_io import save_with
 
 __all__ = [
     "DensityFn",
@@ -40,8 +44,6 @@ __all__ = [
     "track_surface",
     "build_mesh_animation",
     "topology_signature",
-    "write_morph_glb",
-    "write_mesh_sequence",
 ]
 
 DensityFn = Callable[[Tensor, Tensor], Tensor]
@@ -181,11 +183,13 @@ def track_surface(
     reference_meshes: Optional[Sequence[Mesh]] = None,
     iterations: int = 10,
     substeps: int = 1,
+    max_substeps: int = 8,
     max_step_voxels: float = 1.0,
     fd_eps_voxels: float = 0.5,
     tolerance_voxels: float = 1.5,
     quantile: float = 0.999,
     check_topology: bool = True,
+    follow_components: bool = True,
     chunk_size: int = 2**15,
     device: Optional[torch.device | str] = None,
 ) -> TrackedSurface:
@@ -193,7 +197,8 @@ def track_surface(
 
     For each time after the first, ``substeps`` intermediate times are visited; at each, ``iterations`` Newton steps
     x <- x - (f(x) - tau) grad f / |grad f|^2, each clipped to ``max_step_voxels`` voxels, with central-difference
-    gradients of step ``fd_eps_voxels`` voxels. tau = ``base.threshold``.
+    gradients of step ``fd_eps_voxels`` voxels. tau = ``base.threshold``. With reference meshes, a keyframe that fails
+    its check is tracked again from the previous keyframe in twice as many substeps, up to ``max_substeps``.
 
     Args:
         times: N frame times; times[0] should be ``base.time`` (frame 0 keeps the base vertices).
@@ -203,6 +208,9 @@ def track_surface(
         quantile: of the point-to-surface distances used as ``surface_error`` (1.0 = the maximum).
         check_topology: also fail frames whose reference mesh has another (components, Euler characteristic) than
             ``reference_meshes[0]``; turn off when noise flips tiny handles and the distance check is enough.
+        follow_components: with reference meshes, translate each connected component by its reference centroid's
+            shift (spread evenly over the substeps) before the Newton steps (module docstring); skipped for a frame
+            whose reference has another number of components.
         chunk_size: vertices per field call (each costs 7 density evaluations).
         device: where the field is evaluated (default CPU).
 
@@ -213,28 +221,56 @@ def track_surface(
         raise ValueError(
             f"reference_meshes has {len(reference_meshes)} meshes for {len(times)} times; pass one per time"
         )
-    if iterations < 1 or substeps < 1:
-        raise ValueError(f"iterations={iterations} and substeps={substeps} must be >= 1")
+    if iterations < 1 or substeps < 1 or max_substeps < 1:
+        raise ValueError(f"iterations={iterations}, substeps={substeps} and max_substeps={max_substeps} must be >= 1")
     voxel, tau = base.voxel_size, base.threshold
     x = base.vertices.to(device=device, dtype=torch.float32)
     frames, residuals = [base.vertices.clone()], [_density_residual(density_fn, x, float(times[0]), tau)]
+    labels = None
+    if follow_components and reference_meshes is not None:
+        labels = _face_component_labels(base.faces, base.vertices.shape[0])
+    check = None
+    if reference_meshes is not None:
+        base_topology = topology_signature(reference_meshes[0]) if check_topology else None
+        check = functools.partial(_check_frame, faces=base.faces, base_topology=base_topology,
+                                  tolerance=tolerance_voxels, quantile=quantile, check_topology=check_topology)
+    step = functools.partial(_newton_step, density_fn, tau=tau, eps=voxel * fd_eps_voxels,
+                             max_step=voxel * max_step_voxels)
+    first = check(base.vertices, reference=reference_meshes[0], time=times[0]) if check else (float("nan"), True, "")
+    errors, ok, reasons = [first[0]], [first[1]], [first[2]] if first[2] else []
     for i in range(1, len(times)):
         t0, t1 = float(times[i - 1]), float(times[i])
-        for s in range(1, substeps + 1):
-            t = t0 + (t1 - t0) * s / substeps
-            for _ in range(iterations):
-                x = torch.cat(
-                    [
-                        _newton_step(density_fn, chunk, t, tau, voxel * fd_eps_voxels, voxel * max_step_voxels)
-                        for chunk in x.split(chunk_size)
-                    ]
-                )
+        shift = None if labels is None else _component_shift(x.cpu(), base.faces, labels, reference_meshes[i])
+        n_sub = substeps
+        while True:
+            y = _advance(step, x, t0, t1, n_sub, shift, iterations, chunk_size)
+            if check is None:
+                result = (float("nan"), True, "")
+                break
+            result = check(y.cpu(), reference=reference_meshes[i], time=t1)
+            if result[1] or "topology changed" in result[2] or 2 * n_sub > max_substeps:
+                break
+            n_sub *= 2  # the motion outran the steps: redo this keyframe in finer substeps
+        x = y
         frames.append(x.cpu().clone())
         residuals.append(_density_residual(density_fn, x, t1, tau))
-    errors, ok, reasons = _check_frames(
-        base, frames, times, reference_meshes, tolerance_voxels, quantile, check_topology
-    )
+        errors.append(result[0])
+        ok.append(result[1])
+        if result[2]:
+            reasons.append(result[2])
+    errors, ok = torch.tensor(errors), torch.tensor(ok)
     return TrackedSurface(frames, torch.tensor(residuals), errors, ok, reasons)
+
+
+def _advance(step, x: Tensor, t0: float, t1: float, substeps: int, shift, iterations: int, chunk_size: int) -> Tensor:
+    """Vertices x from time t0 to t1: per substep, the component shift's share, then Newton steps at that time."""
+    for s in range(1, substeps + 1):
+        t = t0 + (t1 - t0) * s / substeps
+        if shift is not None:
+            x = x + shift.to(x) / substeps
+        for _ in range(iterations):
+            x = torch.cat([step(chunk, t) for chunk in x.split(chunk_size)])
+    return x
 
 
 def build_mesh_animation(
@@ -267,117 +303,6 @@ def build_mesh_animation(
     morph_ok = bool(tracked.ok.all())
     reason = "" if morph_ok else f"{len(tracked.reasons)} of {len(times)} frames fail: {tracked.reasons[0]}"
     return MeshAnimation(meshes, tracked, morph_ok, reason)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# (b) writers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def write_morph_glb(
-    path: str | os.PathLike,
-    base_vertices: Float[Tensor, "V 3"],
-    faces: Int[Tensor, "Nf 3"],
-    frame_vertices: Sequence[Float[Tensor, "V 3"]],
-    vertex_colors: Optional[Float[Tensor, "V 3"]],
-    times: Sequence[float],
-    interpolation: Literal["STEP", "LINEAR"] = "LINEAR",
-    gltf_axes: bool = True,
-    with_normals: bool = True,
-) -> None:
-    """Write ONE binary glTF (.glb): a single mesh with the base topology, N - 1 morph targets, one animation.
-
-    Written with pygltflib, not trimesh: trimesh's glTF exporter cannot write morph targets or weight animations.
-
-    Morph target i (i = 1..N-1) holds the displacement frame_vertices[i] - base_vertices; keyframe k at ``times[k]``
-    seconds has one-hot weights (all zero at k = 0, target k at 1 otherwise). ``COLOR_0`` holds the vertex colours.
-    POSITION accessors (base and targets) carry min / max as the glTF 2.0 spec requires.
-
-    Args:
-        frame_vertices: N >= 2 tensors [V, 3]; frame_vertices[0] must equal base_vertices.
-        times: N strictly increasing keyframe times in seconds (e.g. frame time * clip duration).
-        interpolation: "LINEAR" blends neighbouring keyframes; "STEP" jumps.
-        gltf_axes: give the node the rotation that maps the host's axes onto glTF's (z up -> y up, the reference
-            view direction +x -> +z, the front glTF viewers show first; y -> x), so the object stands upright facing
-            the viewer; the vertex data itself stays in world coordinates.
-        with_normals: add area-weighted vertex normals (``NORMAL``) and their per-frame differences as ``NORMAL``
-            morph targets, so viewers shade smoothly (without them glTF viewers use flat shading).
-    """
-    import pygltflib as gl
-
-    base, tri, frames, colors, keys = _check_glb_inputs(
-        base_vertices, faces, frame_vertices, vertex_colors, times, interpolation
-    )
-    # 1. base attributes, then one target per later frame (displacements from the base)
-    blob = _Blob()
-    attributes = gl.Attributes(POSITION=blob.add(base, gl.ARRAY_BUFFER, "VEC3", with_bounds=True))
-    normals = [_vertex_normals(f, tri) for f in frames] if with_normals else None
-    if normals is not None:
-        attributes.NORMAL = blob.add(normals[0], gl.ARRAY_BUFFER, "VEC3")
-    if colors is not None:
-        attributes.COLOR_0 = blob.add(colors, gl.ARRAY_BUFFER, "VEC3")
-    indices = blob.add(tri.reshape(-1), gl.ELEMENT_ARRAY_BUFFER, "SCALAR")
-    targets = []
-    for k in range(1, len(frames)):
-        target = gl.Attributes(POSITION=blob.add(frames[k] - base, gl.ARRAY_BUFFER, "VEC3", with_bounds=True))
-        if normals is not None:
-            target.NORMAL = blob.add(normals[k] - normals[0], gl.ARRAY_BUFFER, "VEC3")
-        targets.append(target)
-    # 2. the animation: one-hot weights per keyframe on the node's "weights"
-    n_targets = len(targets)
-    weights = np.zeros((len(keys), n_targets), dtype=np.float32)
-    weights[np.arange(1, len(keys)), np.arange(n_targets)] = 1.0
-    key_input = blob.add(keys, None, "SCALAR", with_bounds=True)
-    key_output = blob.add(weights.reshape(-1), None, "SCALAR")
-    rotation = [-0.5, -0.5, -0.5, 0.5] if gltf_axes else None  # (x, y, z, w): -120 degrees about (1, 1, 1)
-    gltf = gl.GLTF2(
-        scene=0,
-        scenes=[gl.Scene(nodes=[0])],
-        nodes=[gl.Node(mesh=0, name="animate124", rotation=rotation)],
-        meshes=[
-            gl.Mesh(
-                primitives=[gl.Primitive(attributes=attributes, indices=indices, targets=targets, mode=gl.TRIANGLES)],
-                weights=[0.0] * n_targets,
-                extras={"targetNames": [f"t{k}" for k in range(1, n_targets + 1)]},
-            )
-        ],
-        animations=[
-            gl.Animation(
-                name="animate124",
-                samplers=[gl.AnimationSampler(input=key_input, output=key_output, interpolation=interpolation)],
-                channels=[gl.AnimationChannel(sampler=0, target=gl.AnimationChannelTarget(node=0, path="weights"))],
-            )
-        ],
-        accessors=blob.accessors,
-        bufferViews=blob.views,
-        buffers=[gl.Buffer(byteLength=len(blob.data))],
-    )
-    gltf.set_binary_blob(bytes(blob.data))
-    save_with(path, gltf.save_binary)
-
-
-def write_mesh_sequence(
-    directory: str | os.PathLike,
-    meshes: Sequence[Mesh],
-    fmt: Literal["obj", "ply"] = "obj",
-    name: str = "mesh",
-) -> list[str]:
-    """Write one file per mesh, ``{name}_{k:04d}_t{time:.4f}.{fmt}``, with vertex colours (trimesh). Returns paths."""
-    import trimesh
-
-    if fmt not in ("obj", "ply"):
-        raise ValueError(f"fmt={fmt!r} is not one of 'obj', 'ply'")
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for k, mesh in enumerate(meshes):
-        colors = None
-        if mesh.vertex_colors is not None:
-            colors = (mesh.vertex_colors.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        tm = trimesh.Trimesh(mesh.vertices.numpy(), mesh.faces.numpy(), vertex_colors=colors, process=False)
-        path = os.path.join(str(directory), f"{name}_{k:04d}_t{mesh.time:.4f}.{fmt}")
-        save_with(path, tm.export)  # temp file + rename: a crash never leaves a half-written mesh
-        paths.append(path)
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -436,6 +361,45 @@ def _drop_small_components(vertices: Tensor, faces: Tensor, fraction: float) -> 
     return torch.from_numpy(tm.vertices.astype(np.float32)), torch.from_numpy(tm.faces.astype(np.int64))
 
 
+def _face_component_labels(faces: Tensor, n_vertices: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(vertex labels [V], face labels [F], n) of the vertex-connected components that hold faces; vertices in no
+    face get the label n (a padding component that never moves)."""
+    import trimesh
+
+    edges = trimesh.geometry.faces_to_edges(faces.numpy())
+    raw = trimesh.graph.connected_component_labels(edges, node_count=n_vertices)
+    used, compact = np.unique(raw[faces.numpy()[:, 0]], return_inverse=True)
+    vertex_labels = np.full(n_vertices, len(used))
+    vertex_labels[np.isin(raw, used)] = np.searchsorted(used, raw[np.isin(raw, used)])
+    return vertex_labels, compact.reshape(-1), len(used)
+
+
+def _centroids(vertices: np.ndarray, faces: np.ndarray, face_labels: np.ndarray, n: int) -> np.ndarray:
+    """Area-weighted surface centroid of each of the ``n`` labelled components, [n, 3]."""
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    weight = np.bincount(face_labels, area, minlength=n)[:, None]
+    moment = np.stack([np.bincount(face_labels, area * tri[:, :, a].mean(1), minlength=n) for a in range(3)], -1)
+    return moment / np.maximum(weight, 1e-30)
+
+
+def _component_shift(x: Tensor, faces: Tensor, labels, reference: Mesh) -> Optional[Tensor]:
+    """Per-vertex translation [V, 3] moving each tracked component's centroid onto its reference component's (matched
+    by least total centroid distance); None when the reference has another number of components."""
+    from scipy.optimize import linear_sum_assignment
+
+    vertex_labels, face_labels, n = labels
+    _, ref_face_labels, ref_n = _face_component_labels(reference.faces, reference.vertices.shape[0])
+    if ref_n != n:
+        return None
+    ours = _centroids(x.double().numpy(), faces.numpy(), face_labels, n)
+    theirs = _centroids(reference.vertices.double().numpy(), reference.faces.numpy(), ref_face_labels, n)
+    rows, cols = linear_sum_assignment(np.linalg.norm(ours[:, None] - theirs[None], axis=-1))
+    shift = np.zeros((n + 1, 3))  # row n: vertices in no face stay
+    shift[rows] = theirs[cols] - ours[rows]
+    return torch.from_numpy(shift[vertex_labels]).float()
+
+
 def _newton_step(density_fn, x: Tensor, t: float, tau: float, eps: float, max_step: float) -> Tensor:
     """One clipped Newton step towards {f = tau} along grad f (central differences, 7 evaluations per point)."""
     n = x.shape[0]
@@ -453,114 +417,26 @@ def _density_residual(density_fn, x: Tensor, t: float, tau: float) -> float:
     return float((_evaluate(density_fn, x, t, 2**18) - tau).abs().mean())
 
 
-def _check_frames(base, frames, times, references, tolerance, quantile, check_topology):
-    """surface_error per frame and the ok flags / reasons (module docstring)."""
-    n = len(frames)
-    if references is None:
-        return torch.full((n,), float("nan")), torch.ones(n, dtype=torch.bool), []
+def _check_frame(vertices, faces, reference, base_topology, time, tolerance, quantile, check_topology):
+    """(surface_error in voxels, ok, reason or "") of one tracked frame against its marching-cubes mesh."""
     from scipy.spatial import cKDTree
 
-    base_topology = topology_signature(references[0]) if check_topology else None
-    errors, ok, reasons = [], [], []
-    faces = base.faces
-    for k, (vertices, ref) in enumerate(zip(frames, references, strict=True)):
-        ours = _surface_points(vertices, faces)
-        theirs = _surface_points(ref.vertices, ref.faces)
-        forward = cKDTree(theirs).query(ours)[0]
-        backward = cKDTree(ours).query(theirs)[0]
-        error = max(np.quantile(forward, quantile), np.quantile(backward, quantile)) / ref.voxel_size
-        topology = topology_signature(ref) if check_topology else base_topology
-        errors.append(float(error))
-        good = error <= tolerance and topology == base_topology
-        ok.append(good)
-        if topology != base_topology:
-            reasons.append(
-                f"t={float(times[k]):.4f}: topology changed (components, Euler characteristic) {base_topology} -> "
-                f"{topology}; one morph-target topology cannot follow it"
-            )
-        elif not good:
-            reasons.append(
-                f"t={float(times[k]):.4f}: tracked surface is {error:.2f} voxels off the marching-cubes surface "
-                f"(tolerance {tolerance}); try more times between keyframes or substeps"
-            )
-    return torch.tensor(errors), torch.tensor(ok), reasons
+    ours = _surface_points(vertices, faces)
+    theirs = _surface_points(reference.vertices, reference.faces)
+    forward = cKDTree(theirs).query(ours)[0]
+    backward = cKDTree(ours).query(theirs)[0]
+    error = float(max(np.quantile(forward, quantile), np.quantile(backward, quantile)) / reference.voxel_size)
+    topology = topology_signature(reference) if check_topology else base_topology
+    if topology != base_topology:
+        return error, False, (f"t={float(time):.4f}: topology changed (components, Euler characteristic) "
+                              f"{base_topology} -> {topology}; one morph-target topology cannot follow it")
+    if error > tolerance:
+        return error, False, (f"t={float(time):.4f}: tracked surface is {error:.2f} voxels off the marching-cubes "
+                              f"surface (tolerance {tolerance}); try more times between keyframes or max_substeps")
+    return error, True, ""
 
 
 def _surface_points(vertices: Tensor, faces: Tensor) -> np.ndarray:
     """Vertices and face centroids (centroids expose triangles stretched across empty space)."""
     v = vertices.double().numpy()
     return np.concatenate([v, v[faces.numpy()].mean(axis=1)])
-
-
-def _check_glb_inputs(base_vertices, faces, frame_vertices, vertex_colors, times, interpolation):
-    if interpolation not in ("STEP", "LINEAR"):
-        raise ValueError(f"interpolation={interpolation!r} is not one of 'STEP', 'LINEAR'")
-    base = base_vertices.detach().cpu().float().numpy()
-    if base.ndim != 2 or base.shape[1] != 3:
-        raise ValueError(f"base_vertices has shape {tuple(base.shape)}; expected [V, 3]")
-    tri = faces.detach().cpu().numpy().astype(np.uint32)
-    if tri.ndim != 2 or tri.shape[1] != 3 or (tri.size and int(tri.max()) >= base.shape[0]):
-        raise ValueError(f"faces must be [F, 3] indices < V={base.shape[0]}, got shape {tuple(faces.shape)}")
-    if len(frame_vertices) < 2 or len(frame_vertices) != len(times):
-        raise ValueError(
-            f"got {len(frame_vertices)} frame_vertices and {len(times)} times; pass N >= 2 of each (frame 0 = base)"
-        )
-    frames = [f.detach().cpu().float().numpy() for f in frame_vertices]
-    if any(f.shape != base.shape for f in frames):
-        raise ValueError(f"every frame_vertices entry must have the base shape {tuple(base.shape)} (one topology)")
-    if not np.allclose(frames[0], base, atol=1e-6):
-        raise ValueError("frame_vertices[0] must equal base_vertices (keyframe 0 shows the base mesh)")
-    keys = np.asarray(times, dtype=np.float32)
-    if not (np.diff(keys) > 0).all():
-        raise ValueError(f"times={list(map(float, times))} must be strictly increasing keyframe seconds")
-    colors = None
-    if vertex_colors is not None:
-        colors = vertex_colors.detach().cpu().float().clamp(0, 1).numpy()
-        if colors.shape != base.shape:
-            raise ValueError(f"vertex_colors has shape {tuple(colors.shape)}; expected {tuple(base.shape)}")
-    return base, tri, frames, colors, keys
-
-
-def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals (float32), outward for counter-clockwise faces; zero where no face is."""
-    import trimesh
-
-    tm = _trimesh(vertices, faces)  # the un-normalised face cross products weigh each face by twice its area
-    return trimesh.geometry.mean_vertex_normals(len(vertices), tm.faces, tm.triangles_cross).astype(np.float32)
-
-
-class _Blob:
-    """Accumulates the binary buffer, its buffer views (4-byte aligned) and accessors."""
-
-    _COMPONENT = {np.dtype(np.float32): 5126, np.dtype(np.uint32): 5125}
-
-    def __init__(self) -> None:
-        import pygltflib as gl
-
-        self._gl = gl
-        self.data = bytearray()
-        self.views: list = []
-        self.accessors: list = []
-
-    def add(self, array: np.ndarray, target: Optional[int], kind: str, with_bounds: bool = False) -> int:
-        gl = self._gl
-        array = np.ascontiguousarray(array)
-        width = {"SCALAR": 1, "VEC3": 3}[kind]
-        count = array.size // width
-        self.data += b"\x00" * (-len(self.data) % 4)
-        self.views.append(gl.BufferView(buffer=0, byteOffset=len(self.data), byteLength=array.nbytes, target=target))
-        self.data += array.tobytes()
-        bounds = {}
-        if with_bounds:
-            rows = array.reshape(count, width)
-            bounds = dict(min=rows.min(axis=0).tolist(), max=rows.max(axis=0).tolist())
-        self.accessors.append(
-            gl.Accessor(
-                bufferView=len(self.views) - 1,
-                componentType=self._COMPONENT[array.dtype],
-                count=count,
-                type=kind,
-                **bounds,
-            )
-        )
-        return len(self.accessors) - 1
