@@ -25,30 +25,69 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["SCENE_RADIUS", "blobs_scene", "orbit_camera_rays", "reference_render"]
+__all__ = ["SCENE_RADIUS", "SURFACE_DENSITY", "SPHERE_RADIUS", "ELLIPSOID_CENTER", "blobs_scene", "sphere_center",
+           "ellipsoid_axes", "blobs_surface_points", "orbit_camera_rays", "reference_render"]
 
 SCENE_RADIUS = 1.2
 """Every ray is integrated over [|o| - SCENE_RADIUS, |o| + SCENE_RADIUS]: the blobs stay within 0.8 of the origin."""
+
+
+SPHERE_RADIUS = 0.22
+ELLIPSOID_CENTER = (0.0, -0.35, 0.0)
+SURFACE_DENSITY = 10.0
+"""The density at half of each blob's peak: its level set is the sphere of radius ``SPHERE_RADIUS`` and the
+ellipsoid's q = 1 surface (the other blob adds < 1e-3 there: the blobs are > 0.19 apart)."""
+
+
+def sphere_center(times: Float[Tensor, "N 1"]) -> Float[Tensor, "N 3"]:
+    """The moving sphere's centre at each time."""
+    t = times
+    return torch.cat([0.45 * torch.cos(math.pi * t), 0.25 + 0.2 * torch.sin(math.pi * t),
+                      0.1 * torch.sin(2 * math.pi * t)], dim=-1)
+
+
+def ellipsoid_axes(times: Float[Tensor, "N 1"]) -> Float[Tensor, "N 3"]:
+    """The breathing ellipsoid's semi-axes at each time (x and z in opposite phase)."""
+    breathe = torch.sin(2 * math.pi * times)
+    return torch.cat([0.30 + 0.12 * breathe, torch.full_like(times, 0.18), 0.22 - 0.08 * breathe], dim=-1)
 
 
 def blobs_scene(points: Float[Tensor, "N 3"], times: Float[Tensor, "N"]) -> tuple[Float[Tensor, "N"], Float[Tensor, "N 3"]]:
     """Analytic density ``[N]`` and colour ``[N, 3]`` in [0, 1] of the two blobs at each point's own time in [0, 1]."""
     t = times[:, None]
     # 1. moving soft sphere, colour banded along its own z and x axes
-    c1 = torch.cat([0.45 * torch.cos(math.pi * t), 0.25 + 0.2 * torch.sin(math.pi * t),
-                    0.1 * torch.sin(2 * math.pi * t)], dim=-1)
-    local1 = points - c1
-    sigma1 = 20.0 * torch.sigmoid((0.22 - local1.norm(dim=-1)) / 0.02)
+    local1 = points - sphere_center(t)
+    sigma1 = 20.0 * torch.sigmoid((SPHERE_RADIUS - local1.norm(dim=-1)) / 0.02)
     rgb1 = torch.stack([torch.full_like(sigma1, 0.9), 0.5 + 1.8 * local1[:, 2], 0.25 + 1.2 * local1[:, 0]], -1)
     # 2. deforming (breathing) ellipsoid, colour changing in time
     breathe = torch.sin(2 * math.pi * t)
-    axes = torch.cat([0.30 + 0.12 * breathe, torch.full_like(t, 0.18), 0.22 - 0.08 * breathe], dim=-1)
-    q = ((points - torch.tensor([0.0, -0.35, 0.0], device=points.device)) / axes).norm(dim=-1)
+    q = ((points - torch.tensor(ELLIPSOID_CENTER, device=points.device)) / ellipsoid_axes(t)).norm(dim=-1)
     sigma2 = 20.0 * torch.sigmoid((1.0 - q) / 0.08)
     rgb2 = torch.cat([torch.full_like(t, 0.15), 0.45 + 0.35 * breathe, torch.full_like(t, 0.85)], dim=-1)
     sigma = sigma1 + sigma2
     rgb = (sigma1[:, None] * rgb1 + sigma2[:, None] * rgb2) / (sigma[:, None] + 1e-6)
     return sigma, rgb.clamp(0.0, 1.0)
+
+
+def blobs_surface_points(time: float, n: int, generator: torch.Generator) -> Float[Tensor, "M 3"]:
+    """The scene's surface {density = SURFACE_DENSITY} at ``time``, sampled uniformly by area: ``n`` points on each
+    blob (float64; ``M = 2 n``). The ellipsoid's points are drawn on the unit sphere, mapped by the semi-axes A and
+    kept with probability proportional to the mapped area element det(A) |A^-1 u|."""
+    t = torch.tensor([[float(time)]], dtype=torch.float64)
+
+    def directions(m: int) -> Tensor:
+        return F.normalize(torch.randn(m, 3, generator=generator, dtype=torch.float64), dim=-1)
+
+    sphere = sphere_center(t) + SPHERE_RADIUS * directions(n)
+    axes = ellipsoid_axes(t)[0]
+    kept = []
+    while sum(len(k) for k in kept) < n:
+        u = directions(4 * n)
+        area = (u / axes).norm(dim=-1)
+        keep = torch.rand(4 * n, generator=generator, dtype=torch.float64) * area.max() < area
+        kept.append(u[keep])
+    ellipsoid = torch.tensor(ELLIPSOID_CENTER, dtype=torch.float64) + torch.cat(kept)[:n] * axes
+    return torch.cat([sphere, ellipsoid])
 
 
 def orbit_camera_rays(

@@ -44,6 +44,7 @@ __all__ = [
     "track_surface",
     "build_mesh_animation",
     "topology_signature",
+    "component_centroids",
 ]
 
 DensityFn = Callable[[Tensor, Tensor], Tensor]
@@ -168,6 +169,13 @@ def topology_signature(mesh: Mesh) -> tuple[int, int]:
 
     tm = _trimesh(mesh.vertices, mesh.faces)
     return len(trimesh.graph.connected_components(tm.edges)), int(tm.euler_number)
+
+
+def component_centroids(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "Nf 3"]) -> np.ndarray:
+    """Area-weighted surface centroid of each vertex-connected component, ``[n, 3]`` float64, in the order of each
+    component's lowest vertex index (vertices in no face belong to none)."""
+    _, face_labels, n = _face_component_labels(faces, vertices.shape[0])
+    return _centroids(vertices.double().numpy(), faces.numpy(), face_labels, n)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The material is double-sided when the base mesh is open (a surface cut by the bb
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import numpy as np
@@ -25,9 +26,29 @@ from torch import Tensor
 from animate124.core.export.mesh_export import Mesh
 from animate124.core.io.atomic_io import save_with
 
-__all__ = ["AXES", "to_y_up", "from_y_up", "srgb_to_linear", "write_morph_glb", "write_mesh_sequence"]
+__all__ = ["AXES", "MorphGlb", "to_y_up", "from_y_up", "srgb_to_linear", "write_morph_glb", "read_morph_glb",
+           "write_mesh_sequence"]
 
 AXES = ("y_up", "z_up")
+
+
+@dataclass(frozen=True)
+class MorphGlb:
+    """What :func:`read_morph_glb` decodes, in the file's axes.
+
+    Attributes:
+        faces: [F, 3] int64.
+        frames: N arrays [V, 3]: the base positions plus each keyframe's one-hot morph target (frame 0 = the base).
+        keys: [N] keyframe seconds.
+        colors: [V, 3] linear COLOR_0, or None.
+        extras: the animation's extras.
+    """
+
+    faces: np.ndarray
+    frames: list[np.ndarray]
+    keys: np.ndarray
+    colors: Optional[np.ndarray]
+    extras: dict
 
 
 def to_y_up(vertices: np.ndarray) -> np.ndarray:
@@ -120,6 +141,7 @@ def write_morph_glb(
         doubleSided=bool(double_sided),
     )
     gltf = gl.GLTF2(
+        asset=gl.Asset(version="2.0", generator="threestudio-animate124"),
         scene=0,
         scenes=[gl.Scene(nodes=[0])],
         nodes=[gl.Node(mesh=0, name="animate124")],
@@ -149,6 +171,34 @@ def write_morph_glb(
     )
     gltf.set_binary_blob(bytes(blob.data))
     save_with(path, gltf.save_binary)
+
+
+def read_morph_glb(path: str | os.PathLike) -> MorphGlb:
+    """Decode a ``.glb`` written by :func:`write_morph_glb`: each keyframe's mesh as the blend its weights give."""
+    import pygltflib as gl
+
+    gltf = gl.GLTF2().load(str(path))
+    blob = gltf.binary_blob()
+
+    def read(index: int) -> np.ndarray:
+        acc = gltf.accessors[index]
+        view = gltf.bufferViews[acc.bufferView]
+        dtype = {5126: np.float32, 5125: np.uint32}[acc.componentType]
+        width = {"SCALAR": 1, "VEC3": 3}[acc.type]
+        data = np.frombuffer(blob, dtype, acc.count * width, view.byteOffset + (acc.byteOffset or 0))
+        return data.reshape(acc.count, width) if width > 1 else data
+
+    (prim,) = gltf.meshes[0].primitives
+    base = read(prim.attributes.POSITION).astype(np.float64)
+    targets = [read(t["POSITION"] if isinstance(t, dict) else t.POSITION) for t in prim.targets]
+    animation = gltf.animations[0]
+    sampler = animation.samplers[0]
+    keys = read(sampler.input).astype(np.float64)
+    weights = read(sampler.output).reshape(len(keys), len(targets))
+    frames = [base + sum(w * d for w, d in zip(row, targets)) for row in weights.astype(np.float64)]
+    colors = read(prim.attributes.COLOR_0) if prim.attributes.COLOR_0 is not None else None
+    faces = read(prim.indices).reshape(-1, 3).astype(np.int64)
+    return MorphGlb(faces, frames, keys, colors, dict(animation.extras or {}))
 
 
 def write_mesh_sequence(
