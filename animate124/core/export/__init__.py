@@ -1,1 +1,2 @@
-"""Meshes from the field: marching cubes per time, a tracked surface, OBJ sequences and the animated glTF."""
+"""Meshes from the field: marching cubes per time and a tracked surface (mesh_export), the OBJ sequence and the
+animated glTF (writers), and their distance to a known surface (fidelity)."""
