@@ -186,7 +186,7 @@ def _page(trial: Path, config: dict, stages: Optional[dict], outputs: dict, imag
     e = html.escape
     title = f"{trial.parent.name}/{trial.name}"
     prompt, motion = _get(config, "system", "prompt"), _get(config, "system", "motion_prompt")
-    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Animate124: {e(title)}</title>',
+    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Animate124: {e(title)}</title>',
            f"<style>{_STYLE}</style></head><body>", f"<h1>Animate124 results: {e(title)}</h1>"]
     if prompt or motion:
         out.append(f"<p>Prompt: <b>{e(str(prompt or ''))}</b><br>Motion: <b>{e(str(motion or ''))}</b></p>")
