@@ -7,6 +7,7 @@
     animate124 make-tiny-models DIR               tiny random models for tests (no download); --full-size
     animate124 launch --config ... --train        threestudio's launch.py, on the CPU where there is no CUDA
     animate124 benchmark CONFIG --models DIR      step time vs diffusion floor, peak VRAM, projected run time
+    animate124 report TRIAL_DIR                   the results page: TRIAL_DIR/report.html
 
 Importing this module is cheap: every tool imports torch, diffusers and transformers only inside the function that
 runs it, so ``animate124 --help`` answers at once. User errors raise :class:`ToolError`; :func:`main` prints them as one
@@ -33,6 +34,7 @@ _TOOLS = {
     "evaluate": "animate124.tools.evaluate",
     "run-benchmark": "animate124.tools.run_benchmark",
     "launch": "animate124.tools.launch",
+    "report": "animate124.tools.report",
     "benchmark": "step_benchmark.cli",  # measuring equipment, kept in the checkout's benchmarks/ (see _import_tool)
 }
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"

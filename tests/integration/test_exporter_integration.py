@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from animate124.core.export.writers import from_y_up, srgb_to_linear
+
 GEOMETRY = {
     "radius": 1.0,
     "pos_encoding_config": {"n_levels": 4, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.5,
@@ -53,13 +55,14 @@ def test_meshes_per_time_and_one_morph_glb(threestudio):
     # the threshold came from geometry.cfg.isosurface_threshold
     assert exporter.threshold == THRESHOLD
 
-    # each mesh lies on the density-5 level set of its own time; colours are the material's at those points
+    # each mesh lies on the density-5 level set of its own time; colours are the material's at those points. The
+    # files are y up (glTF's axes): from_y_up gives back the training frame
     meshes = [trimesh.load(o.params["src_path"], process=False) for o in outputs[:3]]
     for mesh, t in zip(meshes, TIMES):
-        density = _density(geometry, mesh.vertices, t)
+        density = _density(geometry, from_y_up(mesh.vertices), t)
         assert (density - THRESHOLD).abs().mean() < 0.15, (t, (density - THRESHOLD).abs().mean())
         with torch.no_grad():
-            pts = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+            pts = torch.as_tensor(from_y_up(mesh.vertices), dtype=torch.float32)
             expected = torch.sigmoid(geometry.export(pts, times=t)["features"]).numpy()
         colors = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
         np.testing.assert_allclose(colors, expected, atol=1.5 / 255)
@@ -84,18 +87,42 @@ def test_meshes_per_time_and_one_morph_glb(threestudio):
     assert base.shape[0] == len(meshes[0].vertices)
     assert len(prim.targets) == len(TIMES) - 1
     assert prim.attributes.COLOR_0 is not None
-    np.testing.assert_allclose(read(prim.attributes.COLOR_0, 3), np.asarray(meshes[0].visual.vertex_colors)[:, :3]
-                               / 255.0, atol=1.5 / 255)
+    # COLOR_0 is linear (glTF), the OBJ's 8-bit colours sRGB: the same albedo (d linear / d sRGB <= 2.4)
+    np.testing.assert_allclose(read(prim.attributes.COLOR_0, 3),
+                               srgb_to_linear(np.asarray(meshes[0].visual.vertex_colors)[:, :3] / 255.0),
+                               atol=2.4 * 0.5 / 255 + 1e-6)
     keys = read(gltf.animations[0].samplers[0].input, 1)
-    np.testing.assert_allclose(keys, np.asarray(TIMES) * 2.0)  # duration_s = 2
+    np.testing.assert_allclose(keys, np.asarray(TIMES) * 63 / 16)  # 64 frames at 16 fps over t in [0, 1]
+    assert gltf.animations[0].extras == {"fps": 16.0, "clip_frames": 64, "frame_times": TIMES}
+    # the .glb and the OBJs share the axes (y up): the t = 0 OBJ is the .glb's base mesh
+    np.testing.assert_allclose(base, meshes[0].vertices, atol=1e-6)
+    pbr = gltf.materials[0].pbrMetallicRoughness
+    assert (pbr.metallicFactor, pbr.roughnessFactor) == (0.0, 1.0)
     for k, t in enumerate(TIMES[1:], start=1):
         target = prim.targets[k - 1]  # pygltflib loads targets as dicts
         moved = base + read(target["POSITION"] if isinstance(target, dict) else target.POSITION, 3)
         assert np.abs(moved - base).max() > 1e-3  # the tracked surface moved
-        residual = (_density(geometry, moved, t) - THRESHOLD).abs().mean()
+        residual = (_density(geometry, from_y_up(moved), t) - THRESHOLD).abs().mean()
         assert residual < 0.15, (t, residual)  # ... onto that time's level set
     tm = trimesh.load(outputs[-1].params["src_path"], force="mesh", process=False)
     assert len(tm.vertices) == base.shape[0]
+
+
+def test_exported_glb_passes_the_khronos_validator_and_z_up_keeps_the_training_frame(threestudio):
+    import trimesh
+    from web_tools import validate_gltf
+
+    geometry, material, background = _parts(threestudio)
+    _, outputs = _export(threestudio, geometry, material, background, axes="z_up", fps=8.0, clip_frames=16)
+    issues = validate_gltf(outputs[-1].params["src_path"])["issues"]
+    assert (issues["numErrors"], issues["numWarnings"]) == (0, 0), issues["messages"]
+    mesh = trimesh.load(outputs[0].params["src_path"], process=False)
+    assert (_density(geometry, mesh.vertices, 0.0) - THRESHOLD).abs().mean() < 0.15  # no axis change
+    import pygltflib
+
+    keys = pygltflib.GLTF2().load(outputs[-1].params["src_path"])
+    assert keys.animations[0].extras["fps"] == 8.0 and keys.accessors[keys.animations[0].samplers[0].input].max == [
+        pytest.approx(15 / 8)]
 
 
 def test_topology_that_cannot_follow_writes_sequence_only_and_warns(threestudio, monkeypatch):

@@ -298,12 +298,23 @@ def test_smoke_config_file_trains_tests_and_exports(threestudio, run_dir):
     save = trial / "save"
     assert len(list(save.glob("it12-val.*"))) == 1
     assert len(list(save.glob("it12-test-*.*"))) == 5  # 3 turntables, front view over time, orbit
+    # the test pass is recorded next to the stages, and the results page shows its videos
+    record = json.loads((trial / "stages.json").read_text())
+    assert record["test"]["step"] == 12 and record["test"]["batches"] > 0 and record["test"]["wall_time_s"] > 0
+    page = (trial / "report.html").read_text()
+    assert page.count("<video src=\"save/it12-test-") == 5 and "No exported .glb" in page
     trainer.predict(system, datamodule=dm)  # what launch.py --export runs
     export = save / "it12-export"
     meshes = sorted((export / "mesh").glob("*.obj"))
     assert len(meshes) == cfg.system.exporter.n_times
     glb = pygltflib.GLTF2().load(str(export / "mesh.glb"))
     assert len(glb.meshes[0].primitives[0].targets) == cfg.system.exporter.n_times - 1
+    # the export pass joins the same file (the stages and the test record kept) and the page gets the viewer
+    after = json.loads((trial / "stages.json").read_text())
+    assert after["stages"] == record["stages"] and after["test"] == record["test"]
+    assert after["export"]["step"] == 12 and after["export"]["wall_time_s"] > 0
+    page = (trial / "report.html").read_text()
+    assert 'id="viewer-canvas"' in page and (trial / "report_files" / "mesh_glb.js").is_file()
 
 
 def OptimizerSteps():

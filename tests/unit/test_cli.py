@@ -20,6 +20,7 @@ EXPECTED = {
     "run-benchmark": ["DATA_DIR", "--out", "--threestudio", "--config", "--shard", "--dry-run", "--cases", "--gpu",
                       "--extra", "--reuse-from", "SLURM", ".done"],
     "make-tiny-models": ["DIR", "--kinds"],
+    "report": ["TRIAL_DIR", "--image", "report.html"],
 }
 
 

@@ -101,6 +101,21 @@ def test_latest_outputs_and_missing_pieces(tmp_path):
     assert not (empty / "report_files" / "mesh_glb.js").exists()
 
 
+def test_report_command(trial, tmp_path, capsys):
+    from animate124.tools.cli import main
+
+    (trial / "report.html").unlink()
+    assert main(["report", str(trial)]) == 0
+    assert capsys.readouterr().out.strip() == str(trial / "report.html") and (trial / "report.html").is_file()
+    # not a trial folder / a missing image: one line naming the fix, nothing written
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    assert "is not a folder: pass a trial folder" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 1
+    assert "holds neither save/ nor stages.json" in capsys.readouterr().err
+    assert main(["report", str(trial), "--image", str(tmp_path / "x.png")]) == 1
+    assert "--image" in capsys.readouterr().err and not (tmp_path / "report.html").exists()
+
+
 def test_vendored_three_is_the_locked_version_with_its_licence():
     vendor = json.loads((STATIC / "VENDOR.json").read_text())
     lock = json.loads((REPO / "tests" / "web" / "package-lock.json").read_text())
