@@ -2,13 +2,14 @@
 // the viewer's state once the model has loaded, a screenshot of the 3-D view at each requested slider time
 // (OUT_DIR/viewer_<i>.png, slider moved like a user would: value set, "input" event), whether each video plays,
 // and every console error, page error and failed request.
-// Usage: node check_report.mjs PAGE(path or URL) OUT_DIR '[0, 1]'   (times as fractions of the animation)
+// Usage: node check_report.mjs PAGE(path or URL) OUT_DIR '[0, 1]' [SELECTOR]
+//   times as fractions of the animation; SELECTOR: the element screenshotted (default the 3-D view's canvas)
 import { mkdirSync } from "node:fs";
 import { resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import puppeteer from "puppeteer-core";
 
-const [pageArg, outDir, timesArg] = process.argv.slice(2);
+const [pageArg, outDir, timesArg, selector] = process.argv.slice(2);
 if (!pageArg || !outDir) {
   console.error("usage: node check_report.mjs PAGE OUT_DIR '[t0, t1, ...]'");
   process.exit(2);
@@ -37,7 +38,7 @@ try {
   await page.waitForFunction(() => window.a124Viewer && (window.a124Viewer.ready || window.a124Viewer.error),
                              { timeout: 180000 });
   result.viewer = await page.evaluate(() => ({ ...window.a124Viewer, setTime: undefined }));
-  const canvas = await page.$("#viewer-canvas");
+  const canvas = await page.$(selector || "#viewer-canvas");
   for (let i = 0; i < times.length && result.viewer.ready; i++) {
     const shown = await page.evaluate(async (fraction) => {
       const slider = document.getElementById("viewer-time");

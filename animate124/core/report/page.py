@@ -175,9 +175,9 @@ th:first-child, td:first-child { text-align: left; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; } .chart { margin: 0; } figcaption { font-size: 0.85em; }
 .videos { display: flex; flex-wrap: wrap; gap: 12px; } .videos figure { margin: 0; }
 video, .videos img { width: 256px; height: 256px; background: #fff; border: 1px solid #ddd; }
-#viewer-canvas { width: 640px; height: 480px; border: 1px solid #ddd; display: block; }
+#viewer { width: 660px; } #viewer-canvas { width: 640px; height: 480px; border: 1px solid #ddd; display: block; }
 .controls { display: flex; gap: 10px; align-items: center; margin-top: 6px; }
-#viewer-time { width: 420px; } .note { color: #777; } .legend span { margin-right: 12px; }
+#viewer-time { width: 380px; } #viewer-label { white-space: nowrap; font-size: 0.9em; } .note { color: #777; } .legend span { margin-right: 12px; }
 """
 
 
@@ -257,12 +257,12 @@ def _viewer(outputs: dict) -> str:
     if "glb" not in outputs:
         return '<p class="note">No exported .glb in save/it*-export/ yet (run with --export).</p>'
     glb = outputs["glb"]
-    return (f'<p>{html.escape(glb.parent.name + "/" + glb.name)}: drag to orbit, scroll to zoom.</p>'
+    return (f'<div id="viewer"><p>{html.escape(glb.parent.name + "/" + glb.name)}: drag to orbit, scroll to zoom.</p>'
             f'<canvas id="viewer-canvas" width="640" height="480" data-background="{BACKGROUND}" '
             'data-autoplay="true"></canvas>'
             '<div class="controls"><button id="viewer-play" type="button">Pause</button>'
             '<input id="viewer-time" type="range" min="0" max="1" step="0.001" value="0" aria-label="time">'
-            '<span id="viewer-label"></span></div><p id="viewer-status" class="note">Loading the mesh...</p>'
+            '<span id="viewer-label"></span></div><p id="viewer-status" class="note">Loading the mesh...</p></div>'
             f'<script src="{FILES}/three-viewer.min.js"></script><script src="{FILES}/mesh_glb.js"></script>'
             f'<script src="{FILES}/viewer.js"></script>')
 
