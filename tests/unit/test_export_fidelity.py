@@ -8,14 +8,17 @@ Tolerances: export_fidelity.TOLERANCES (Chamfer <= 0.5 voxel, motion <= 0.5 voxe
 """
 import pytest
 import torch
-
 from export_fidelity import CPU_CONFIG, TOLERANCES, format_table, run_fidelity
 
 
 @pytest.fixture(scope="module")
 def fidelity(tmp_path_factory):
-    torch.set_num_threads(1)
-    return run_fidelity(**CPU_CONFIG, out_dir=str(tmp_path_factory.mktemp("fidelity")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the figures above: one thread
+    try:
+        yield run_fidelity(**CPU_CONFIG, out_dir=str(tmp_path_factory.mktemp("fidelity")))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(600)
