@@ -20,6 +20,11 @@ stage:
   counted once in the projection;
 - ``peak_allocated_gb`` / ``peak_reserved_gb`` over the stage (model loads included), ``resident_gb`` after its first
   step, and ``stale_guidances``: slots of earlier stages whose networks are still alive (should be none);
+- ``work`` (means over the timed steps; ``animate124.core.field.work_counters``): rays, samples after the occupancy
+  grid (``samples_marched``) and after the alpha threshold (``samples``) and per ray, normal samples and their
+  density queries, points through each hash grid's forward and backward (``grid3d_fwd`` ...), Triton launches;
+- ``launches``: the kernels one whole (trailing, untimed) step ran: CUDA kernels by torch.profiler on a GPU, ATen
+  operators dispatched on the CPU;
 
 then the projected wall time of the whole config (steps x mean step + stage switches + validations + test videos +
 export, each timed on a few images / times and scaled) and the overhead before step 1 of a run (imports, nerfacc
@@ -28,6 +33,8 @@ its ``switch_s``.
 
 Models: ``--models DIR`` holds ``animate124 make-tiny-models DIR --full-size`` folders (made there when missing);
 every hub id the config names (SD 1.5, ControlNet-Tile, Zero123-XL, ModelScope, ZeroScope) is pointed at them.
+``--start-shape blobs`` fits the field to the synthetic 4-D scene's density before step 0 (surfaces, as a run's
+dynamic and refine stages start from) instead of the config's soft initial blob, the marcher's worst case.
 Random weights: the numbers are honest for time and memory, never for quality.
 Run from a threestudio checkout (or set THREESTUDIO_ROOT); real configs need a CUDA GPU (the CPU path is for tests).
 """
@@ -41,8 +48,7 @@ import time
 from pathlib import Path
 from animate124.core.io.atomic_io import write_json
 
-from step_benchmark.runner import benchmark_config, load_host
-from step_benchmark.timer import NOTE
+from step_benchmark import NOTE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Python functions by cumulative time (cProfile); on CUDA also the memory live at the peak "
                              "of each stage's trailing (untimed) step, by the code that allocated it; the timed steps "
                              "stay unprofiled; needs --warmup >= 2 and --out")
+    parser.add_argument("--start-shape", choices=("blob", "blobs"), default="blob",
+                        help="blob: the config's initial density (a soft ball, the marcher's worst case); blobs: the "
+                             "field first fitted to the synthetic 4-D scene's density, occupancy grid filled from it "
+                             "(surfaces, as a run's dynamic and refine stages see)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the short run writes its trial folder (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
@@ -72,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from animate124.tools.cli import ToolError
+
+    from step_benchmark.runner import benchmark_config, load_host  # Lightning and torch: only to run
 
     started = time.perf_counter()
     if not args.config.is_file():
@@ -100,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             config, models_dir=args.models, overrides=args.overrides, warmup=args.warmup, steps=args.steps,
             replays=args.replays, eval_images=args.eval_images, export_times=args.export_times, workdir=workdir,
             started=started, on_progress=save, profile_to=_profile_path(args.out) if args.profile else None,
+            start_shape=args.start_shape,
         )
     except (ValueError, FileNotFoundError) as error:
         raise ToolError(str(error).splitlines()[0]) from error
@@ -117,14 +130,19 @@ def _profile_path(out: Path) -> Path:
 def summary_table(result: dict) -> str:
     """One line per stage (step ms, floor ms, ratio, peak GB) and the projection."""
     lines = [f"{Path(result['config']).name} on {result['device']} ({result['precision']}; {NOTE})",
-             f"{'stage':10s} {'step ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'peak GB':>8s} {'steps':>7s}"]
+             f"{'stage':10s} {'step ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'peak GB':>8s} {'steps':>7s} "
+             f"{'smp/ray':>7s} {'grid4d f/b':>15s} {'launches':>8s}"]
     for st in result["stages"]:
         if "step_ms" not in st:
             lines.append(f"{st['name']:10s} {st['error']}")
             continue
         peak = f"{st['peak_allocated_gb']:.1f}" if st["peak_allocated_gb"] is not None else "-"
+        work, launches = st.get("work") or {}, st.get("launches") or {}
+        grid = f"{work.get('grid4d_fwd', 0) / 1e6:.2f}/{work.get('grid4d_bwd', 0) / 1e6:.2f} M"
+        n_launch = launches.get("cuda_kernels", launches.get("aten_ops", "-"))
         lines.append(f"{st['name']:10s} {st['step_ms']['median']:9.1f} {st['floor_ms']['median']:9.1f} "
-                     f"{st['ratio']:6.2f} {peak:>8s} {st['steps_in_config']:7d}")
+                     f"{st['ratio']:6.2f} {peak:>8s} {st['steps_in_config']:7d} "
+                     f"{work.get('samples_per_ray', '-'):>7} {grid:>15s} {n_launch:>8}")
     p = result["projected"]
     lines.append(f"projected {p['total_min']} min = train {p['train_s']} s + {p['validation_runs']} validations "
                  f"{p['validation_s']} s + test {p['test_s']} s + export {p['export_s']} s + start {p['overhead_s']} s"

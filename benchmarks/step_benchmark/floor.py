@@ -134,17 +134,12 @@ class CallRecorder:
             torch.cuda.synchronize(self.device)
 
 
-def _tensors(obj):
+def _tensors(obj) -> list:
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
+    from animate124.core.guidance.cuda_graphs import tree_leaves
+
+    return [x for x in tree_leaves(obj) if isinstance(x, torch.Tensor)]
 
 
 def _signature(obj):
@@ -160,17 +155,12 @@ def _signature(obj):
 
 
 def _detached(obj):
+    """``obj`` with detached copies of its tensors (the same nesting)."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_detached(v) for v in obj)
-    if isinstance(obj, list):
-        return [_detached(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
-    return obj
+    from animate124.core.guidance.cuda_graphs import tree_leaves, tree_rebuild
+
+    return tree_rebuild(obj, iter([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in tree_leaves(obj)]))
 
 
 def _first_tensor_arg(args, kwargs):

@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from step_benchmark import NOTE
 from step_benchmark.floor import CallRecorder, autocast_for
-from step_benchmark.timer import NOTE, Profiles, StepTimer, StopOnSigterm
+from step_benchmark.start_shape import StartShape
+from step_benchmark.timer import Profiles, StepTimer, StopOnSigterm
 
 
 def load_host() -> None:
@@ -48,12 +50,15 @@ def benchmark_config(
     started: float | None = None,
     on_progress=None,
     profile_to: str | Path | None = None,
+    start_shape: str = "blob",
 ) -> dict:
     """Benchmark ``config`` in this process (threestudio already imported, ``a124-*`` registered); see the module
     docstring for what is measured. Returns the result as a JSON-ready dict; ``on_progress(result)``, when given, gets
     the result so far after training and after each evaluation piece (``eval`` entries not yet timed say
     ``"pending"``). ``profile_to``: write torch.profiler tables of warm-up steps 1.. of each stage and of one
-    validation image there, and on CUDA the memory table of each stage's trailing step."""
+    validation image there, and on CUDA the memory table of each stage's trailing step. ``start_shape``: ``blob``
+    (the config's initial density) or ``blobs`` (the field fitted to the synthetic 4-D scene first, see
+    ``start_shape``)."""
     import pytorch_lightning as pl
     import threestudio
     import torch
@@ -92,9 +97,11 @@ def benchmark_config(
     recorder = CallRecorder(device)
     profiler = Profiles(profile_to) if profile_to else None
     timer = StepTimer(recorder, system, warmup=warmup, steps=steps, replays=replays, profiler=profiler)
+    shape = StartShape(start_shape)
+    overhead["start_shape"] = shape.info
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=_loggers(cfg.trial_dir),
-        callbacks=[timer], inference_mode=False, enable_progress_bar=False, enable_checkpointing=False,
+        callbacks=[shape, timer], inference_mode=False, enable_progress_bar=False, enable_checkpointing=False,
         limit_val_batches=0, num_sanity_val_steps=0, max_steps=per_stage * len(full_steps), **trainer_cfg,
     )
     fit_error = None

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from animate124.core.field.grid_levels import MERGE_RUNS_MAX_RES
 from animate124.core.field.hashgrid import HashGridEncoding
+from animate124.core.field.work_counters import count
 
 __all__ = ["DynamicField", "VanillaMLP", "trunc_exp", "features_to_rgb", "DENSITY_ACTIVATIONS", "DENSITY_BIASES"]
 
@@ -56,9 +57,17 @@ class DynamicField(nn.Module):
             ``finite_difference``) or ``"forward"`` (3, reusing the point's own density: threestudio's
             ``finite_difference``; error O(eps) instead of O(eps^2), about half the normals' field work).
         normal_checkpoint: keep nothing of the normals' density queries for the backward and run them again there,
-            one offset at a time (``torch.utils.checkpoint``): the same values and gradients, without their grid and
-            MLP activations (6 of a sample's 7 field evaluations with central differences) and with a backward that
-            handles N queries at once instead of 6 N, for one more forward of those queries.
+            N queries at a time: the same values and gradients, without their grid and MLP activations (6 of a
+            sample's 7 field evaluations with central differences) and with a backward that handles N queries at once
+            instead of 6 N, for one more forward of those queries.
+        normal_fused: with ``normal_checkpoint``, the k offset queries of all points as one batched query with its
+            own backward (``_OffsetDensities``): a point's k queries follow each other (the grids' backward merges
+            their shared coarse cells), the backward runs the grids' backward kernels on the stored or recomputed
+            grid features without building a graph for them, and the gradients are those of the plain evaluation up
+            to float summation order. False: one ``torch.utils.checkpoint`` per offset.
+        normal_keep_features_gb: with ``normal_fused``, keep up to this many GiB of the offset queries' grid features
+            (128 bytes per query with the default grids) for the backward instead of computing them again there;
+            queries beyond it are recomputed. 0: recompute all (the least memory).
         merge_runs_max_res: both grids' Triton backward sums runs of consecutive samples with the same table row
             at levels of resolution <= this before its atomic add (``HashGridEncoding``); 0: off.
         generator: optional CPU generator for all initialisations (grids and MLPs).
@@ -85,6 +94,8 @@ class DynamicField(nn.Module):
         normal_eps: float = 0.01,
         normal_difference: str = "central",
         normal_checkpoint: bool = False,
+        normal_fused: bool = True,
+        normal_keep_features_gb: float = 0.0,
         merge_runs_max_res: int = MERGE_RUNS_MAX_RES,
         generator: Optional[torch.Generator] = None,
     ) -> None:
@@ -102,6 +113,10 @@ class DynamicField(nn.Module):
             raise ValueError(f"normal_difference must be 'central' or 'forward'; got {normal_difference!r}.")
         self.normal_difference = normal_difference
         self.normal_checkpoint = bool(normal_checkpoint)
+        self.normal_fused = bool(normal_fused)
+        if not normal_keep_features_gb >= 0:
+            raise ValueError(f"normal_keep_features_gb must be >= 0 (0: recompute all); got {normal_keep_features_gb}.")
+        self.normal_keep_features_gb = float(normal_keep_features_gb)
         grid = dict(n_levels=n_levels, n_features_per_level=n_features_per_level, log2_hashmap_size=log2_hashmap_size,
                     base_resolution=base_resolution, per_level_scale=per_level_scale, implementation=implementation,
                     merge_runs_max_res=merge_runs_max_res)
@@ -131,9 +146,13 @@ class DynamicField(nn.Module):
     def encode(self, points: Float[Tensor, "N 3"], times: Float[Tensor, " N"]) -> Float[Tensor, "N E"]:
         """h = enc(x01) + enc_t([x01, t]): the summed grid features, ``[N, L * F]`` float32."""
         _check_points_times(points, times)
-        x01 = (points.float() + self.radius) / (2.0 * self.radius)
-        xt = torch.cat([x01, times.float().reshape(-1, 1)], dim=-1)
+        x01, xt = self._grid_inputs(points, times)
         return self.encoding(x01) + self.encoding_time(xt)
+
+    def _grid_inputs(self, points: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
+        """The 3-D grid's input in [0, 1]^3 and the 4-D grid's (with the time appended)."""
+        x01 = (points.float() + self.radius) / (2.0 * self.radius)
+        return x01, torch.cat([x01, times.float().reshape(-1, 1)], dim=-1)
 
     def forward_density(self, points: Float[Tensor, "N 3"], times: Float[Tensor, " N"]) -> Float[Tensor, "N 1"]:
         """Post-activation density sigma >= 0 at each point at its own time."""
@@ -224,7 +243,13 @@ class DynamicField(nn.Module):
             [eps, 0, 0], [-eps, 0, 0], [0, eps, 0], [0, -eps, 0], [0, 0, eps], [0, 0, -eps]]
         offsets = torch.tensor(steps, device=points.device, dtype=torch.float32)
         k = offsets.shape[0]
-        if self.normal_checkpoint and torch.is_grad_enabled():
+        count("normal_samples", points.shape[0])
+        count("normal_queries", k * points.shape[0])
+        params = self._offset_params()
+        if (self.normal_checkpoint and self.normal_fused and torch.is_grad_enabled() and not points.requires_grad
+                and any(p.requires_grad for p in params)):
+            sigma = _OffsetDensities.apply(points.float(), times.float(), offsets, self, *params)
+        elif self.normal_checkpoint and torch.is_grad_enabled():
             # one offset at a time, so the backward re-runs N queries at once, not k * N: the peak is there
             sigma = torch.cat([
                 torch.utils.checkpoint.checkpoint(self._offset_density, points, times, offsets[i], use_reentrant=False)
@@ -237,6 +262,89 @@ class DynamicField(nn.Module):
         else:
             grad = 0.5 * (sigma[:, 0::2] - sigma[:, 1::2]) / eps
         return F.normalize(-grad, dim=-1)
+
+
+    def _offset_params(self) -> list[Tensor]:
+        """What a density query depends on: both grids' tables, then the density MLP's weights in layer order."""
+        return [self.encoding.embeddings, self.encoding_time.embeddings,
+                *(m.weight for m in self.density_network.layers if isinstance(m, nn.Linear))]
+
+    def _offset_queries(self, points: Tensor, times: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The k offset queries of each point, point-major (``[M * k]`` rows): shifted points (clamped to the bbox)
+        and both grids' inputs."""
+        k = offsets.shape[0]
+        shifted = (points[:, None, :] + offsets).clamp(-self.radius, self.radius).reshape(-1, 3)
+        return (shifted, *self._grid_inputs(shifted, times.repeat_interleave(k)))
+
+
+class _OffsetDensities(torch.autograd.Function):
+    """``sigma(clamp(x_i + o_j))`` ``[N, k]`` for the k normal offsets ``o_j``, without gradient graph; the backward
+    computes the same gradients as autograd through the plain evaluation (up to summation order), N queries at a
+    time: the grids' features (kept, or computed again without graph), the density MLP again under autograd from
+    them, then each grid's backward kernel on the features' gradient (``HashGridEncoding.embedding_grad``).
+    Inputs: points [N, 3], times [N] (no gradient to either), offsets [k, 3], the field, then its
+    ``_offset_params()``."""
+
+    @staticmethod
+    def forward(ctx, points, times, offsets, field, *params):
+        n, k = points.shape[0], offsets.shape[0]
+        chunk = max(1, -(-n // k))  # points per piece: k pieces of ~N queries each, as one offset at a time had
+        sigma = points.new_empty(n, k)
+        kept, budget = [], field.normal_keep_features_gb * 2**30
+        for start in range(0, n, chunk):
+            shifted, x01, xt = field._offset_queries(points[start:start + chunk], times[start:start + chunk], offsets)
+            h = field.encoding(x01) + field.encoding_time(xt)
+            sigma[start:start + chunk] = field._activate(field._mlp(field.density_network, h), shifted).view(-1, k)
+            size = h.numel() * h.element_size()
+            kept.append(h if size <= budget else None)
+            budget -= size if size <= budget else 0
+        ctx.field, ctx.chunk, ctx.kept = field, chunk, kept
+        ctx.save_for_backward(points, times, offsets)
+        return sigma
+
+    @staticmethod
+    def backward(ctx, grad_sigma):
+        points, times, offsets = ctx.saved_tensors
+        field, chunk, kept = ctx.field, ctx.chunk, ctx.kept
+        needs = ctx.needs_input_grad[4:]
+        grids = (field.encoding, field.encoding_time)  # the tables' gradients come first in `needs` and `grads`
+        weights = [p.detach() for p in field._offset_params()[2:]]
+        grads = [torch.zeros_like(p) if need else None for p, need in zip(field._offset_params(), needs)]
+        for piece, start in enumerate(range(0, points.shape[0], chunk)):
+            shifted, x01, xt = field._offset_queries(points[start:start + chunk], times[start:start + chunk], offsets)
+            h = kept[piece]
+            # off CUDA the grids have no backward kernel to run alone: their forward is run again under autograd
+            graphed = h is None and field.encoding._backend(x01) != "triton"
+            with torch.enable_grad(), torch.autocast(device_type=points.device.type, enabled=False):
+                if h is None:
+                    with torch.set_grad_enabled(graphed):
+                        h = field.encoding(x01) + field.encoding_time(xt)
+                if not graphed:
+                    h = h.detach().requires_grad_(True)
+                ws = [w.requires_grad_(need) for w, need in zip(weights, needs[2:])]
+                sigma = field._activate(_mlp_with(ws, h), shifted)
+                tables = [p for p, need in zip(field._offset_params()[:2], needs) if need and graphed]
+                wanted = ([] if graphed else [h]) + tables + [w for w in ws if w.requires_grad]
+                d = list(torch.autograd.grad(sigma, wanted, grad_sigma[start:start + chunk].reshape(-1, 1)))
+            dh = None if graphed else d.pop(0)
+            for i, need in enumerate(needs):
+                if not need:
+                    continue
+                if i >= 2 or graphed:
+                    grads[i] += d.pop(0)
+                else:
+                    grids[i].embedding_grad((x01, xt)[i], dh, out=grads[i])
+        ctx.kept = None
+        return (None, None, None, None, *grads)
+
+
+def _mlp_with(weights: list[Tensor], h: Tensor) -> Tensor:
+    """``VanillaMLP`` with the given weights (Linear without bias, ReLU between), float32."""
+    for i, w in enumerate(weights):
+        h = F.linear(h, w)
+        if i < len(weights) - 1:
+            h = F.relu(h)
+    return h
 
 
 class VanillaMLP(nn.Module):

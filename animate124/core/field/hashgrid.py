@@ -43,6 +43,7 @@ from animate124.core.field.grid_levels import (
     hash_grid_levels,
     level_table,
 )
+from animate124.core.field.work_counters import count, counting
 
 __all__ = ["HashGridEncoding", "hash_grid_encode_torch"]
 
@@ -194,7 +195,41 @@ class HashGridEncoding(torch.nn.Module):
                                           config=KernelConfig(merge_runs_max_res=self.merge_runs_max_res))
         else:
             out = self._forward_tcnn(points)
+        if counting():
+            self._count(points.shape[0], out)
         return out.reshape(*lead, self.n_output_dims)
+
+    def _count(self, n: int, out: Tensor) -> None:
+        """Work counters: ``n`` points through this grid's forward, and through its backward when a gradient reaches
+        ``out`` (a hook: no device work)."""
+        key = f"grid{self.n_input_dims}d"
+        count(f"{key}_fwd", n)
+        if out.requires_grad:
+            out.register_hook(lambda grad: count(f"{key}_bwd", n))
+
+    def embedding_grad(self, x: Float[Tensor, "N D"], grad_out: Float[Tensor, "N LF"],
+                       out: Tensor | None = None) -> Float[Tensor, "E F"]:
+        """The gradient of ``sum(grad_out * self(x))`` with respect to ``embeddings``, without building a graph
+        for it: the Triton backward kernel alone on CUDA (the features at ``x`` are not computed again), the
+        forward again under autograd on the other backends. ``x`` as for :meth:`forward`; ``out``: a table to add
+        the gradient to (returned), instead of a new one."""
+        points = x.reshape(-1, self.n_input_dims).float().clamp(0.0, 1.0)
+        grad_out = grad_out.reshape(points.shape[0], self.n_output_dims)
+        count(f"grid{self.n_input_dims}d_bwd", points.shape[0])
+        if self._backend(points) == "triton":
+            from animate124.core.field.hashgrid_triton import KernelConfig, embedding_grad_triton
+
+            return embedding_grad_triton(points, grad_out, self.embeddings, self.levels, self.n_active_levels,
+                                         table=self._level_table,
+                                         config=KernelConfig(merge_runs_max_res=self.merge_runs_max_res), out=out)
+        with torch.enable_grad():
+            if self._backend(points) == "torch":
+                encoded = hash_grid_encode_torch(points, self.embeddings, self.levels, self.n_active_levels)
+            else:
+                encoded = self._forward_tcnn(points)
+            count(f"grid{self.n_input_dims}d_fwd", points.shape[0])
+            grad = torch.autograd.grad(encoded, self.embeddings, grad_out)[0]
+        return grad if out is None else out.add_(grad)
 
     def _backend(self, x: Tensor) -> str:
         if self.implementation == "torch":

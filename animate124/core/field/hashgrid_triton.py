@@ -30,8 +30,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from animate124.core.field.grid_levels import MERGE_RUNS_MAX_RES, HashGridLevels, level_table
+from animate124.core.field.work_counters import count
 
-__all__ = ["hash_grid_encode_triton", "KernelConfig", "DEFAULT_CONFIG", "MAX_DIMS"]
+__all__ = ["hash_grid_encode_triton", "embedding_grad_triton", "KernelConfig", "DEFAULT_CONFIG", "MAX_DIMS"]
 
 MAX_DIMS = 4
 
@@ -80,6 +81,28 @@ def hash_grid_encode_triton(
                                    tuple(config))
 
 
+def embedding_grad_triton(
+    x: Float[Tensor, "N D"],
+    grad_out: Float[Tensor, "N LF"],
+    embeddings: Float[Tensor, "E F"],
+    levels: HashGridLevels,
+    n_active_levels: int,
+    table: Tensor | None = None,
+    config: KernelConfig = DEFAULT_CONFIG,
+    out: Tensor | None = None,
+) -> Float[Tensor, "E F"]:
+    """The embeddings' gradient of ``sum(grad_out * encode(x))``: the backward kernel alone (the forward is not run).
+    Arguments as :func:`hash_grid_encode_triton`; ``out``: a contiguous float32 table like ``embeddings`` that the
+    kernel adds the gradient to (returned), instead of a new one."""
+    _check_inputs(x, embeddings, levels)
+    if table is None:
+        table = level_table(levels, x.device)
+    if out is not None and (out.shape != embeddings.shape or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 table of shape {tuple(embeddings.shape)}")
+    return _backward(x.contiguous(), grad_out, embeddings.contiguous(), table, n_active_levels, tuple(config),
+                     need_dx=False, need_demb=True, grad_emb=out)[1]
+
+
 class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, embeddings, table, n_levels, n_active, config):
@@ -90,6 +113,7 @@ class _HashGridFunction(torch.autograd.Function):
         out = alloc(n, n_levels * f, device=x.device, dtype=torch.float32)
         if n > 0 and n_active > 0:
             block, warps = config[0], config[1]
+            count("triton_launches")
             _hashgrid_fwd_kernel[(triton.cdiv(n, block), n_active)](
                 x, embeddings, out, table, n, D=d, F=f, LF=n_levels * f, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x, embeddings, table)
@@ -100,19 +124,28 @@ class _HashGridFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, embeddings, table = ctx.saved_tensors
         n_active, config = ctx.meta
-        need_dx, need_demb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.zeros_like(x) if need_dx else None
-        grad_emb = torch.zeros_like(embeddings) if need_demb else None
-        n, d = x.shape
-        if n > 0 and n_active > 0 and (need_dx or need_demb):
-            block, warps, merge_max_res = config[2], config[3], config[4]
-            dummy = x.new_empty(1)
-            _hashgrid_bwd_kernel[(triton.cdiv(n, block), n_active)](
-                x, grad_out.contiguous().float(), embeddings, grad_emb if need_demb else dummy,
-                grad_x if need_dx else dummy, table, n, merge_max_res, D=d, F=embeddings.shape[1],
-                LF=grad_out.shape[1], NEED_DEMB=need_demb, NEED_DX=need_dx, MERGE=merge_max_res > 0 and need_demb,
-                BLOCK=block, num_warps=warps)
+        grad_x, grad_emb = _backward(x, grad_out, embeddings, table, n_active, config,
+                                     need_dx=ctx.needs_input_grad[0], need_demb=ctx.needs_input_grad[1])
         return grad_x, grad_emb, None, None, None, None
+
+
+def _backward(x, grad_out, embeddings, table, n_active, config, *, need_dx, need_demb, grad_emb=None):
+    """(dL/dx or None, dL/dembeddings or None) from the backward kernel, levels below ``n_active`` only; the
+    embeddings' gradient is added to ``grad_emb`` when given."""
+    grad_x = torch.zeros_like(x) if need_dx else None
+    if need_demb and grad_emb is None:
+        grad_emb = torch.zeros_like(embeddings)
+    n, d = x.shape
+    if n > 0 and n_active > 0 and (need_dx or need_demb):
+        block, warps, merge_max_res = config[2], config[3], config[4]
+        dummy = x.new_empty(1)
+        count("triton_launches")
+        _hashgrid_bwd_kernel[(triton.cdiv(n, block), n_active)](
+            x, grad_out.contiguous().float(), embeddings, grad_emb if need_demb else dummy,
+            grad_x if need_dx else dummy, table, n, merge_max_res, D=d, F=embeddings.shape[1],
+            LF=grad_out.shape[1], NEED_DEMB=need_demb, NEED_DX=need_dx, MERGE=merge_max_res > 0 and need_demb,
+            BLOCK=block, num_warps=warps)
+    return grad_x, grad_emb
 
 
 def _check_inputs(x: Tensor, embeddings: Tensor, levels: HashGridLevels) -> None:

@@ -27,6 +27,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from animate124.core.field.work_counters import count
+
 __all__ = ["TimeOccupancyGrid"]
 
 Implementation = Literal["auto", "torch", "nerfacc"]
@@ -200,6 +202,7 @@ class TimeOccupancyGrid(nn.Module):
         ray_indices = torch.cat(ray_parts)
         order = torch.argsort(ray_indices, stable=True)
         ray_indices, t_starts, t_ends = ray_indices[order], torch.cat(start_parts)[order], torch.cat(end_parts)[order]
+        count("samples_marched", ray_indices.numel())
         if sigma_fn is not None and alpha_thre > 0.0 and ray_indices.numel() > 0:
             sigmas = sigma_fn(t_starts, t_ends, ray_indices)
             keep = render_visibility_from_density(

@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["GraphedForward", "GraphPool", "CudaGraph", "autocast_state", "copy_outputs", "records_total"]
+__all__ = ["GraphedForward", "GraphPool", "CudaGraph", "autocast_state", "copy_outputs", "records_total", "tree_leaves",
+           "tree_rebuild"]
 
 log = logging.getLogger(__name__)
 _records_total = 0
@@ -120,7 +121,7 @@ class GraphedForward:
             self._graphs.clear()
             self._seen.clear()
             self._weights = weights
-        leaves = _leaves((args, kwargs))
+        leaves = tree_leaves((args, kwargs))
         key = self._signature(leaves)
         recorded = _MISSING if key is None else self._graphs.get(key, _MISSING)
         if recorded is _MISSING and key is not None and key in self._seen and len(self._graphs) < self.max_graphs:
@@ -167,7 +168,7 @@ class GraphedForward:
         try:
             # empty_like keeps the strides of a dense input; an expanded one (stride 0) gets a contiguous buffer
             static = [torch.empty_like(x).copy_(x) if torch.is_tensor(x) else x for x in leaves]
-            args, kwargs = _rebuild(call, iter(static))
+            args, kwargs = tree_rebuild(call, iter(static))
             graph = self.graph_type(self.pool, next(x for x in static if torch.is_tensor(x)).device)
             out = graph.record(lambda: self.forward(*args, **kwargs))
         except Exception as err:  # e.g. "operation not permitted when stream is capturing"
@@ -214,21 +215,21 @@ def copy_outputs(out):
     return out
 
 
-def _leaves(tree) -> list:
+def tree_leaves(tree) -> list:
     """The leaves of nested tuples / lists / dicts (a namedtuple is a leaf), in order."""
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return [x for v in tree for x in _leaves(v)]
+        return [x for v in tree for x in tree_leaves(v)]
     if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _leaves(v)]
+        return [x for v in tree.values() for x in tree_leaves(v)]
     return [tree]
 
 
-def _rebuild(tree, new: Iterator):
-    """``tree`` with its leaves (in :func:`_leaves` order) taken from ``new``."""
+def tree_rebuild(tree, new: Iterator):
+    """``tree`` with its leaves (in :func:`tree_leaves` order) taken from ``new``."""
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return type(tree)(_rebuild(v, new) for v in tree)
+        return type(tree)(tree_rebuild(v, new) for v in tree)
     if isinstance(tree, dict):
-        return {k: _rebuild(v, new) for k, v in tree.items()}
+        return {k: tree_rebuild(v, new) for k, v in tree.items()}
     return next(new)
 
 

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from animate124.core.field.work_counters import count, counting
+
 __all__ = ["RenderOutput", "render_rays", "ray_aabb_intersect", "stratified_samples", "default_color_fn"]
 
 FieldFn = Callable[..., dict]
@@ -149,6 +151,7 @@ def render_rays(
     density_fn = density_fn or _density_of(field_fn)  # the alpha_thre queries, without gradient
 
     # 2. Samples: packed (nerfacc marching on CUDA) or dense [R, S] (any device).
+    count("rays", n_rays)
     if estimator is not None and estimator.uses_nerfacc(rays_o.device):
         step = float(torch.linalg.norm(aabb_t[3:] - aabb_t[:3])) / num_samples
         sigma_fn = None
@@ -168,6 +171,8 @@ def render_rays(
             mask = mask & estimator.occupied(pts.reshape(-1, 3), times[:, None].expand_as(t_mid).reshape(-1)).view(
                 t_mid.shape
             )
+        if counting():  # (the packed layout counts in the estimator's marching)
+            count("samples_marched", int(mask.sum()))
         if alpha_thre > 0.0 and bool(mask.any()):
             thre = alpha_thre if estimator is None else min(alpha_thre, float(estimator.occs.mean()))
             mask = mask & _visible(density_fn, rays_o, rays_d, times, t_mid, t_starts, t_ends, mask, thre, chunk_size)
@@ -185,6 +190,7 @@ def render_rays(
         ray_indices = ray_indices.new_zeros(1)
 
     # 3. Evaluate the field on the kept samples (each at its ray's time).
+    count("samples", 0 if empty else ray_indices.numel())
     z = t_mid if mask is None else t_mid[mask]
     dirs = rays_d[ray_indices]
     points = rays_o[ray_indices] + dirs * z[:, None]
