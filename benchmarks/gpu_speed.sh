@@ -29,6 +29,7 @@ left() {  # seconds a run may take: its own limit, cut at the budget + 60
 }
 if want field; then
   timeout "$(left 240)" python3 benchmarks/field_step.py --out "$OUT/field_step.json" --reps "${A124_REPS:-6}" \
+    --keep-gb "${A124_KEEP_GB:-1.0}" \
     > "$OUT/field_step.log" 2>&1
   echo "field_step: exit $? at $(elapsed) s"; grep -v Warning "$OUT/field_step.log" | tail -20
 fi

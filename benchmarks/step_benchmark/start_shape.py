@@ -54,7 +54,7 @@ def fit_field_to_blobs(field, *, steps: int = 400, batch: int = 2**16, lr: float
     for p, flag in zip(params, trainable):
         p.grad = None
         p.requires_grad_(flag)
-    return {"loss": round(float(loss), 5), "density_inside": round(float(sigma[inside].mean()), 3),
+    return {"loss": round(float(loss.detach()), 5), "density_inside": round(float(sigma[inside].mean()), 3),
             "density_outside": round(float(sigma[~inside].mean()), 3)}
 
 

@@ -98,6 +98,14 @@ def test_benchmark_default_config_every_stage(threestudio, tiny_models, run_dir,
         assert st["ratio"] > 1.0, {k: st[k] for k in ("name", "step_ms", "floor_ms", "floor_calls", "breakdown_ms")}
         b = st["breakdown_ms"]
         assert b["render"] > 0 and b["unets"] > 0 and b["encode"] > 0 and b["backward"] > 0
+        # the field's work per step: 16 x 16 views, at most 16 samples per ray marched, central-difference normals
+        w = st["work"]
+        assert w["rays"] >= 256 and w["rays"] % 256 == 0, w
+        assert 0 < w["samples"] <= w["samples_marched"] <= 16 * w["rays"], w
+        assert w["normal_queries"] == 6 * w["normal_samples"] > 0, w
+        assert w["grid3d_fwd"] >= w["samples"] + w["normal_queries"] and w["grid3d_bwd"] > 0, w
+        assert w["samples_per_ray"] == round(w["samples"] / w["rays"], 3)
+        assert st["launches"]["aten_ops"] > 1000, st["launches"]  # the trailing step's operators (no CUDA here)
         assert sum(b.values()) == pytest.approx(st["step_ms"]["mean"], rel=1e-3)
     # projection: steps x mean step + switches, 10 validations (25000 // 1000 ... capped by the config) + test + export
     p = result["projected"]

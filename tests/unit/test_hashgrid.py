@@ -223,6 +223,14 @@ for merge in (0, 8, 1000):  # none, the two coarse levels (resolutions 4 and 8),
 per_level = adds[0] // 4  # 3 blocks of 64 lanes (150 points; the plain add masks none) x 8 corners x 2 features
 assert adds[0] == 4 * 192 * 8 * 2, adds
 assert adds[8] < adds[0] - per_level // 2 and adds[1000] < adds[8], adds  # runs are long on the coarse levels
+# the backward kernel alone (HashGridEncoding.embedding_grad: the fused normal queries' backward), into a new table or
+# added to a given one, as autograd's gradient through the forward
+enc = HashGridEncoding(4, **small, implementation="triton", init_scale=1.0, generator=gen)
+x, grad_out = torch.rand(150, 4, generator=gen), torch.randn(150, 8, generator=gen)
+(ref,) = torch.autograd.grad(enc(x), enc.embeddings, grad_out)
+base = torch.randn(ref.shape, generator=gen)
+torch.testing.assert_close(enc.embedding_grad(x, grad_out), ref, rtol=1e-6, atol=1e-6)
+torch.testing.assert_close(enc.embedding_grad(x, grad_out, out=base.clone()), base + ref, rtol=1e-6, atol=1e-6)
 assert all(hasattr(hashgrid_triton, name) for name in hashgrid_triton.__all__)
 print("ok")
 """
