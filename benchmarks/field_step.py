@@ -17,8 +17,8 @@ samples (float summation order only, for exact changes). Variants (geometry keys
   ``normal_weight_min``; not exact: ``sum w n`` misses at most the skipped weight).
 
 Stages: ``dynamic`` = 16 frames at 16 times, 128 x 128 (the default's video batch); ``static`` = one 128 x 128 view at
-t = 0. Shapes: ``blob`` = the initial density (softplus blob, random grids); ``blobs`` = the field fitted to the synthetic
-4-D scene (``step_benchmark.start_shape``). Random weights: honest for time and memory, never for quality.
+t = 0. Shapes: ``blob`` = the initial density (softplus blob, random grids); ``blobs`` = the field fitted to the
+synthetic 4-D scene (``step_benchmark.start_shape``). Random weights: honest for time and memory, never for quality.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Scene:
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if o.is_cuda else None
         if events:
             events[0].record()
-        out = render_rays(lambda p, tt, normal: self.field(p, tt, output_normal=normal), o, d, t, num_samples=self.samples,
+        out = render_rays(lambda p, tt, normal: self.field(p, tt, output_normal=normal), o, d, t,
+                          num_samples=self.samples,
                           estimator=self.grid, randomized=True, generator=gen, return_normal=True, alpha_thre=0.01,
                           bg_color=torch.ones(3, device=o.device),
                           normal_fn=lambda p, tt, density: self.field.normal(p, tt, density), **render)
