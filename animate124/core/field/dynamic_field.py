@@ -236,7 +236,7 @@ class DynamicField(nn.Module):
     def _offset_density(self, points: Tensor, times: Tensor, offset: Tensor) -> Tensor:
         return self.forward_density((points.float() + offset).clamp(-self.radius, self.radius), times.float())
 
-    def _finite_difference_normal(self, points: Tensor, times: Tensor, density: Tensor) -> Tensor:
+    def _finite_difference_normal(self, points: Tensor, times: Tensor, density: Optional[Tensor]) -> Tensor:
         eps = self.normal_eps
         forward = self.normal_difference == "forward"
         steps = [[eps, 0, 0], [0, eps, 0], [0, 0, eps]] if forward else [
