@@ -68,6 +68,7 @@ for run in $runs; do  # in the order given
 done
 python3 - "$OUT" <<'EOF'
 import json, sys
+sys.path.insert(0, 'benchmarks')
 from pathlib import Path
 from step_benchmark.cli import summary_table
 for path in sorted(Path(sys.argv[1]).glob("*.json")):
