@@ -36,7 +36,7 @@ PRESETS = {
         "system.stages.2.steps": 1000, "trainer.max_steps": 6000, "checkpoint.every_n_train_steps": 2000,
         # no VAE checkpointing: the fast preset trades memory (20.3 GiB allocated on an H200) for step time
         "system.guidances.cn.guidance.vae_checkpoint": ABSENT, "system.guidances.video.guidance.vae_checkpoint": ABSENT,
-        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 21.8,
+        "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 20.8,
         # the frozen U-Nets' no-grad calls as CUDA graphs (+0.5 GiB reserved for their memory pool)
         "system.compile_denoisers": "cuda-graphs",
         # forward-difference normals (3 density queries per sample instead of 6), half the samples per ray
@@ -49,7 +49,6 @@ PRESETS = {
         "system.guidances.cn.guidance.fixed_size": 512, "system.guidances.cn.guidance.n_frames": 1,
         "system.guidances.video.guidance.low_ram_vae": 4, "system.renderer.num_samples_per_ray": 128,
         "system.min_free_vram_gb": 10.8,
-        "system.geometry.normal_keep_features_gb": 0.0,  # no normal grid features kept: up to 1 GiB less
     },
     "animate124-zeroscope": {
         "name": "animate124-zeroscope", "data.video.height": 80, "data.video.width": 144,
