@@ -57,9 +57,9 @@ class TimeVolume(BaseImplicitGeometry):
         3, reusing the sample's own density (threestudio's finite_difference; about half the normals' field work)."""
         finite_difference_normal_eps: float = 0.01
         normal_checkpoint: bool = True
-        """Recompute the normals' density queries in the backward, one offset at a time, instead of keeping their
-        activations: the same values and gradients; on an H200 the default recipe's dynamic peak fell from 32.5 to
-        12.8 GiB with no measurable change in step time (docs/memory.md). false: keep them."""
+        """Recompute the normals' density queries in the backward, about N queries at a time, instead of keeping
+        their activations: the same values and gradients; on an H200 the default recipe's dynamic peak fell from 32.5
+        to 12.8 GiB with no measurable change in step time (docs/memory.md). false: keep them."""
         normal_fused: bool = True
         """With normal_checkpoint: all offset queries as one batched query with its own backward (a sample's queries
         together, the grids' backward kernels run without a graph), the same gradients up to float summation order;
