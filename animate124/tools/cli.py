@@ -162,20 +162,31 @@ def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--full-size", action="store_true",
                         help="the real architectures with random fp16 weights (about 9 GB; for timing and memory)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DIR/<kind> folders that this command did not make (e.g. a downloaded model)")
     parser.set_defaults(run=_run_make_tiny_models)
 
 
 def _run_make_tiny_models(args: argparse.Namespace) -> int:
-    from animate124.testing.tiny_models import make_tiny_models
+    from animate124.core.io.safe_files import foreign_folders, mark_made
+    from animate124.testing.tiny_models import ALL_KINDS, make_tiny_models
 
     if args.full_size:  # the real architectures with random weights, in the same folder layouts
+        from animate124.testing.full_size_models import FULL_SIZE_KINDS as ALL_KINDS
         from animate124.testing.full_size_models import make_full_size_models as make_tiny_models
-    kwargs = {"kinds": [k.strip() for k in args.kinds.split(",") if k.strip()]} if args.kinds else {}
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else list(ALL_KINDS)
+    if args.dir.exists() and not args.dir.is_dir():
+        raise ToolError(f"DIR {str(args.dir)!r} is a file: give a folder (the models go into DIR/<kind>/)")
+    foreign = foreign_folders([args.dir / k for k in kinds])
+    if foreign and not args.overwrite:  # a user's model there would be rewritten by save_pretrained
+        raise ToolError(f"{', '.join(map(str, foreign))} already exist(s) and were not made by make-tiny-models: "
+                        "choose another DIR, or pass --overwrite to replace them")
     try:
-        written = make_tiny_models(args.dir, **kwargs)
+        written = make_tiny_models(args.dir, kinds=kinds)
     except (ValueError, TypeError, ImportError) as error:  # unknown kind, or open_clip_torch missing
         raise ToolError(str(error)) from error
     for kind, path in written.items():
+        mark_made(path)
         print(f"{kind}\t{path}")
     return 0
 

@@ -55,3 +55,24 @@ def test_existing_outputs_need_overwrite(tmp_path, monkeypatch, capsys, tool):
     assert main([tool, str(tmp_path / "photo.png"), "--out", str(out), *args]) == 1
     assert "pass --overwrite to replace" in capsys.readouterr().err
     assert (out / name).read_bytes() == b"made by the user"
+
+
+def test_make_tiny_models_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    """A user's model in DIR/<kind> is never rewritten without --overwrite; folders it made itself are."""
+    user = tmp_path / "controlnet-tile"
+    user.mkdir()
+    (user / "config.json").write_text('{"the": "user\'s model"}')
+    assert main(["make-tiny-models", str(tmp_path), "--kinds", "controlnet-tile"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"animate124 make-tiny-models: error: {user} already exist(s) and were not made by make-tiny-models: "
+                   "choose another DIR, or pass --overwrite to replace them"]
+    assert sorted(p.name for p in user.iterdir()) == ["config.json"]
+    assert (user / "config.json").read_text() == '{"the": "user\'s model"}'
+    fresh = tmp_path / "fresh"
+    assert main(["make-tiny-models", str(fresh), "--kinds", "controlnet-tile"]) == 0
+    assert main(["make-tiny-models", str(fresh), "--kinds", "controlnet-tile"]) == 0  # its own folder: rewritten
+    assert main(["make-tiny-models", str(tmp_path), "--kinds", "controlnet-tile", "--overwrite"]) == 0
+    assert '"user' not in (user / "config.json").read_text()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["make-tiny-models", str(tmp_path / "a_file")]) == 1
+    assert "is a file: give a folder" in capsys.readouterr().err

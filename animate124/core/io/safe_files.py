@@ -13,7 +13,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UnsafeFileError", "load_tensors"]
+__all__ = ["UnsafeFileError", "load_tensors", "MADE_MARKER", "mark_made", "foreign_folders"]
+
+MADE_MARKER = ".made-by-animate124"
+"""Written into every folder a tool made, so that running it again may replace that folder and no other."""
+_OUR_MARKERS = (MADE_MARKER, ".complete")  # .complete: the full-size models' "finished" marker
 
 
 class UnsafeFileError(ValueError):
@@ -52,6 +56,18 @@ def load_tensors(path: str | Path) -> Any:
         ) from None
     except (RuntimeError, KeyError, EOFError, OSError) as error:
         raise ValueError(f"{str(path)!r} is not a torch tensor file ({type(error).__name__}: {error})") from error
+
+
+def mark_made(folder: str | Path) -> None:
+    """Mark ``folder`` as made by a tool (see :func:`foreign_folders`)."""
+    (Path(folder) / MADE_MARKER).touch()
+
+
+def foreign_folders(folders) -> list[Path]:
+    """Those of ``folders`` that exist but were not made by a tool (no marker): writing into them could replace a
+    user's files."""
+    return [Path(f) for f in folders
+            if Path(f).exists() and not any((Path(f) / m).is_file() for m in _OUR_MARKERS)]
 
 
 _TENSOR_MODULES = ("torch", "collections", "numpy", "builtins", "_codecs")
