@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from animate124.components import preflight
 from animate124.components.choices import check_choice
+from animate124.core.io.images import normalise_mode
 from animate124.core.render import cameras as cams
 from animate124.core.render.frame_times import sample_frame_times
 
@@ -147,10 +148,11 @@ def load_reference(cfg: ImageVideoDataModuleConfig) -> dict:
             f"data.image_path={cfg.image_path!r} is not a file: point it at an rgba.png "
             "(make one with `animate124 preprocess IMAGE --out DIR`)"
         )
-    rgba = Image.open(cfg.image_path)
+    image = Image.open(cfg.image_path)
+    rgba = normalise_mode(image)  # gray + alpha, palette transparency, 16 bits: 8-bit RGBA
     if rgba.mode != "RGBA":
         raise ValueError(
-            f"data.image_path={cfg.image_path!r} has no alpha channel (mode {rgba.mode}): run "
+            f"data.image_path={cfg.image_path!r} has no alpha channel (mode {image.mode}): run "
             "`animate124 preprocess` to remove the background"
         )
     rgba = np.asarray(rgba.resize((cfg.width, cfg.height), Image.BILINEAR), dtype=np.float32) / 255.0
@@ -160,7 +162,8 @@ def load_reference(cfg: ImageVideoDataModuleConfig) -> dict:
     if cfg.depth_path:
         if not os.path.isfile(cfg.depth_path):
             raise ValueError(f"data.depth_path={cfg.depth_path!r} is not a file: fix the path or set it to null")
-        depth = Image.open(cfg.depth_path).convert("L").resize((cfg.width, cfg.height), Image.BILINEAR)
+        # a 16-bit depth map is scaled from its bit depth (convert("L") alone clips it at 255)
+        depth = normalise_mode(Image.open(cfg.depth_path)).convert("L").resize((cfg.width, cfg.height), Image.BILINEAR)
         out["ref_depth"] = torch.from_numpy(np.asarray(depth, dtype=np.float32) / 255.0)[None, ..., None]
     return out
 

@@ -352,11 +352,14 @@ def check_image(where: str, path: str, need_alpha: bool) -> List[str]:
         return [f"{where}={path!r} does not exist: fix the path (make an rgba.png with `animate124 preprocess`)"]
     from PIL import Image, UnidentifiedImageError
 
+    from animate124.core.io.images import normalise_mode
+
     try:
         with Image.open(path) as image:
             image.load()
             mode = image.mode
-            alpha = image.getchannel("A") if "A" in image.getbands() else None
+            rgba = normalise_mode(image)  # the data module's reading: gray + alpha and palette transparency count
+            alpha = rgba.getchannel("A") if rgba.mode == "RGBA" else None
             extrema = alpha.getextrema() if alpha is not None else None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         return [f"{where}={path!r} is not a readable image ({_first_line(error)}): give a PNG"]

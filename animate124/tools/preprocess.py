@@ -15,6 +15,11 @@ photo, background included, and its prediction is cropped and scaled exactly lik
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import socket
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from animate124.core.io.atomic_io import save_with
+from animate124.core.io.images import normalise_mode
 from animate124.tools.cli import ToolError, check_out_folder
 
 __all__ = [
@@ -107,41 +113,58 @@ def finish(image, rgba_full: np.ndarray, size: int, border_ratio: float,
     return Preprocessed(rgba=rgba, depth=depth, preview=_preview(rgba, depth))
 
 
-def normalise_mode(image):
-    """Any PIL mode -> "RGB" or "RGBA" (8 bits per channel), keeping transparency.
-
-    16-bit and 32-bit grayscale ("I;16", "I") are scaled from their bit depth, not clipped at 255; float ("F") is
-    read as [0, 1] when its maximum is at most 1, else [0, 255]; palette and grayscale images keep their transparency.
-    """
-    from PIL import Image
-
-    mode = image.mode
-    if mode in ("RGB", "RGBA"):
-        return image
-    if mode.startswith("I") or mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        top = values.max(initial=0.0)
-        if mode == "F":
-            scale = 255.0 if top <= 1.0 else 1.0
-        else:
-            scale = 255.0 / 65535.0 if top > 255 else 1.0
-        gray = Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
-        if "transparency" in image.info:
-            return Image.fromarray(np.dstack([np.asarray(gray.convert("RGB")),
-                                              np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)]),
-                                   "RGBA")
-        return gray.convert("RGB")
-    if mode in ("LA", "La", "PA", "RGBa") or (mode in ("P", "L", "RGB", "1") and "transparency" in image.info):
-        return image.convert("RGBA")
-    return image.convert("RGB")  # "1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"
-
-
 def has_real_alpha(image) -> bool:
     """True when ``image`` has an alpha channel (or palette transparency) with at least one pixel below 255."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         return bool((alpha < 255).any())
     return False
+
+
+def rembg_model_path() -> Path:
+    """Where rembg keeps its default model (u2net): ``$U2NET_HOME``, else ``$XDG_DATA_HOME/.u2net``, else ``~/.u2net``."""
+    home = os.getenv("U2NET_HOME", os.path.join(os.getenv("XDG_DATA_HOME", "~"), ".u2net"))
+    return Path(os.path.expanduser(home)) / "u2net.onnx"
+
+
+def check_background_removal() -> None:
+    """Before rembg is imported: it is installed, and its model is on disk or can be downloaded. Offline, rembg's
+    download retries for minutes before failing; this says why in a second."""
+    if not (sys.modules.get("rembg") if "rembg" in sys.modules else importlib.util.find_spec("rembg")):
+        raise ToolError(
+            "the image has no alpha channel and rembg is not installed: supply an RGBA image with the background "
+            'removed, or pip install -e ".[tools]" in this repo (rembg with its onnxruntime backend)')
+    model = rembg_model_path()
+    if model.is_file():
+        return
+    offline = _offline_reason("github.com")  # rembg downloads its model from GitHub releases
+    if offline:
+        raise ToolError(
+            f"the image has no alpha channel and rembg's model {model} is not downloaded ({offline}): supply an RGBA "
+            "image with the background removed, or run preprocess once with network access (the model goes to "
+            "$U2NET_HOME, default ~/.u2net)")
+
+
+def _offline_reason(host: str, timeout: float = 3.0) -> str | None:
+    """Why ``host`` cannot be downloaded from, or None: HF_HUB_OFFLINE is set, or a direct connection fails (not
+    tried behind a proxy). The lookup runs in a thread so that a slow resolver cannot stall the check."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    result: list = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(None)
+        except OSError as error:
+            result.append(f"{host} cannot be reached: {type(error).__name__}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return result[0] if result else f"{host} did not answer within {timeout:g} s"
 
 
 def remove_background(image):
@@ -263,7 +286,15 @@ def run(args: argparse.Namespace) -> int:
     check_geometry(args.size, args.border_ratio)
     names = [n for n in OUTPUTS if not (args.no_depth and n == "depth.png")]
     check_out_folder(args.out, names, args.overwrite)
+    stale = args.out / "depth.png" if args.no_depth and (args.out / "depth.png").exists() else None
+    if stale and not args.overwrite:  # an earlier subject's depth map must not pair with this rgba.png
+        raise ToolError(f"{stale} (an earlier depth map) would stay beside the new rgba.png, and --no-depth writes "
+                        "none: pass --overwrite to remove it, or choose another --out")
     image = normalise_mode(open_image(args.image))
+    if not has_real_alpha(image):
+        check_background_removal()
+    if not args.no_depth:
+        check_depth_model(args.depth_model)
     rgba_full = cut_out(image)  # rembg when there is no real alpha; fails here on an empty mask
     with tqdm(total=3, desc="preprocess", unit="step") as bar:
         depth_fn = None
@@ -278,9 +309,27 @@ def run(args: argparse.Namespace) -> int:
         for name in names:  # each file complete or absent: a temporary file renamed into place
             array, mode = arrays[name]
             save_with(args.out / name, lambda tmp, a=array, m=mode: Image.fromarray(a, m).save(tmp, format="PNG"))
+        if stale:
+            stale.unlink()  # after the new files are in place: a failed run leaves the folder as it was
         bar.update()
-    print(f"wrote {', '.join(str(args.out / n) for n in names)}")
+    print(f"wrote {', '.join(str(args.out / n) for n in names)}" + (f"; removed the earlier {stale}" if stale else ""))
     return 0
+
+
+def check_depth_model(model_id: str) -> None:
+    """Offline, the depth model must be a local folder or in the hub cache (otherwise loading it fails only after
+    the background removal)."""
+    if os.path.isdir(os.path.expanduser(model_id)) or os.environ.get("HF_HUB_OFFLINE", "") in ("", "0"):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a hub id: the loader says so
+        cached = False
+    if not cached:
+        raise ToolError(f"--depth-model {model_id!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE "
+                        "is set: download it once, give a local folder saved with save_pretrained, or pass --no-depth")
 
 
 def open_image(path: Path):

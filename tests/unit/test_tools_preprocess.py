@@ -174,6 +174,9 @@ def test_rembg_path_and_offline_error(tmp_path, monkeypatch, capsys):
         return out
 
     monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(new_session=lambda: "session", remove=remove))
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "u2net"))
+    (tmp_path / "u2net").mkdir()
+    (tmp_path / "u2net" / "u2net.onnx").write_bytes(b"rembg's model, downloaded once")
     assert main(["preprocess", str(photo), "--out", str(tmp_path / "a"), "--size", "40", "--no-depth"]) == 0
     alpha = np.asarray(Image.open(tmp_path / "a" / "rgba.png"))[..., 3]
     assert _bbox(alpha) == (12, 28, 4, 36)  # 20 -> 32 px wide (border 0.2), 10 -> 16 px high, centred
