@@ -168,14 +168,28 @@ def _prompt(where: str, slot: Any) -> List[str]:
     if placeholder not in prompt:
         problems.append(f"{where}.prompt_processor.prompt={prompt!r} has no {placeholder!r}: write it where the "
                         f"learned subject goes, e.g. system.refine_prompt='a {placeholder} is dancing'")
+    model = str(pp.get("pretrained_model_name_or_path", ""))
     problems += check_embedding(f"{where}.prompt_processor.learned_embeds_path", pp.get("learned_embeds_path") or "",
-                                _text_encoder_width(str(pp.get("pretrained_model_name_or_path", ""))))
+                                _text_encoder_width(model), _local_tokenizer(model))
     return problems
 
 
-def check_embedding(where: str, path: str, width: Optional[int]) -> List[str]:
-    """A textual-inversion file: exists, loads without running code, holds one token of the text encoder's width."""
-    from animate124.core.guidance.textual_inversion import read_learned_embeds
+def _local_tokenizer(model: str) -> Any:
+    """The model's tokenizer from its folder or the hub cache (nothing downloaded); None when not there, in which case
+    the prompt processor runs the same vocabulary check when it loads."""
+    from animate124.core.guidance.text_encoding import load_tokenizer
+
+    try:
+        return load_tokenizer(model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not local, not cached, or not a CLIP tokenizer
+        return None
+
+
+def check_embedding(where: str, path: str, width: Optional[int], tokenizer: Any = None) -> List[str]:
+    """A textual-inversion file: exists, loads without running code, holds one token of the text encoder's width,
+    and (given the tokenizer) that token is not already a word of the vocabulary."""
+    from animate124.core.guidance.textual_inversion import (embedding_tokens, ordinary_word, read_learned_embeds,
+                                                            shadow_text)
 
     if not path:
         return [f"{where} is empty: make the embedding with `animate124 invert IMAGE --token ... --out DIR` and set "
@@ -191,6 +205,10 @@ def check_embedding(where: str, path: str, width: Optional[int]) -> List[str]:
     if width is not None and rows.shape[-1] != width:
         return [f"{where}={path!r} holds a {rows.shape[-1]}-d embedding but the text encoder is {width}-d: invert "
                 "against the same model as the prompt processor's pretrained_model_name_or_path"]
+    for token in embedding_tokens(name, rows.shape[0]) if tokenizer is not None else ():
+        word = ordinary_word(tokenizer, token)
+        if word is not None:
+            return [f"{where}={path!r} holds token {token!r}, {shadow_text(token, word)}"]
     return []
 
 

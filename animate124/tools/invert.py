@@ -56,16 +56,19 @@ def load_sd_parts(model: str, device: str, fp16: bool) -> dict:
 
 
 def load_image(path: Path) -> "torch.Tensor":
-    """An image file as (3, H, W) float in [0, 1]; RGBA is composited on white (the photo is what upstream used)."""
+    """An image file as (3, H, W) float in [0, 1]; RGBA is composited on white (the photo is what upstream used).
+    A missing file or one that is not an image is one ToolError line."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    image = ImageOps.exif_transpose(Image.open(path))  # phone photos: apply the EXIF rotation
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+    from animate124.core.io.images import normalise_mode
+    from animate124.tools.preprocess import open_image
+
+    image = normalise_mode(open_image(path))  # EXIF rotation applied; 16-bit, palette, gray + alpha as 8-bit RGB(A)
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -113,16 +116,21 @@ def run(args: argparse.Namespace) -> int:
     fp16 = args.precision == "fp16" or (args.precision == "auto" and device.startswith("cuda"))
     if fp16 and not device.startswith("cuda"):
         raise ToolError(f"--precision fp16 needs a CUDA device, got --device {device}: use --precision fp32")
+    from animate124.core.guidance.text_encoding import load_tokenizer
     from animate124.core.guidance.textual_inversion import check_placeholder_token, save_learned_embeds, train_token
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     image = load_image(args.image)  # a file that is not an image fails here, before SD loads
-    parts = load_sd_parts(args.model, device, fp16)
-    try:
-        check_placeholder_token(parts["tokenizer"], args.token, args.init)
+    try:  # the tokenizer alone decides --token / --init: seconds, not the minute the pipeline takes to load
+        check_placeholder_token(load_tokenizer(args.model), args.token, args.init)
     except ValueError as error:
         raise ToolError(f"--token/--init: {error}") from error
+    except OSError as error:
+        raise ToolError(f"could not load the tokenizer of --model {args.model!r} ({type(error).__name__}): give a local "
+                        "diffusers folder (tokenizer/, text_encoder/, vae/, unet/, scheduler/) or allow the download "
+                        "once") from error
+    parts = load_sd_parts(args.model, device, fp16)
     result = train_token(
         parts, image, args.token, args.init, args.steps, args.batch_size, args.lr,
         args.resolution, args.seed, mixed_precision=fp16,

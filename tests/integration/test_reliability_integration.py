@@ -309,6 +309,12 @@ CASES = {
                                 "system.guidances.cn.prompt_processor.learned_embeds_path: '{root}/evil.bin' is a "
                                 "pickle that calls posix.system when loaded, so it is refused (loading it could run "
                                 "any code): convert it to .safetensors"),
+    "embedding_ordinary_word": (lambda root: [f"system.guidances.cn.prompt_processor.learned_embeds_path="
+                                              f"{_write_embeds(root / 'panda.safetensors', key='panda')}"],
+                                "system.guidances.cn.prompt_processor.learned_embeds_path='{root}/panda.safetensors' "
+                                "holds token 'panda', which is already the word 'panda</w>' of the tokenizer (every "
+                                "'panda' in a prompt would become the learned vector): learn it under a new name, e.g. "
+                                "`animate124 invert ... --token _panda_`"),
     "model_path_missing": (["system.guidances.video.guidance.pretrained_model_name_or_path=/nonexistent/t2v"],
                            "system.guidances.video.guidance.pretrained_model_name_or_path='/nonexistent/t2v' is neither "
                            "a local folder nor a hub id (owner/name)"),

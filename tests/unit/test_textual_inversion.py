@@ -112,10 +112,22 @@ def test_prompt_without_placeholder_is_rejected():
 
 
 def test_token_colliding_with_an_ordinary_word_is_rejected(sd_text, tmp_path):
-    tok, enc = sd_text
+    import copy
+
+    tok, enc = copy.deepcopy(sd_text)  # this test adds a token
     path = _save(tmp_path / "a.bin", {"a": torch.zeros(32)})  # "a" is a byte-level vocabulary entry
-    with pytest.raises(ValueError, match="already an ordinary word"):
+    with pytest.raises(ValueError, match="holds token 'a', which is already the word 'a' of the tokenizer"):
         load_textual_inversion(path, tok, enc)
+    # whole words are stored with CLIP's word-end mark: 'panda' is the entry 'panda</w>', 'Panda' is read as it
+    for key in ("panda", "Panda"):
+        path = _save(tmp_path / f"{key}.bin", {key: torch.zeros(32)})
+        with pytest.raises(ValueError, match=f"holds token '{key}', which is already the word 'panda</w>' of the "
+                                             rf"tokenizer \(every '{key}' in a prompt would become the learned vector\)"):
+            load_textual_inversion(path, tok, enc)
+    assert "panda" not in tok.get_added_vocab() and "Panda" not in tok.get_added_vocab()  # refused before adding
+    path = _save(tmp_path / "new.bin", {"_panda_": torch.zeros(32)})
+    assert load_textual_inversion(path, tok, enc) == "_panda_"
+    assert load_textual_inversion(path, tok, enc) == "_panda_"  # the same file again: harmless
 
 
 # --- one path: ours against diffusers' TextualInversionLoaderMixin.load_textual_inversion, one test per format -------
@@ -231,7 +243,7 @@ def test_multi_token_init_word_is_refused(tiny_sd, photo):
     parts = _parts(tiny_sd)
     with pytest.raises(ValueError, match=r"init word '_panda_' is \d+ tokens .* use a plain single word"):
         ti.add_placeholder_token(parts["tokenizer"], parts["text_encoder"], "_x_", "_panda_")
-    with pytest.raises(ValueError, match="token 'panda' already exists in the vocabulary"):
+    with pytest.raises(ValueError, match="token 'panda' is already the word 'panda</w>' of the vocabulary"):
         ti.add_placeholder_token(parts["tokenizer"], parts["text_encoder"], "panda", "panda")
 
 

@@ -194,3 +194,56 @@ def test_preprocess_reads_a_low_valued_16_bit_png_dark(tmp_path):
                  "--size", "16", "--border-ratio", "0"]) == 0
     rgba = np.asarray(Image.open(tmp_path / "o" / "rgba.png"))
     assert rgba[8, 8].tolist() == [1, 1, 1, 255]  # round(200 * 255 / 65535) = 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer_only_model(tmp_path_factory):
+    """A model folder holding only CLIP's real tokenizer: enough for invert's checks, nothing to load after them."""
+    from animate124.testing.tiny_models import make_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("sd-tokenizer-only")
+    make_clip_tokenizer(folder / "tokenizer")
+    return folder
+
+
+@pytest.mark.parametrize("token, init, message", [
+    ("panda", "panda", "--token/--init: token 'panda' is already the word 'panda</w>' of the vocabulary: pick a new "
+                       "string such as '_panda_'"),
+    ("Panda", "panda", "--token/--init: token 'Panda' is already the word 'panda</w>' of the vocabulary: pick a new "
+                       "string such as '_Panda_'"),
+    ("_panda_", "giant panda", "--token/--init: init word 'giant panda' is 2 tokens ['giant</w>', 'panda</w>'], not "
+                               "one: use a plain single word such as 'panda' (not the placeholder like '_panda_')"),
+])
+def test_invert_checks_token_and_init_with_the_tokenizer_alone(tmp_path, monkeypatch, capsys, tokenizer_only_model,
+                                                               token, init, message):
+    monkeypatch.setattr(invert, "load_sd_parts", _no_model)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    assert main(["invert", str(tmp_path / "photo.png"), "--token", token, "--init", init, "--out",
+                 str(tmp_path / "out"), "--model", str(tokenizer_only_model), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"animate124 invert: error: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"just text, not an image", b"\x89PNG\r\n\x1a\ntruncated"])
+def test_invert_refuses_a_file_that_is_not_an_image_in_one_line(tmp_path, monkeypatch, capsys, content):
+    monkeypatch.setattr(invert, "load_sd_parts", _no_model)
+    monkeypatch.setattr("animate124.core.guidance.text_encoding.load_tokenizer", _no_model)
+    (tmp_path / "photo.png").write_bytes(content)
+    assert main(["invert", str(tmp_path / "photo.png"), "--token", "_x_", "--init", "panda", "--out",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"animate124 invert: error: IMAGE {str(tmp_path / 'photo.png')!r} is "
+                                               "not an image Pillow can read ("), err
+    assert err[0].endswith("): give a PNG, JPEG or WebP")
+    assert not (tmp_path / "out").exists()
+
+
+def test_invert_model_without_a_tokenizer_is_one_line_before_the_pipeline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(invert, "load_sd_parts", _no_model)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["invert", str(tmp_path / "photo.png"), "--token", "_x_", "--init", "panda", "--out",
+                 str(tmp_path / "out"), "--model", str(tmp_path / "not-a-model"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"animate124 invert: error: could not load the tokenizer of --model "
+                                               f"{str(tmp_path / 'not-a-model')!r} ("), err

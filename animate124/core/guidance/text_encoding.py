@@ -19,6 +19,20 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
+def load_tokenizer(name_or_path: str | Path, subfolder: str | None = "tokenizer", *,
+                   local_files_only: bool | None = None):
+    """The ``CLIPTokenizer`` alone (a second, without the text encoder): enough to check words and tokens before any
+    model loads."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(name_or_path) / (subfolder or "")
+    if Path(name_or_path).is_dir() and not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+        # recent transformers build an empty tokenizer from a folder without its files instead of raising
+        raise OSError(f"{folder} holds no tokenizer (vocab.json or tokenizer.json)")
+    kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
+    return CLIPTokenizer.from_pretrained(str(name_or_path), **_sub(subfolder), **kwargs)
+
+
 def load_text_encoder(
     name_or_path: str | Path,
     subfolder: str | None = "text_encoder",
@@ -38,12 +52,12 @@ def load_text_encoder(
     Raises:
         OSError: one line naming the path and the folder layout it needs.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     path = str(name_or_path)
     kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, **_sub(tokenizer_subfolder), **kwargs)
+        tokenizer = load_tokenizer(path, tokenizer_subfolder, local_files_only=local_files_only)
         text_encoder = CLIPTextModel.from_pretrained(path, **_sub(subfolder), torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:  # transformers 4.28 reports a missing local folder as an invalid hub id
         raise OSError(

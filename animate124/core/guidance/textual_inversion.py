@@ -85,18 +85,50 @@ def load_textual_inversion(
             f"textual inversion: {str(path)!r} has {rows.shape[-1]}-d embeddings but {model_name} expects "
             f"{table.weight.shape[-1]}-d; invert against the same text encoder (SD 1.5 is 768-d) with `animate124 invert`"
         )
-    tokens = [name] + [f"{name}_{i}" for i in range(1, rows.shape[0])]
-    vocab = tokenizer.get_vocab()
-    added = set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
+    tokens = embedding_tokens(name, rows.shape[0])
     for tok in tokens:
-        if tok in vocab and tok not in added:
-            raise ValueError(
-                f"textual inversion: token {tok!r} is already an ordinary word of the tokenizer; "
-                f"pass token='<something-unique>'"
-            )
+        word = ordinary_word(tokenizer, tok)
+        if word is not None:
+            raise ValueError(f"textual inversion: {str(path)!r} holds token {tok!r}, {shadow_text(tok, word)}")
+    vocab = tokenizer.get_vocab()
     tokenizer.add_tokens([t for t in tokens if t not in vocab])
     _write_rows(tokenizer, text_encoder, tokens, rows)
     return " ".join(tokens)
+
+
+def embedding_tokens(name: str, n_rows: int) -> list[str]:
+    """The tokens a file's ``n_rows`` vectors are added as: ``name``, ``name_1``, ..., ``name_{n-1}``."""
+    return [name] + [f"{name}_{i}" for i in range(1, n_rows)]
+
+
+def ordinary_word(tokenizer, token: str, allow_added: bool = True) -> str | None:
+    """The vocabulary entry that ``token``, added as a new token, would take over, or None when it is new.
+
+    CLIP keeps whole words with a word-end mark (``panda`` is the entry ``panda</w>``), so testing ``token in vocab``
+    misses them: this tests the string itself, its word-end form, and what the tokenizer reads it as (one ordinary
+    token, e.g. ``Panda`` is lower-cased to ``panda</w>``). A learned token that is such a word would replace every
+    use of that word in the prompts. The one check ``animate124 invert``, the preflight and the prompt processor use.
+
+    Args:
+        allow_added: a token already added to this tokenizer (the same embedding loaded again) counts as new.
+    """
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    if token in added:
+        return None if allow_added else token
+    vocab = tokenizer.get_vocab()
+    for entry in (token, f"{token}</w>"):
+        if entry in vocab:
+            return entry
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) == 1:
+        return tokenizer.convert_ids_to_tokens(ids)[0]
+    return None
+
+
+def shadow_text(token: str, word: str) -> str:
+    """The end of the message for a token that is already the vocabulary entry ``word``."""
+    return (f"which is already the word {word!r} of the tokenizer (every {token!r} in a prompt would become the "
+            f"learned vector): learn it under a new name, e.g. `animate124 invert ... --token _{token}_`")
 
 
 # The imagenet "object" prompt templates used by textual inversion (Gal et al. 2022).
@@ -153,9 +185,10 @@ def check_placeholder_token(tokenizer, token: str, init_word: str) -> int:
             f"init word {init_word!r} is {len(init_ids)} tokens {pieces}, not one: use a plain single word such as "
             "'panda' (not the placeholder like '_panda_')"
         )
-    # a string that already is one token (a word like "panda" is "panda</w>") would be shadowed by the new token
-    if token in tokenizer.get_vocab() or len(tokenizer.encode(token, add_special_tokens=False)) == 1:
-        raise ValueError(f"token {token!r} already exists in the vocabulary: pick a new string such as '_{token}_'")
+    word = ordinary_word(tokenizer, token, allow_added=False)
+    if word is not None:
+        raise ValueError(f"token {token!r} is already the word {word!r} of the vocabulary: pick a new string such as "
+                         f"'_{token}_'")
     return init_ids[0]
 
 

@@ -1,1 +1,2 @@
-"""Files: atomic writes (nothing half-written is left behind) and safe loading of tensors from user files."""
+"""Files: atomic writes (nothing half-written is left behind), safe loading of tensors from user files, and any image
+read as 8-bit RGB(A)."""
