@@ -69,18 +69,16 @@ def run_oracle_4d(
     run_name = f"oracle-{convention_flip}"
     # 1. config: the oracle recipe; the target's reference view as the (unweighted) reference image
     base = load_config(str(CONFIG), cli_args=[f"data.image_path={out_dir / 'unused'}", *overrides])
-    static_steps = static_steps if static_steps is not None else base.system.stages[0]["steps"]
-    dynamic_steps = dynamic_steps if dynamic_steps is not None else base.system.stages[1]["steps"]
+    static_steps = static_steps if static_steps is not None else base.system.stages.static.steps
+    dynamic_steps = dynamic_steps if dynamic_steps is not None else base.system.stages.dynamic.steps
     ref_path = out_dir / "target_ref_rgba.png"
     cli = [
         f"data.image_path={ref_path}", f"exp_root_dir={out_dir / 'runs'}", f"name={run_name}", "tag=run",
         "use_timestamp=false", f"system.guidances.image.guidance.convention_flip={convention_flip}",
-        f"trainer.max_steps={static_steps + dynamic_steps}", f"trainer.val_check_interval={static_steps + dynamic_steps}",
-        *overrides,
+        f"system.stages.static.steps={static_steps}", f"system.stages.dynamic.steps={dynamic_steps}", *overrides,
     ]
-    cfg = load_config(str(CONFIG), cli_args=cli)
-    cfg.system.stages[0].steps, cfg.system.stages[1].steps = static_steps, dynamic_steps  # lists: not via the CLI
-    for stage in cfg.system.stages:
+    cfg = load_config(str(CONFIG), cli_args=cli)  # trainer.max_steps (and so val_check_interval): the stages' sum
+    for stage in cfg.system.stages.values():
         for group in stage.learning_rates:
             stage.learning_rates[group] = float(stage.learning_rates[group]) * lr_scale
     # 2. the host's objects, as launch.py builds them

@@ -4,8 +4,9 @@
   ``extern/zero123.py``); diffusers >= 0.3x no longer imports a library it is only named by, so the host's
   ``zero123-unified-guidance`` fails to load them. :func:`alias_host_zero123` makes that name resolve to the host
   module (a no-op where ``extern`` is not importable).
-* ``${a124_tag:PROMPT}`` config resolver (:func:`register_config_resolvers`, called by the components package,
-  since launch.py imports the extension before it loads the config).
+* ``${a124_tag:PROMPT}`` and ``${a124_total_steps:${system.stages}}`` config resolvers
+  (:func:`register_config_resolvers`, called by the components package, since launch.py imports the extension before
+  it loads the config).
 * :func:`video_format`: the host's ``save_img_sequence`` writes mp4 only through imageio-ffmpeg.
 * :func:`load_weights_reporting`: the host's ``load_weights`` loads with ``strict=False`` and says nothing about keys
   that did not match, so a renamed parameter silently stays at its initial value.
@@ -63,5 +64,9 @@ def _tag(s, sub: str = "_") -> str:
 
 
 def register_config_resolvers() -> None:
-    """``${a124_tag:PROMPT}`` for our configs (idempotent)."""
+    """``${a124_tag:PROMPT}`` and ``${a124_total_steps:${system.stages}}`` (the configs' trainer.max_steps: the
+    stages' sum, so an override of one stage's steps changes it too) for our configs (idempotent)."""
+    from animate124.core.training.stages import stage_total
+
     OmegaConf.register_new_resolver("a124_tag", _tag, replace=True)
+    OmegaConf.register_new_resolver("a124_total_steps", stage_total, replace=True)

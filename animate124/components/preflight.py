@@ -95,7 +95,8 @@ def _unused_host_fields(cfg: Any) -> List[str]:
 
         problems.append(
             f"system.loss has keys {sorted(loss)}, which a124-system does not read: put loss weights in "
-            f"system.stages[i].loss_weights (keys: a guidance slot name, <slot>_<term>, or one of {list(OWN_LOSSES)})"
+            f"system.stages.<stage>.loss_weights (keys: a guidance slot name, <slot>_<term>, or one of "
+            f"{list(OWN_LOSSES)})"
         )
     for key in ("guidance_type", "prompt_processor_type"):
         if getattr(cfg, key, ""):

@@ -40,9 +40,9 @@ PARAM_PATHS = {"field_3d": "geometry.encoding", "field_4d": "geometry.encoding_t
 class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
     @dataclass
     class Config(BaseLift3DSystem.Config):
-        stages: List[dict] = field(default_factory=list)
-        """The stage schedule: [{name, steps, guidances, loss_weights, learning_rates, trainable}] (keys checked,
-        unknown ones named); the sum of steps should equal trainer.max_steps."""
+        stages: Any = field(default_factory=dict)
+        """The stage schedule: {name: {steps, guidances, loss_weights, learning_rates, trainable}} in order (or the
+        older list of {name, ...}; keys checked, unknown ones named); the configs set trainer.max_steps to their sum."""
         guidances: dict = field(default_factory=dict)
         """Guidance slots: name -> {guidance_type, guidance, prompt_processor_type, prompt_processor, input}, input
         one of image (random view at t = 0) | video (the clip) | controlnet (the clip + a condition render)."""

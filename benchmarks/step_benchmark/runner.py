@@ -65,6 +65,8 @@ def benchmark_config(
     from threestudio.utils.config import load_config
     from threestudio.utils.misc import get_device
 
+    from animate124.core.training.stages import stage_entries
+
     started = time.perf_counter() if started is None else started
     device = get_device()
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -77,9 +79,9 @@ def benchmark_config(
     # 1. the config, pointed at the models, stages shortened to warm-up + timed + 1 trailing step
     cli = list(overrides) + _model_overrides(config, models_dir, overrides, workdir)
     cfg = load_config(str(config), cli_args=cli + [f"exp_root_dir={workdir / 'outputs'}"])
-    full_steps = [int(s.steps) for s in cfg.system.stages]
+    full_steps = [int(s.steps) for s in stage_entries(cfg.system.stages)]
     per_stage = warmup + steps + 1
-    for stage in cfg.system.stages:
+    for stage in stage_entries(cfg.system.stages):
         stage.steps = per_stage
     trainer_cfg = dict(cfg.trainer)
     val_every = trainer_cfg.get("val_check_interval") or 0

@@ -254,7 +254,7 @@ def _image(path: Path, mode: str, alpha: int = 255) -> Path:
 CASES = {
     "loss_key_typo": (["system.loss.lamda_rgb=1"],
                       "system.loss has keys ['lamda_rgb'], which a124-system does not read: put loss weights in "
-                      "system.stages[i].loss_weights"),
+                      "system.stages.<stage>.loss_weights"),
     "guidance_type_typo": (("guidance_type: stable-diffusion-guidance", "guidance_type: stable-diffusion-guidanse"),
                            "system.guidances.sd.guidance_type='stable-diffusion-guidanse' is not a registered type: "
                            "did you mean ['stable-diffusion-guidance'"),

@@ -32,8 +32,8 @@ def differences(name: str) -> dict:
 PRESETS = {
     "animate124-fast": {
         "name": "animate124-fast", "data.n_test_views": 60,
-        "system.guidances.cn.guidance.fixed_size": 512, "system.stages.0.steps": 2000, "system.stages.1.steps": 3000,
-        "system.stages.2.steps": 1000, "trainer.max_steps": 6000, "checkpoint.every_n_train_steps": 2000,
+        "system.guidances.cn.guidance.fixed_size": 512, "system.stages.static.steps": 2000,
+        "system.stages.dynamic.steps": 3000, "system.stages.refine.steps": 1000, "checkpoint.every_n_train_steps": 2000,
         # no VAE checkpointing: the fast preset trades memory (20.3 GiB allocated on an H200) for step time
         "system.guidances.cn.guidance.vae_checkpoint": ABSENT, "system.guidances.video.guidance.vae_checkpoint": ABSENT,
         "system.guidances.video.guidance.vae_chunk_size": ABSENT, "system.min_free_vram_gb": 20.8,

@@ -138,3 +138,65 @@ def test_stage_is_frozen():
     stage = Stage("a", 1)
     with pytest.raises(AttributeError):
         stage.steps = 2  # type: ignore[misc]
+
+
+# ---- the keyed form: stages addressable from the command line ---------------------------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+def _shipped_with(overrides: list[str]):
+    """configs/animate124.yaml merged with launch.py-style overrides, as threestudio's load_config does (merge, then
+    resolve), with the resolver the configs' trainer.max_steps uses."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("a124_total_steps", stages_module.stage_total, replace=True)
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "animate124.yaml"), OmegaConf.from_cli(overrides))
+    return cfg.system.stages, OmegaConf.select(cfg, "trainer.max_steps")
+
+
+def test_keyed_form_equals_the_list_form():
+    keyed = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in RECIPE}
+    assert parse_stages(keyed) == parse_stages(RECIPE)
+    assert stages_module.stage_total(keyed) == stages_module.stage_total(RECIPE) == 18
+
+
+def test_command_line_reaches_a_stage_by_name_and_max_steps_follows():
+    """The brief's overrides, through OmegaConf's own merge (run on 2.3.0 pinned and the current release)."""
+    stages, max_steps = _shipped_with([])
+    assert [s.name for s in parse_stages(stages)] == ["static", "dynamic", "refine"] and max_steps == 25000
+    stages, max_steps = _shipped_with(["system.stages.dynamic.steps=2000", "system.stages.refine.loss_weights.cn=3"])
+    static, dynamic, refine = parse_stages(stages)  # the order of the YAML is kept
+    assert (static.name, dynamic.name, refine.name) == ("static", "dynamic", "refine")
+    assert dynamic.steps == 2000 and refine.loss_weights["cn"] == 3.0 and refine.loss_weights["video"] == 1.0
+    assert max_steps == 10000 + 2000 + 5000
+    stages, max_steps = _shipped_with(["system.stages.refine=null"])  # a stage dropped
+    assert [s.name for s in parse_stages(stages)] == ["static", "dynamic"] and max_steps == 20000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("system.stages.dynamc.steps=2000",
+     "stages.dynamc has no guidances and no loss_weights, so it would train nothing (did you mean "
+     "system.stages.dynamic? an override with a stage name the config does not have adds such a stage; its stages: "
+     "['static', 'dynamic', 'refine'])"),
+    ("system.stages.0.steps=1",
+     "stages.0: stages are keyed by name, not by position: write system.stages.static.<key>=... (its stages: "
+     "['static', 'dynamic', 'refine'])"),
+    ("system.stages.static.name=first", "stages.static.name='first' differs from its key 'static': drop name (the key "
+                                        "names the stage)"),
+])
+def test_overrides_that_miss_a_stage_are_refused_naming_the_spelling(override, message):
+    stages, _ = _shipped_with([override])
+    with pytest.raises(ValueError) as info:
+        parse_stages(stages)
+    assert str(info.value) == message
+
+
+def test_every_shipped_config_is_keyed_and_sums_to_max_steps():
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("a124_total_steps", stages_module.stage_total, replace=True)
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        assert OmegaConf.is_dict(cfg.system.stages), path.name
+        assert cfg.trainer.max_steps == sum(s.steps for s in parse_stages(cfg.system.stages)), path.name

@@ -1,14 +1,18 @@
 """Stage schedule of one training run: static -> dynamic -> refine, switched by the global step.
 
-A run is configured with a ``stages:`` list; each entry is a mapping with these keys (only ``name`` and ``steps`` are
-required)::
+A run is configured with a ``stages:`` mapping from each stage's name to its settings, in the order they run, so
+that the command line reaches every value (``system.stages.dynamic.steps=2000``,
+``system.stages.refine.loss_weights.cn=3``; ``system.stages.refine=null`` drops a stage)::
 
-    name: dynamic                 # unique
-    steps: 10000                  # > 0
-    guidances: [video, zero123]   # guidance slots active in this stage (default: none)
-    loss_weights: {sds_video: 1.0, rgb: [0, 1000., 100., 5000]}  # number or a host C() schedule list (default {})
-    learning_rates: {field_4d: 0.01, background: 0.001}         # param group -> lr >= 0 (default {})
-    trainable: [field_4d, background]                           # param groups that train (default: all; [] = none)
+    dynamic:                      # the stage's name
+      steps: 10000                # > 0 (required)
+      guidances: [video, zero123] # guidance slots active in this stage (default: none)
+      loss_weights: {sds_video: 1.0, rgb: [0, 1000., 100., 5000]}  # number or a host C() schedule list (default {})
+      learning_rates: {field_4d: 0.01, background: 0.001}         # param group -> lr >= 0 (default {})
+      trainable: [field_4d, background]                           # param groups that train (default: all; [] = none)
+
+The older list form (``- name: dynamic`` followed by the same keys) is still read; its entries cannot be addressed
+from the command line (OmegaConf cannot merge ``system.stages.0.steps=1`` into a list).
 
 Stage i covers the global steps [start_i, start_i + steps_i), start_0 = 0, start_{i+1} = start_i + steps_i; the
 total is the sum of steps. Steps at or past the total (the host runs validation, test and export at
@@ -18,6 +22,7 @@ last stage's settings.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +33,8 @@ __all__ = [
     "StagePosition",
     "STAGE_KEYS",
     "parse_stages",
+    "stage_entries",
+    "stage_total",
     "stage_starts",
     "total_steps",
     "stage_at",
@@ -70,18 +77,24 @@ class StagePosition(NamedTuple):
 
 
 def parse_stages(entries: Any) -> tuple[Stage, ...]:
-    """Validate a ``stages:`` list (a sequence of mappings, plain or OmegaConf) and return frozen ``Stage`` objects.
+    """Validate a ``stages:`` mapping (name -> settings) or list (the older form), plain or OmegaConf, and return
+    frozen ``Stage`` objects in order.
 
     ``entries`` is typed ``Any`` on purpose: this is the user-input check, so every wrong shape gets its own message.
 
     Raises:
-        ValueError / TypeError with one line naming the stage, the key, the value and what is allowed: an empty list,
+        ValueError / TypeError with one line naming the stage, the key, the value and what is allowed: no stage,
         unknown keys, a missing name or steps, non-positive or non-integer steps, duplicate names, negative learning
-        rates, non-numeric loss weights, non-string guidance or group names.
+        rates, non-numeric loss weights, non-string guidance or group names; in the keyed form a stage that trains
+        nothing (no guidances, no loss weights: a misspelt name in an override makes such a stage) or a numeric name
+        (``system.stages.0.steps=1`` meant for the list form).
     """
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or len(entries) == 0:
-        raise ValueError(f"stages must be a non-empty list of stage mappings, got {entries!r}")
-    stages = tuple(_parse_one(i, entry) for i, entry in enumerate(entries))
+    if isinstance(entries, Mapping):
+        stages = _parse_keyed(entries)
+    elif isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or len(entries) == 0:
+        raise ValueError(f"stages must map each stage's name to its settings (or be a non-empty list), got {entries!r}")
+    else:
+        stages = tuple(_parse_one(i, entry) for i, entry in enumerate(entries))
     seen: dict[str, int] = {}
     for i, stage in enumerate(stages):
         if stage.name in seen:
@@ -90,6 +103,21 @@ def parse_stages(entries: Any) -> tuple[Stage, ...]:
             )
         seen[stage.name] = i
     return stages
+
+
+def stage_entries(entries: Any) -> list[Any]:
+    """The settings mapping of each stage, in order, from either form, unparsed (the same objects, so that scripts
+    can edit a loaded config); stages set to null are left out."""
+    if isinstance(entries, Mapping):
+        return [entry for entry in entries.values() if entry is not None]
+    return list(entries)
+
+
+def stage_total(entries: Any) -> int:
+    """The sum of the stages' ``steps`` from either form, unparsed (the ``${a124_total_steps:...}`` config resolver
+    that sets ``trainer.max_steps``); values that are not positive integers count 0 (parse_stages names them)."""
+    steps = [entry.get("steps") if isinstance(entry, Mapping) else None for entry in stage_entries(entries)]
+    return sum(n for n in steps if isinstance(n, int) and not isinstance(n, bool) and n > 0)
 
 
 def stage_starts(stages: Sequence[Stage]) -> list[int]:
@@ -137,16 +165,46 @@ def starts_later_stage(stages: Sequence[Stage], global_step: int) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _parse_one(i: int, entry: Any) -> Stage:
+def _parse_keyed(entries: Mapping[Any, Any]) -> tuple[Stage, ...]:
+    names = [str(k) for k, v in entries.items() if v is not None]
+    if not names:
+        raise ValueError(f"stages must name at least one stage (every stage is null or none is given), got {entries!r}")
+    stages = []
+    for key, entry in entries.items():
+        if entry is None:
+            continue  # dropped, e.g. system.stages.refine=null
+        name, where = str(key), f"stages.{key}"
+        if name.isdigit():  # system.stages.0.steps=1, written for the list form
+            real = [n for n in names if not n.isdigit()]
+            guess = real[int(name)] if int(name) < len(real) else (real[0] if real else "static")
+            raise ValueError(f"{where}: stages are keyed by name, not by position: write "
+                             f"system.stages.{guess}.<key>=... (its stages: {real})")
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"{where} must be a mapping with keys {list(STAGE_KEYS[1:])}, got {type(entry).__name__}")
+        if entry.get("name", name) != name:
+            raise ValueError(f"{where}.name={entry.get('name')!r} differs from its key {name!r}: drop name (the key names "
+                             "the stage)")
+        if entry.get("guidances") is None and entry.get("loss_weights") is None:
+            others = [n for n in names if n != name]
+            close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
+            hint = f"did you mean system.stages.{close[0]}? " if close else ""
+            raise ValueError(f"{where} has no guidances and no loss_weights, so it would train nothing ({hint}an override "
+                             f"with a stage name the config does not have adds such a stage; its stages: {others})")
+        stages.append(_parse_one(where, {**dict(entry), "name": name}))
+    return tuple(stages)
+
+
+def _parse_one(i: int | str, entry: Any) -> Stage:
+    label = f"stages[{i}]" if isinstance(i, int) else i
     if not isinstance(entry, Mapping):
-        raise TypeError(f"stages[{i}] must be a mapping with keys {list(STAGE_KEYS)}, got {type(entry).__name__}")
+        raise TypeError(f"{label} must be a mapping with keys {list(STAGE_KEYS)}, got {type(entry).__name__}")
     unknown = sorted(set(map(str, entry.keys())) - set(STAGE_KEYS))
     if unknown:
-        raise ValueError(f"stages[{i}] has unknown keys {unknown}; allowed keys are {list(STAGE_KEYS)}")
+        raise ValueError(f"{label} has unknown keys {unknown}; allowed keys are {list(STAGE_KEYS)}")
     name = entry.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"stages[{i}].name={name!r} must be a non-empty string")
-    where = f"stages[{i}] ({name!r})"
+        raise ValueError(f"{label}.name={name!r} must be a non-empty string")
+    where = f"stages[{i}] ({name!r})" if isinstance(i, int) else label
     steps = entry.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"{where}.steps={steps!r} must be a positive integer number of training steps")
