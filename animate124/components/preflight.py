@@ -398,6 +398,24 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+# ---- the schedule -----------------------------------------------------------------------------------------------------
+
+
+def check_max_steps(max_steps: Optional[int], stages: Iterable[Any]) -> List[str]:
+    """trainer.max_steps against the stages' sum (known at fit start): more steps than the stages hold would repeat the
+    last stage, unasked (fewer is a shortened run, allowed)."""
+    from animate124.core.training.stages import total_steps
+
+    stages = tuple(stages)
+    total = total_steps(stages)
+    if max_steps is None or max_steps < 0 or max_steps > total:
+        extra = "no end" if max_steps is None or max_steps < 0 else f"{max_steps - total} more steps"
+        return [f"trainer.max_steps={max_steps} but the stages sum to {total} steps: the run would repeat stage "
+                f"{stages[-1].name!r} for {extra}; set trainer.max_steps to {total} (the shipped configs set it to "
+                "${a124_total_steps:${system.stages}}, the stages' sum) or lengthen a stage"]
+    return []
+
+
 # ---- the output folder ------------------------------------------------------------------------------------------------
 
 

@@ -149,6 +149,7 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         return getattr(torch.optim, name)(groups, lr=0.0, **args)
 
     def on_fit_start(self) -> None:
+        preflight.raise_if(preflight.check_max_steps(self.trainer.max_steps, self.stages))
         data_cfg = getattr(getattr(self.trainer, "datamodule", None), "cfg", None)  # known once the data is attached
         if data_cfg is not None and hasattr(data_cfg, "depth_path"):
             check_weights(self.stages, self.slots, self.cfg.static_ref_interval, bool(data_cfg.depth_path))

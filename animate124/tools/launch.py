@@ -3,7 +3,11 @@
     cd threestudio && animate124 launch --config custom/threestudio-animate124/configs/animate124-smoke.yaml --train
 
 Every argument goes to launch.py unchanged (--config, --train/--validate/--test/--export, --gpu, key=value ...).
-Two things differ from `python launch.py`, and only where this machine needs them:
+Before it runs, the host's own start-up errors are checked (``animate124.tools.launch_checks``: the config file, its
+YAML, the overrides, resume=, exp_root_dir, --gpu), each reported as one line with the fix and nothing written; a run
+the extension's checks stop leaves no empty trial folder behind. ``--gpu`` takes effect here as in launch.py (it must
+be applied before torch initialises CUDA). Two things differ from `python launch.py`, and only where this machine needs
+them:
 
 * threestudio imports tinycudann, nvdiffrast, wandb, controlnet_aux, libigl and IPython at module level. Each one
   that is missing or cannot import here gets an import stand-in (our components use none of them; a host feature
@@ -14,6 +18,7 @@ Two things differ from `python launch.py`, and only where this machine needs the
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -30,12 +35,15 @@ def run(args: argparse.Namespace) -> int:
 
 def launch(argv: list[str]) -> int:
     from animate124.tools.cli import ToolError
+    from animate124.tools.launch_checks import check_launch, existing, remove_new_empty_folders, select_gpus
 
     root = Path.cwd()
     if not (root / "launch.py").is_file() or not (root / "threestudio" / "__init__.py").is_file():
         raise ToolError(f"{root} is not a threestudio checkout (no launch.py): cd into threestudio first, as for launch.py")
     if not (root / "custom" / "threestudio-animate124").exists():
         raise ToolError("custom/threestudio-animate124 is missing: run install.sh PATH_TO_THREESTUDIO first")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    select_gpus(argv)  # before torch, as launch.py does
     import torch
 
     from animate124.tools.host import install_stand_ins
@@ -45,6 +53,15 @@ def launch(argv: list[str]) -> int:
     if replaced:
         print(f"animate124 launch: import stand-ins for {', '.join(replaced)} (not used by a124 components)",
               file=sys.stderr)
+    _register_config_resolvers()
+    problems, folders = check_launch(argv, visible=visible)  # the host's start-up errors, before it writes anything
+    if problems:
+        for problem in problems:
+            print(f"animate124 launch: error: {problem}", file=sys.stderr)
+        if visible is None:  # as it was (launch.py did not run)
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        return 1
+    before = existing(folders)
     if not torch.cuda.is_available():
         _run_on_cpu()
     sys.argv = ["launch.py", *argv]
@@ -55,10 +72,24 @@ def launch(argv: list[str]) -> int:
     except ValueError as error:
         if not _ours(error):
             raise
-        # the preflight's list (or one a124 component's line) says everything: no traceback around it
+        # the preflight's list (or one a124 component's line) says everything: no traceback around it; the (empty)
+        # trial folder launch.py made before the checks ran goes too
+        remove_new_empty_folders(folders, before)
         print(f"animate124 launch: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _register_config_resolvers() -> None:
+    """The host's config resolvers and ours, so the checks resolve the config as launch.py will (without threestudio
+    importable here, launch.py itself reports that)."""
+    try:
+        import threestudio.utils.config  # noqa: F401  (registers the host's resolvers)
+
+        from animate124.components.host_compat import register_config_resolvers
+    except Exception:  # noqa: BLE001 - launch.py imports them again and shows the real error
+        return
+    register_config_resolvers()
 
 
 def _ours(error: ValueError) -> bool:
