@@ -46,7 +46,18 @@ def load_weights_reporting(module, weights: str, ignore_modules, strict: bool, s
     Returns ``{"missing": [...], "unexpected": [...]}``."""
     from threestudio.utils.misc import load_module_weights
 
-    state_dict, _, _ = load_module_weights(weights, ignore_modules=ignore_modules, map_location="cpu")
+    from animate124.components import preflight
+
+    preflight.raise_if(preflight.check_checkpoint_file("system.weights", str(weights)))
+    try:
+        state_dict, _, _ = load_module_weights(weights, ignore_modules=ignore_modules, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - not a checkpoint (a config, a safetensors file, a truncated file)
+        preflight.raise_if([f"system.weights={weights} cannot be read as a threestudio checkpoint "
+                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): give the "
+                            "ckpts/last.ckpt of the earlier stage's run"])
+    # load_state_dict stops at the first size mismatch with a traceback that names no setting
+    preflight.raise_if(preflight.checkpoint_size_problems("system.weights", str(weights), state_dict, module,
+                                                          getattr(module, "cfg", None)))
     result = module.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(skip_missing)]
     unexpected = list(result.unexpected_keys)

@@ -9,15 +9,24 @@ stage and the non-finite terms.
 
 Under 16-bit mixed precision an overflowing *gradient* with a finite loss is the grad scaler's business (it skips the
 step and lowers its scale, routinely early in training): such steps are skipped but not counted towards the stop.
+
+A run usually diverges before its loss turns non-finite (parameters grown by a learning rate too high), and the
+checkpoints written meanwhile hold those parameters: resuming from the latest fails again at once. The guard keeps
+each step's total loss, and the stop names the last checkpoint written before the divergence began
+(:mod:`animate124.core.training.divergence`).
 """
 from __future__ import annotations
 
+import collections
 import math
-from typing import Any, Dict, List
+import os
+from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 import threestudio
 import torch
+
+from animate124.core.training.divergence import checkpoint_before, divergence_onset
 
 
 class NonfiniteTrainingError(RuntimeError):
@@ -62,6 +71,8 @@ class NonfiniteGuard(pl.Callback):
         self.max_in_row = max_in_row
         self.in_row = 0
         self.skipped = 0
+        self.first_bad: Optional[int] = None  # the first step of the current run of non-finite steps
+        self.losses: collections.deque = collections.deque(maxlen=1000)  # (step, stage index, finite total loss)
 
     # ---- the step ------------------------------------------------------------------------------------------------
 
@@ -69,16 +80,23 @@ class NonfiniteGuard(pl.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         step = getattr(pl_module, "last_step", None)
         terms = dict(step["losses"], loss=step["loss"]) if step else {}
-        # one wait for the GPU per step: every term and gradient checked on the device, one flag each read back
+        # one wait for the GPU per step: every term and gradient checked on the device, one flag each read back, with
+        # the total loss (kept to find where a divergence began)
         checks = [torch.isfinite(v).all() for v in terms.values()] + [torch.isfinite(p.grad).all() for p in params]
-        finite = torch.stack(checks).tolist() if checks else []
+        total = [step["loss"].detach().float().reshape(())] if step is not None else []
+        values = torch.stack(total + [c.float() for c in checks]).tolist() if total or checks else []
+        loss = values[0] if total else float("nan")
+        finite = [v > 0.5 for v in values[len(total):]]
         if step is not None:
             bad_terms = _named([name for name, ok in zip(terms, finite) if not ok])
         else:  # a system without last_step: the logged losses
             bad_terms = self._nonfinite_terms(trainer)
         bad_grads = [p for p, ok in zip(params, finite[len(terms):]) if not ok]
+        stage_index = getattr(pl_module, "_stage_index", None)
         if not bad_terms and not bad_grads:
-            self.in_row = 0
+            self.in_row, self.first_bad = 0, None
+            if math.isfinite(loss):
+                self.losses.append((int(pl_module.true_global_step), stage_index, loss))
             return
         for group in optimizer.param_groups:  # torch optimisers skip parameters whose grad is None: a no-op step
             for p in group["params"]:
@@ -89,17 +107,35 @@ class NonfiniteGuard(pl.Callback):
         overflow_only = not bad_terms and _uses_grad_scaler(trainer)
         if not overflow_only:
             self.in_row += 1
+            if self.first_bad is None:
+                self.first_bad = int(step)
         pl_module.log("train/nonfinite_skipped", float(self.skipped))
         if overflow_only:
             return
         threestudio.warn(f"step {step} (stage {stage!r}): non-finite {what}; optimiser step skipped "
                          f"({self.in_row} in a row, stops at {self.max_in_row})")
         if self.in_row >= self.max_in_row:
+            where, then = self._resume_from(trainer, stage_index)
             raise NonfiniteTrainingError(
                 f"stopped at step {step} (stage {stage!r}): {self.in_row} steps in a row had non-finite {what}; "
-                "parameters are as before the first of them and the last checkpoint is finite: lower that stage's "
-                "learning rates or the weights of those terms, or raise system.max_nonfinite_steps"
+                f"{where}: lower that stage's learning rates or the weights of those terms, then {then}; or raise "
+                "system.max_nonfinite_steps"
             )
+
+    def _resume_from(self, trainer, stage_index) -> tuple[str, str]:
+        """(where the divergence began and the last checkpoint written before it, what to run next)."""
+        onset = divergence_onset(list(self.losses), self.first_bad, stage_index)
+        since = (f"the loss was non-finite from step {self.first_bad}" if onset == self.first_bad else
+                 f"the loss grew abnormally from step {onset} and was non-finite from step {self.first_bad}")
+        folders = {cb.dirpath for cb in getattr(trainer, "checkpoint_callbacks", []) if getattr(cb, "dirpath", None)}
+        paths = [os.path.join(d, f) for d in folders if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".ckpt")]
+        found = checkpoint_before(paths, onset)
+        if found is None:
+            return (f"{since}, and no checkpoint was written before that (later ones hold the diverging parameters)",
+                    "start the run again")
+        path, n = found
+        return (f"{since}; the last checkpoint written before that is {path} (step {n}; later ones, last.ckpt "
+                "included, hold the diverging parameters)", f"resume={path}")
 
     @staticmethod
     def _nonfinite_terms(trainer) -> List[str]:
@@ -123,7 +159,7 @@ class NonfiniteGuard(pl.Callback):
                 f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; the previous checkpoint is kept"
             )
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> Dict[str, Any]:
         return {"in_row": self.in_row, "skipped": self.skipped}
 
     def load_state_dict(self, state_dict: Dict[str, int]) -> None:

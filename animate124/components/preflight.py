@@ -398,6 +398,89 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+# ---- checkpoints from other runs --------------------------------------------------------------------------------------
+
+# state-dict prefix -> the settings that size those tensors (most specific first)
+SIZE_SETTINGS = (
+    (("geometry.field.encoding.", "geometry.field.encoding_time.", "frozen_geometry.field.encoding"),
+     ("geometry.pos_encoding_config",)),
+    (("geometry.field.density_network.layers.0.", "geometry.field.feature_network.layers.0."),
+     ("geometry.pos_encoding_config", "geometry.mlp_network_config")),
+    (("geometry.field.feature_network.",), ("geometry.mlp_network_config", "geometry.n_feature_dims")),
+    (("geometry.field.density_network.",), ("geometry.mlp_network_config",)),
+    (("renderer.estimator.", "frozen_estimator."), ("renderer",)),
+    (("background.",), ("background",)),
+)
+
+
+def check_checkpoint_file(where: str, path: str) -> List[str]:
+    """``system.weights`` / ``resume`` names a checkpoint file (not a folder, not a missing path)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpts", "last.ckpt")
+        return [f"{where}={path} is a folder: give its checkpoint, e.g. {where}={inside}"]
+    if not os.path.isfile(path):
+        return [f"{where}={path} does not exist: give the last.ckpt of the earlier stage's run "
+                "(outputs/<name>/<trial>/ckpts/last.ckpt)"]
+    return []
+
+
+def checkpoint_size_problems(where: str, path: str, state_dict: Dict[str, Any], module: Any,
+                             cfg: Any = None) -> List[str]:
+    """Tensors of ``state_dict`` whose shape differs from ``module``'s (a run with another grid size, MLP width,
+    occupancy resolution ...), each with the settings that size it; where the checkpoint's run left its
+    ``configs/parsed.yaml`` beside ``ckpts/``, the differing values themselves. None: no problem."""
+    own = module.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
+                  if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)]
+    if not mismatched:
+        return []
+    settings: List[str] = []
+    for key, _, _ in mismatched:
+        for prefixes, keys in SIZE_SETTINGS:
+            if key.startswith(prefixes):
+                settings += [k for k in keys if k not in settings]
+                break
+    tensors = "; ".join(f"{k} {list(a)} in the checkpoint, {list(b)} here" for k, a, b in mismatched[:4])
+    more = f" (and {len(mismatched) - 4} more)" if len(mismatched) > 4 else ""
+    differing = _differing_settings(path, settings, cfg)
+    fix = (f"its run used {', '.join(differing)}: set them alike" if differing else
+           f"set {', '.join('system.' + s for s in settings) or 'the sizes'} as in that run")
+    return [f"{where}={path} holds tensors of other sizes than this config makes ({tensors}{more}): {fix}, or "
+            "start without it"]
+
+
+def _differing_settings(path: str, settings: List[str], cfg: Any) -> List[str]:
+    """``system.<key>=<value>`` of the checkpoint's run for each leaf under ``settings`` that differs from ``cfg``."""
+    parsed = Path(path).resolve().parent.parent / "configs" / "parsed.yaml"
+    if cfg is None or not parsed.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        theirs = OmegaConf.to_container(OmegaConf.load(parsed), resolve=False).get("system", {})
+        ours = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.create(cfg), resolve=False)
+    except Exception:  # noqa: BLE001 - an unreadable parsed.yaml: the generic hint
+        return []
+
+    def leaves(node: Any, prefix: str) -> Dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}.{key}").items()}
+        return {prefix: node}
+
+    found = []
+    for setting in settings:
+        a = leaves(_get(theirs, setting), setting)
+        b = leaves(_get(ours, setting), setting)
+        found += [f"system.{k}={a[k]!r} (here {b.get(k, '<unset>')!r})" for k in a if a[k] != b.get(k, a[k])]
+    return found
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 # ---- the schedule -----------------------------------------------------------------------------------------------------
 
 

@@ -155,6 +155,10 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
             check_weights(self.stages, self.slots, self.cfg.static_ref_interval, bool(data_cfg.depth_path))
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # resume= from a run with other sizes: named settings instead of load_state_dict's size-mismatch traceback
+        path = str(getattr(getattr(self, "_trainer", None), "ckpt_path", None) or "the checkpoint")
+        preflight.raise_if(preflight.checkpoint_size_problems("resume", path, checkpoint.get("state_dict", {}), self,
+                                                              self.cfg))
         # a run resumed mid-refine needs the frozen copy before its weights load
         if any(k.startswith(("frozen_geometry.", "frozen_estimator.")) for k in checkpoint.get("state_dict", {})):
             self._make_frozen_copy()
