@@ -294,12 +294,21 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
         device = get_device()
     if torch.device(device).type != "cuda":
         return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    listed = [v for v in visible.split(",") if v.strip()]
     if not torch.cuda.is_available():
+        if torch.version.cuda is not None and listed:  # launch.py sets it from --gpu: an index this machine lacks
+            return [f"CUDA_VISIBLE_DEVICES={visible} (launch.py sets it from --gpu) leaves torch no GPU: give --gpu "
+                    "an index that `nvidia-smi -L` lists (--gpu 0 is the first GPU)"]
         fix = ("torch is a CPU-only build: install a CUDA build of torch" if torch.version.cuda is None else
                f"torch is built for CUDA {torch.version.cuda} but sees no GPU: check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
         return [f"CUDA is not available (torch {torch.__version__}): animate124 trains on an NVIDIA GPU; {fix}; "
                 "without a GPU, `animate124 launch --config .../animate124-smoke.yaml --train` runs the smoke config on "
                 "the CPU"]
+    if listed and all(v.strip().isdigit() for v in listed) and torch.cuda.device_count() < len(listed):
+        return [f"CUDA_VISIBLE_DEVICES={visible} (launch.py sets it from --gpu) lists {len(listed)} GPUs but torch sees "
+                f"{torch.cuda.device_count()}: an index is not one of this machine's GPUs; give --gpu indices that "
+                "`nvidia-smi -L` lists"]
     need = getattr(cfg, "min_free_vram_gb", None)
     if not need:
         return []

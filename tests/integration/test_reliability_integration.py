@@ -524,3 +524,189 @@ ts.find(cfg.system_type)(cfg.system)
     assert result.returncode == 1
     assert "PreflightError: 1 problem(s) found before step 0; nothing was started:" in result.stderr
     assert "  - CUDA is not available (torch " in result.stderr
+
+
+# ---- a divergence: the checkpoint to resume from --------------------------------------------------------------------
+
+
+def test_a_divergence_stop_names_the_checkpoint_before_it_and_resuming_from_that_one_trains(
+        threestudio, tiny_models, rgba, run_dir, monkeypatch):
+    """Step 2's update blows the parameters up (x 1e30: an injected fault standing for a learning rate far too high);
+    with those parameters the loss is NaN from step 3 on. Every checkpoint from step=3 on (last.ckpt included) is
+    finite but holds them, so resuming from last.ckpt stops again at once; the stop names step=2, the last one written
+    before, and resuming from it trains to the end."""
+    import pytorch_lightning as pl
+    from threestudio.models.guidance.stable_diffusion_guidance import StableDiffusionGuidance
+
+    from animate124.components.nonfinite_guard import NonfiniteTrainingError
+
+    system_of = {}
+    original = StableDiffusionGuidance.__call__
+
+    def nan_when_blown_up(self, *args, **kwargs):  # the loss overflows once the parameters are huge
+        out = original(self, *args, **kwargs)
+        if any(bool(p.abs().max() > 1e20) for p in system_of["system"].geometry.parameters()):
+            out["loss_sds"] = out["loss_sds"] * float("nan")
+        return out
+
+    monkeypatch.setattr(StableDiffusionGuidance, "__call__", nan_when_blown_up)
+
+    class Track(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            system_of["system"] = pl_module
+
+    class BlowUpAfterStep2(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # step 2 done; runs before ModelCheckpoint, which Lightning orders last
+                with torch.no_grad():
+                    for p in pl_module.geometry.parameters():
+                        p.mul_(1e30)
+
+    text = _config(tiny_models, rgba, run_dir, steps=(6, 1, 1)).replace(
+        "  anchor_interval: 2", "  anchor_interval: 2\n  max_nonfinite_steps: 2").replace(
+        "every_n_train_steps: 7", "every_n_train_steps: 1")
+    with pytest.raises(NonfiniteTrainingError) as info:
+        _run(threestudio, text, run_dir, callbacks=[Track(), BlowUpAfterStep2()])
+    ckpts = run_dir / "outputs" / "a124-smoke" / "test" / "ckpts"
+    good = ckpts / "epoch=0-step=2.ckpt"
+    assert str(info.value) == (
+        "stopped at step 4 (stage 'static'): 2 steps in a row had non-finite loss terms ['sd:sds', 'zero123:sd', "
+        "'normal_smoothness_2d', 'rgb', 'mask']; the loss was "
+        f"non-finite from step 3; the last checkpoint written before that is {good} (step 2; later ones, last.ckpt "
+        "included, hold the diverging parameters): lower that stage's learning rates or the weights of those terms, "
+        f"then resume={good}; or raise system.max_nonfinite_steps")
+    later = torch.load(ckpts / "epoch=0-step=4.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in later.values())  # finite, but blown up:
+    assert max(float(v.abs().max()) for k, v in later.items() if k.startswith("geometry.")) > 1e20
+    with pytest.raises(NonfiniteTrainingError):  # resuming from the latest checkpoint fails again at once
+        _run(threestudio, text, run_dir, resume=str(ckpts / "last.ckpt"), callbacks=[Track()])
+    _, _, trainer = _run(threestudio, text, run_dir, resume=str(good), callbacks=[Track()])  # trains to the end
+    assert trainer.global_step == 8
+
+
+# ---- checkpoints from another run -----------------------------------------------------------------------------------
+
+
+def _grid(text: str, log2: int) -> str:
+    return text.replace("log2_hashmap_size: 12", f"log2_hashmap_size: {log2}")
+
+
+def test_weights_from_another_grid_size_name_the_tensors_and_settings(threestudio, tiny_models, rgba, run_dir):
+    from omegaconf import OmegaConf
+    from threestudio.utils.config import load_config
+
+    from animate124.components.preflight import PreflightError
+
+    text = _config(tiny_models, rgba, run_dir, steps=(1, 1, 1))
+    assert "log2_hashmap_size: 12" in text
+    cfg, _, trainer = _run(threestudio, text, run_dir, max_steps=1)
+    trial = Path(cfg.trial_dir)
+    ckpt = trial / "ckpts" / "grid12.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    other = load_config(_grid(_config(tiny_models, rgba, run_dir / "next", steps=(1, 1, 1)), 13), from_string=True)
+
+    def build(weights):
+        other.system.weights = str(weights)
+        before = _snapshot(run_dir)
+        with pytest.raises(PreflightError) as info:
+            threestudio.find(other.system_type)(other.system)
+        assert _snapshot(run_dir) == before
+        (problem,) = info.value.problems
+        return problem
+
+    tensors = ("geometry.field.encoding.embeddings [10432, 2] in the checkpoint, [16264, 2] here; "
+               "geometry.field.encoding_time.embeddings [16384, 2] in the checkpoint, [28672, 2] here")
+    assert build(ckpt) == (f"system.weights={ckpt} holds tensors of other sizes than this config makes ({tensors}): "
+                           "set system.geometry.pos_encoding_config as in that run, or start without it")
+    (trial / "configs").mkdir()
+    OmegaConf.save(cfg, trial / "configs" / "parsed.yaml")  # as launch.py's ConfigSnapshotCallback writes it
+    assert build(ckpt) == (f"system.weights={ckpt} holds tensors of other sizes than this config makes ({tensors}): "
+                           "its run used system.geometry.pos_encoding_config.log2_hashmap_size=12 (here 13): set them "
+                           "alike, or start without it")
+    assert build(run_dir / "none.ckpt") == (f"system.weights={run_dir / 'none.ckpt'} does not exist: give the last.ckpt "
+                                            "of the earlier stage's run (outputs/<name>/<trial>/ckpts/last.ckpt)")
+    assert build(trial) == f"system.weights={trial} is a folder: give its checkpoint, e.g. system.weights={ckpt.parent / 'last.ckpt'}"
+    (run_dir / "notes.txt").write_text("not a checkpoint")
+    assert build(run_dir / "notes.txt").startswith(f"system.weights={run_dir / 'notes.txt'} cannot be read as a "
+                                                   "threestudio checkpoint (")
+    # resume= from that run: the same message from the checkpoint's own load, before any step
+    with pytest.raises(PreflightError) as info:
+        _run(threestudio, _grid(_config(tiny_models, rgba, run_dir / "again", steps=(1, 1, 1)), 13), run_dir,
+             resume=str(ckpt))
+    assert info.value.problems[0].startswith(f"resume={ckpt} holds tensors of other sizes than this config makes")
+
+
+def test_gpu_index_this_machine_lacks(threestudio, tiny_models, rgba, run_dir, monkeypatch):
+    """launch.py turns --gpu 7 into CUDA_VISIBLE_DEVICES=7; the system's check names --gpu, not a generic no-CUDA."""
+    from animate124.components.preflight import check_device
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    assert check_device(None, torch.device("cuda:0")) == [
+        "CUDA_VISIBLE_DEVICES=7 (launch.py sets it from --gpu) leaves torch no GPU: give --gpu an index that "
+        "`nvidia-smi -L` lists (--gpu 0 is the first GPU)"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7")
+    assert check_device(None, torch.device("cuda:0")) == [
+        "CUDA_VISIBLE_DEVICES=0,7 (launch.py sets it from --gpu) lists 2 GPUs but torch sees 1: an index is not one of "
+        "this machine's GPUs; give --gpu indices that `nvidia-smi -L` lists"]
+
+
+def test_max_steps_beyond_the_stages_stops_at_fit_start(threestudio, tiny_models, rgba, run_dir):
+    from animate124.components.preflight import PreflightError
+
+    with pytest.raises(PreflightError) as info:
+        _run(threestudio, _config(tiny_models, rgba, run_dir, steps=(1, 1, 1)), run_dir, max_steps=5)
+    assert info.value.problems == [
+        "trainer.max_steps=5 but the stages sum to 3 steps: the run would repeat stage 'refine' for 2 more steps; set "
+        "trainer.max_steps to 3 (the shipped configs set it to ${a124_total_steps:${system.stages}}, the stages' sum) "
+        "or lengthen a stage"]
+    assert not list(run_dir.rglob("*.ckpt"))
+
+
+def _keyed(text: str) -> str:
+    """The harness config with its stages keyed by name (as the shipped configs) and max_steps their sum."""
+    import re
+
+    text = re.sub(r"^    - name: (\w+)$", r"    \1:", text, flags=re.M)
+    return re.sub(r"^  max_steps: \d+$", "  max_steps: ${a124_total_steps:${system.stages}}", text, flags=re.M)
+
+
+def test_keyed_stages_take_command_line_overrides_through_the_host(threestudio, tiny_models, rgba, run_dir):
+    """threestudio's own load_config merges system.stages.<name>.<key>=... into the keyed form, and max_steps (the
+    extension's resolver) follows; the system runs the stages as overridden."""
+    from threestudio.utils.config import load_config
+
+    text = _keyed(_config(tiny_models, rgba, run_dir, steps=(2, 3, 2)))
+    cfg = load_config(text, cli_args=["system.stages.dynamic.steps=1", "system.stages.refine.loss_weights.mask=7"],
+                      from_string=True)
+    assert cfg.trainer.max_steps == 2 + 1 + 2
+    system = threestudio.find(cfg.system_type)(cfg.system)
+    assert [(s.name, s.steps) for s in system.stages] == [("static", 2), ("dynamic", 1), ("refine", 2)]
+    assert system.stages[2].loss_weights["mask"] == 7.0
+
+
+def test_reference_images_read_by_their_bit_depth(threestudio, tmp_path):
+    """A 16-bit depth map is scaled by its bit depth (convert("L") alone clipped it at 255), and a gray + alpha
+    reference image counts as having alpha (it was refused as 'no alpha channel')."""
+    import numpy as np
+    from PIL import Image
+
+    from animate124.components.data import ImageVideoDataModuleConfig, load_reference
+
+    la = np.zeros((8, 8, 2), np.uint8)
+    la[2:6, 2:6] = (90, 255)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    depth = np.zeros((8, 8), np.uint16)
+    depth[2:6, 2:6] = 257 * 200  # 16-bit full scale: 200 of 255
+    depth[0, 0] = 1000  # above 255: convert("L") read it as 255
+    Image.fromarray(depth).save(tmp_path / "depth16.png")
+    cfg = ImageVideoDataModuleConfig(image_path=str(tmp_path / "la.png"), depth_path=str(tmp_path / "depth16.png"),
+                                     height=8, width=8)
+    ref = load_reference(cfg)
+    assert ref["mask"][0, 3, 3, 0] and not ref["mask"][0, 0, 0, 0]
+    torch.testing.assert_close(ref["rgb"][0, 3, 3], torch.full((3,), 90 / 255))
+    assert round(float(ref["ref_depth"][0, 3, 3, 0]) * 255) == 200
+    assert round(float(ref["ref_depth"][0, 0, 0, 0]) * 255) == 4  # round(1000 * 255 / 65535)
