@@ -112,7 +112,10 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         super().__init__(cfg, resumed)
 
     def configure(self) -> None:
-        self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
+        try:
+            self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
+        except (ValueError, TypeError) as error:  # e.g. a stage an override misspells: one line, nothing started
+            preflight.raise_if(preflight.pending_data_problems() + [f"system.{error}"])
         self.slots = parse_slots(self.cfg.guidances)
         check_weights(self.stages, self.slots, self.cfg.static_ref_interval)
         # every stage's inputs and every component's keys, before the host builds geometry / renderer (a typo there

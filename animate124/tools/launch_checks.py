@@ -30,6 +30,7 @@ MISSING_HINTS = {
     "data.image_path": "the rgba.png of `animate124 preprocess PHOTO --out DIR`",
     "system.learned_embeds_path": "the learned_embeds.safetensors of `animate124 invert PHOTO --token _name_ --init "
                                   "word --out DIR`",
+    "system.weights": "the ckpts/last.ckpt of the earlier stage's run",
 }
 _KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*$")
 

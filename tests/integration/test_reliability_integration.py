@@ -686,6 +686,16 @@ def test_keyed_stages_take_command_line_overrides_through_the_host(threestudio, 
     system = threestudio.find(cfg.system_type)(cfg.system)
     assert [(s.name, s.steps) for s in system.stages] == [("static", 2), ("dynamic", 1), ("refine", 2)]
     assert system.stages[2].loss_weights["mask"] == 7.0
+    from animate124.components.preflight import PreflightError
+
+    before = _snapshot(run_dir)
+    with pytest.raises(PreflightError) as info:  # a misspelt stage: one line, before anything starts
+        _build(threestudio, text, ["system.stages.dynamc.steps=1"])
+    assert info.value.problems == [
+        "system.stages.dynamc has no guidances and no loss_weights, so it would train nothing (did you mean "
+        "system.stages.dynamic? an override with a stage name the config does not have adds such a stage; its stages: "
+        "['static', 'dynamic', 'refine'])"]
+    assert _snapshot(run_dir) == before
 
 
 def test_reference_images_read_by_their_bit_depth(threestudio, tmp_path):

@@ -245,3 +245,24 @@ def test_a_stop_at_the_preflight_leaves_no_trial_folder(host, capsys):
     assert "animate124 launch: 1 problem(s) found before step 0" in capsys.readouterr().err
     assert sorted(p.relative_to(host).as_posix() for p in (host / "outputs").rglob("*")) == ["outputs/t",
                                                                                             "outputs/t/earlier"]
+
+
+def test_every_shipped_config_passes_the_launch_checks(tmp_path, monkeypatch):
+    """No false alarm on what we ship: each config with its required values, as README's command lines give them."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from animate124.tools.launch_checks import check_launch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(configs) >= 9
+    for config in configs:
+        first = next(iter(OmegaConf.load(config).system.stages))
+        problems, folders = check_launch(["--config", str(config), "--train", "--gpu", "0", "data.image_path=rgba.png",
+                                          "system.learned_embeds_path=e.safetensors", "system.weights=w.ckpt",
+                                          f"exp_root_dir={tmp_path}", f"system.stages.{first}.steps=10"],
+                                         gpu_count=1, visible=None)
+        assert problems == [], (config.name, problems)
+        assert folders[0] == tmp_path
