@@ -306,9 +306,9 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
                 "without a GPU, `animate124 launch --config .../animate124-smoke.yaml --train` runs the smoke config on "
                 "the CPU"]
     if listed and all(v.strip().isdigit() for v in listed) and torch.cuda.device_count() < len(listed):
-        return [f"CUDA_VISIBLE_DEVICES={visible} (launch.py sets it from --gpu) lists {len(listed)} GPUs but torch sees "
-                f"{torch.cuda.device_count()}: an index is not one of this machine's GPUs; give --gpu indices that "
-                "`nvidia-smi -L` lists"]
+        return [f"CUDA_VISIBLE_DEVICES={visible} (launch.py sets it from --gpu) lists {len(listed)} GPUs but torch "
+                f"sees {torch.cuda.device_count()}: an index is not one of this machine's GPUs; give --gpu indices "
+                "that `nvidia-smi -L` lists"]
     need = getattr(cfg, "min_free_vram_gb", None)
     if not need:
         return []
@@ -407,7 +407,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-# ---- checkpoints from other runs --------------------------------------------------------------------------------------
+# ---- checkpoints from other runs -------------------------------------------------------------------------------------
 
 # state-dict prefix -> the settings that size those tensors (most specific first)
 SIZE_SETTINGS = (
@@ -490,7 +490,7 @@ def _get(tree: Any, dotted: str) -> Any:
     return tree
 
 
-# ---- the schedule -----------------------------------------------------------------------------------------------------
+# ---- the schedule ----------------------------------------------------------------------------------------------------
 
 
 def check_max_steps(max_steps: Optional[int], stages: Iterable[Any]) -> List[str]:
@@ -508,7 +508,7 @@ def check_max_steps(max_steps: Optional[int], stages: Iterable[Any]) -> List[str
     return []
 
 
-# ---- the output folder ------------------------------------------------------------------------------------------------
+# ---- the output folder -----------------------------------------------------------------------------------------------
 
 
 class OutputFolderCheck(pl.Callback):

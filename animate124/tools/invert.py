@@ -127,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ToolError(f"--token/--init: {error}") from error
     except OSError as error:
-        raise ToolError(f"could not load the tokenizer of --model {args.model!r} ({type(error).__name__}): give a local "
-                        "diffusers folder (tokenizer/, text_encoder/, vae/, unet/, scheduler/) or allow the download "
-                        "once") from error
+        raise ToolError(f"could not load the tokenizer of --model {args.model!r} ({type(error).__name__}): give a "
+                        "local diffusers folder (tokenizer/, text_encoder/, vae/, unet/, scheduler/) or allow the "
+                        "download once") from error
     parts = load_sd_parts(args.model, device, fp16)
     result = train_token(
         parts, image, args.token, args.init, args.steps, args.batch_size, args.lr,

@@ -91,7 +91,7 @@ def check_launch(argv: list[str], gpu_count: Optional[int] = None,
     return problems, [root, root / str(resolved.get("name", "default"))]
 
 
-# ---- the command line -------------------------------------------------------------------------------------------------
+# ---- the command line ------------------------------------------------------------------------------------------------
 
 
 def override_problems(extras: list[str]) -> list[str]:
@@ -106,8 +106,8 @@ def override_problems(extras: list[str]) -> list[str]:
                    f"write {bare}=null to clear a value")
             problems.append(f"{arg!r} is Hydra override syntax, which launch.py does not read: {fix}")
         elif arg.startswith("-"):
-            problems.append(f"{arg!r} is not an option of launch.py (--config, --gpu, --train/--validate/--test/--export, "
-                            "--gradio, --verbose, --typecheck): settings are key=value without dashes, e.g. "
+            problems.append(f"{arg!r} is not an option of launch.py (--config, --gpu, --train/--validate/--test/"
+                            "--export, --gradio, --verbose, --typecheck): settings are key=value without dashes, e.g. "
                             "system.prompt=\"a panda\"")
         elif not eq:
             after = i > 0 and "=" in extras[i - 1] and "." not in arg  # a word of an unquoted value, not a key
@@ -115,7 +115,8 @@ def override_problems(extras: list[str]) -> list[str]:
                    f"{arg} ...\"" if after else f"write {arg}=VALUE (without '=' OmegaConf sets it to null)")
             problems.append(f"{arg!r} is not key=value: {fix}")
         elif not _KEY.match(key):
-            problems.append(f"{arg!r}: {key!r} is not a config key (dotted names, e.g. system.stages.dynamic.steps=2000)")
+            problems.append(f"{arg!r}: {key!r} is not a config key (dotted names, e.g. "
+                            "system.stages.dynamic.steps=2000)")
         else:
             problem = _value_problem(key, value)
             if problem:
@@ -139,7 +140,7 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-# ---- the GPUs ---------------------------------------------------------------------------------------------------------
+# ---- the GPUs --------------------------------------------------------------------------------------------------------
 
 
 def nvidia_gpu_count() -> int:
@@ -159,7 +160,8 @@ def nvidia_gpu_count() -> int:
 def gpu_problems(gpu: str, explicit: bool, visible: Optional[str], count: int) -> list[str]:
     """``--gpu`` (indices of this machine's GPUs, as launch.py sets CUDA_VISIBLE_DEVICES from it) or, when set,
     CUDA_VISIBLE_DEVICES (then launch.py ignores --gpu and uses every GPU listed there)."""
-    have = f"this machine has {count} GPU{'s' if count != 1 else ''} ({', '.join(map(str, range(count)))})" if count else \
+    indices = ", ".join(map(str, range(count)))
+    have = f"this machine has {count} GPU{'s' if count != 1 else ''} ({indices})" if count else \
         "this machine has no NVIDIA GPU"
     if visible:
         wanted = [v.strip() for v in visible.split(",") if v.strip()]
@@ -168,8 +170,8 @@ def gpu_problems(gpu: str, explicit: bool, visible: Optional[str], count: int) -
             return [f"CUDA_VISIBLE_DEVICES={visible} names GPU {', '.join(bad)} but {have}: set it to indices shown by "
                     "`nvidia-smi -L`, or unset it and pick with --gpu"]
         if explicit and gpu != "0" and gpu != visible:
-            return [f"--gpu {gpu} is ignored by launch.py while CUDA_VISIBLE_DEVICES={visible} is set (it uses every GPU "
-                    "listed there): unset CUDA_VISIBLE_DEVICES to choose with --gpu, or drop --gpu"]
+            return [f"--gpu {gpu} is ignored by launch.py while CUDA_VISIBLE_DEVICES={visible} is set (it uses every "
+                    "GPU listed there): unset CUDA_VISIBLE_DEVICES to choose with --gpu, or drop --gpu"]
         return []
     wanted = [v.strip() for v in gpu.split(",")]
     if not all(v.isdigit() for v in wanted) or len(set(wanted)) != len(wanted):
@@ -185,7 +187,7 @@ def gpu_problems(gpu: str, explicit: bool, visible: Optional[str], count: int) -
     return []
 
 
-# ---- the config ---------------------------------------------------------------------------------------------------------
+# ---- the config ------------------------------------------------------------------------------------------------------
 
 
 def _load_yaml(path: str) -> tuple[Any, Optional[str]]:
@@ -247,7 +249,8 @@ def _merge(config: Any, extras: list[str], path: str) -> tuple[Any, Optional[str
 
 
 def _missing_values(cfg: Any, path: str, prefix: str = "") -> list[str]:
-    """Every ``???`` left unset (the host would stop at the first one with a traceback, after making the trial folder)."""
+    """Every ``???`` left unset (the host would stop at the first one with a traceback, after making the trial
+    folder)."""
     from omegaconf import OmegaConf
 
     problems = []
@@ -357,15 +360,15 @@ def _folder_problems(cfg: Any) -> list[str]:
         chain.append(chain[-1] / str(cfg.get("tag", "")))
     for folder in chain:
         if folder.exists() and not folder.is_dir():
-            return [f"exp_root_dir={root}: {folder} is a file, so the run folder cannot be made there: set exp_root_dir "
-                    "to a folder (default outputs)"]
+            return [f"exp_root_dir={root}: {folder} is a file, so the run folder cannot be made there: set "
+                    "exp_root_dir to a folder (default outputs)"]
     existing = next((p for p in [*chain[::-1], *root.resolve().parents] if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         return [f"exp_root_dir={root}: {existing} is not writable: set exp_root_dir to a folder you can write"]
     return []
 
 
-# ---- around launch.py -------------------------------------------------------------------------------------------------
+# ---- around launch.py ------------------------------------------------------------------------------------------------
 
 
 def select_gpus(argv: list[str]) -> None:

@@ -122,7 +122,8 @@ def has_real_alpha(image) -> bool:
 
 
 def rembg_model_path() -> Path:
-    """Where rembg keeps its default model (u2net): ``$U2NET_HOME``, else ``$XDG_DATA_HOME/.u2net``, else ``~/.u2net``."""
+    """Where rembg keeps its default model (u2net): ``$U2NET_HOME``, else ``$XDG_DATA_HOME/.u2net``, else
+    ``~/.u2net``."""
     home = os.getenv("U2NET_HOME", os.path.join(os.getenv("XDG_DATA_HOME", "~"), ".u2net"))
     return Path(os.path.expanduser(home)) / "u2net.onnx"
 
@@ -328,8 +329,9 @@ def check_depth_model(model_id: str) -> None:
     except Exception:  # noqa: BLE001 - not a hub id: the loader says so
         cached = False
     if not cached:
-        raise ToolError(f"--depth-model {model_id!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE "
-                        "is set: download it once, give a local folder saved with save_pretrained, or pass --no-depth")
+        raise ToolError(f"--depth-model {model_id!r} is neither a local folder nor in the hub cache, and "
+                        "HF_HUB_OFFLINE is set: download it once, give a local folder saved with save_pretrained, or "
+                        "pass --no-depth")
 
 
 def open_image(path: Path):

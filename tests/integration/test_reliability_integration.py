@@ -212,7 +212,7 @@ def test_guard_unit_rules(threestudio):
         NonfiniteGuard(0)
 
 
-# ---- checks before step 0 ---------------------------------------------------------------------------------------------
+# ---- checks before step 0 --------------------------------------------------------------------------------------------
 
 
 def _build(threestudio, text: str, cli=()):
@@ -433,7 +433,7 @@ def test_a_fresh_run_never_trains_into_an_earlier_runs_folder(threestudio, tiny_
     assert resumed.global_step == 3
 
 
-# ---- interrupted runs -------------------------------------------------------------------------------------------------
+# ---- interrupted runs ------------------------------------------------------------------------------------------------
 
 
 class _StateAtStart:
@@ -623,9 +623,11 @@ def test_weights_from_another_grid_size_name_the_tensors_and_settings(threestudi
     assert build(ckpt) == (f"system.weights={ckpt} holds tensors of other sizes than this config makes ({tensors}): "
                            "its run used system.geometry.pos_encoding_config.log2_hashmap_size=12 (here 13): set them "
                            "alike, or start without it")
-    assert build(run_dir / "none.ckpt") == (f"system.weights={run_dir / 'none.ckpt'} does not exist: give the last.ckpt "
-                                            "of the earlier stage's run (outputs/<name>/<trial>/ckpts/last.ckpt)")
-    assert build(trial) == f"system.weights={trial} is a folder: give its checkpoint, e.g. system.weights={ckpt.parent / 'last.ckpt'}"
+    assert build(run_dir / "none.ckpt") == (f"system.weights={run_dir / 'none.ckpt'} does not exist: give the "
+                                            "last.ckpt of the earlier stage's run (outputs/<name>/<trial>/ckpts/"
+                                            "last.ckpt)")
+    assert build(trial) == (f"system.weights={trial} is a folder: give its checkpoint, e.g. "
+                            f"system.weights={ckpt.parent / 'last.ckpt'}")
     (run_dir / "notes.txt").write_text("not a checkpoint")
     assert build(run_dir / "notes.txt").startswith(f"system.weights={run_dir / 'notes.txt'} cannot be read as a "
                                                    "threestudio checkpoint (")

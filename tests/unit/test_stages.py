@@ -140,7 +140,7 @@ def test_stage_is_frozen():
         stage.steps = 2  # type: ignore[misc]
 
 
-# ---- the keyed form: stages addressable from the command line ---------------------------------------------------------
+# ---- the keyed form: stages addressable from the command line --------------------------------------------------------
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
 

@@ -122,7 +122,8 @@ def test_token_colliding_with_an_ordinary_word_is_rejected(sd_text, tmp_path):
     for key in ("panda", "Panda"):
         path = _save(tmp_path / f"{key}.bin", {key: torch.zeros(32)})
         with pytest.raises(ValueError, match=f"holds token '{key}', which is already the word 'panda</w>' of the "
-                                             rf"tokenizer \(every '{key}' in a prompt would become the learned vector\)"):
+                                             rf"tokenizer \(every '{key}' in a prompt would become the learned "
+                                             r"vector\)"):
             load_textual_inversion(path, tok, enc)
     assert "panda" not in tok.get_added_vocab() and "Panda" not in tok.get_added_vocab()  # refused before adding
     path = _save(tmp_path / "new.bin", {"_panda_": torch.zeros(32)})

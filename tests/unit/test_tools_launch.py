@@ -18,9 +18,9 @@ raise ValueError("something else")
 """
 
 
-@pytest.fixture
-def checkout(tmp_path, monkeypatch):
-    (tmp_path / "launch.py").write_text(FAKE_LAUNCH)
+def _checkout(tmp_path, monkeypatch, launch_py: str):
+    """A threestudio checkout holding ``launch_py`` as its launch.py, as the working directory."""
+    (tmp_path / "launch.py").write_text(launch_py)
     (tmp_path / "threestudio").mkdir()
     (tmp_path / "threestudio" / "__init__.py").write_text("")
     (tmp_path / "custom" / "threestudio-animate124").mkdir(parents=True)
@@ -28,6 +28,11 @@ def checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(launch_tool, "_run_on_cpu", lambda: None)
     monkeypatch.setattr("sys.argv", list(__import__("sys").argv))  # launch() sets sys.argv for launch.py
     return tmp_path
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    return _checkout(tmp_path, monkeypatch, FAKE_LAUNCH)
 
 
 def test_preflight_list_and_a124_lines_print_alone_and_exit_1(checkout, capsys):
@@ -54,7 +59,7 @@ class PreflightError(ValueError):
     pass
 if "data.image_path=missing.png" in sys.argv:  # as launch.py: the trial folder first, then the system's checks
     os.makedirs("outputs/t/run@20260101-000000", exist_ok=True)
-    raise PreflightError("1 problem(s) found before step 0; nothing was started:\\n  - data.image_path=... does not exist")
+    raise PreflightError("1 problem(s) found before step 0; nothing was started:\\n  - data.image_path=... missing")
 """
 
 CONFIG = """
@@ -78,14 +83,8 @@ trainer: {max_steps: 5}
 @pytest.fixture
 def host(tmp_path, monkeypatch):
     """A checkout whose launch.py records that it ran; a config with two stages; no NVIDIA GPU unless a test says."""
-    (tmp_path / "launch.py").write_text(HOST_LAUNCH)
-    (tmp_path / "threestudio").mkdir()
-    (tmp_path / "threestudio" / "__init__.py").write_text("")
-    (tmp_path / "custom" / "threestudio-animate124").mkdir(parents=True)
+    _checkout(tmp_path, monkeypatch, HOST_LAUNCH)
     (tmp_path / "cfg.yaml").write_text(CONFIG)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(launch_tool, "_run_on_cpu", lambda: None)
-    monkeypatch.setattr("sys.argv", list(__import__("sys").argv))
     monkeypatch.setattr("animate124.tools.launch_checks.nvidia_gpu_count", lambda: 0)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return tmp_path

@@ -64,8 +64,8 @@ def test_make_tiny_models_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     (user / "config.json").write_text('{"the": "user\'s model"}')
     assert main(["make-tiny-models", str(tmp_path), "--kinds", "controlnet-tile"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"animate124 make-tiny-models: error: {user} already exist(s) and were not made by make-tiny-models: "
-                   "choose another DIR, or pass --overwrite to replace them"]
+    assert err == [f"animate124 make-tiny-models: error: {user} already exist(s) and were not made by "
+                   "make-tiny-models: choose another DIR, or pass --overwrite to replace them"]
     assert sorted(p.name for p in user.iterdir()) == ["config.json"]
     assert (user / "config.json").read_text() == '{"the": "user\'s model"}'
     fresh = tmp_path / "fresh"

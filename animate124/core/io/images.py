@@ -1,7 +1,8 @@
 """Any image Pillow decodes, as 8-bit RGB or RGBA: one reader for the tools, the data module and the checks.
 
 The scale of a high-bit-depth image comes from the file's bit depth, never from its values: a 16-bit PNG whose values
-stay at or below 255 is a nearly black image, not an 8-bit one (reading it as 8-bit makes it about 257 times too bright).
+stay at or below 255 is a nearly black image, not an 8-bit one (read as 8-bit it would be about 257 times too
+bright).
 """
 from __future__ import annotations
 

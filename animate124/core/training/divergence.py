@@ -49,7 +49,8 @@ def divergence_onset(history: Sequence[tuple[int, int, float]], first_bad: int, 
 
 
 def checkpoint_step(path: str | Path) -> Optional[int]:
-    """``N`` of a checkpoint named like Lightning's default ``epoch=E-step=N.ckpt``; None for ``last.ckpt`` and others."""
+    """``N`` of a checkpoint named like Lightning's default ``epoch=E-step=N.ckpt``; None for ``last.ckpt`` and
+    others."""
     found = re.search(r"step=(\d+)", Path(path).name)
     return int(found.group(1)) if found else None
 

@@ -182,14 +182,15 @@ def _parse_keyed(entries: Mapping[Any, Any]) -> tuple[Stage, ...]:
         if not isinstance(entry, Mapping):
             raise TypeError(f"{where} must be a mapping with keys {list(STAGE_KEYS[1:])}, got {type(entry).__name__}")
         if entry.get("name", name) != name:
-            raise ValueError(f"{where}.name={entry.get('name')!r} differs from its key {name!r}: drop name (the key names "
-                             "the stage)")
+            raise ValueError(f"{where}.name={entry.get('name')!r} differs from its key {name!r}: drop name (the key "
+                             "names the stage)")
         if entry.get("guidances") is None and entry.get("loss_weights") is None:
             others = [n for n in names if n != name]
             close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
             hint = f"did you mean system.stages.{close[0]}? " if close else ""
-            raise ValueError(f"{where} has no guidances and no loss_weights, so it would train nothing ({hint}an override "
-                             f"with a stage name the config does not have adds such a stage; its stages: {others})")
+            raise ValueError(f"{where} has no guidances and no loss_weights, so it would train nothing ({hint}an "
+                             f"override with a stage name the config does not have adds such a stage; its stages: "
+                             f"{others})")
         stages.append(_parse_one(where, {**dict(entry), "name": name}))
     return tuple(stages)
 
