@@ -36,8 +36,16 @@ def ensure_smoke_assets(out_dir: str, wait_s: float = 1.0) -> None:
         while not os.path.exists(marker):
             time.sleep(wait_s)
         return
+    from animate124.core.io.safe_files import foreign_folders, mark_made
+
+    foreign = foreign_folders([os.path.join(out_dir, kind) for kind in tiny_models.ALL_KINDS])
+    if foreign:  # system.tiny_models_dir pointed at real models: never write over them
+        raise ValueError(f"a124-smoke: system.tiny_models_dir={out_dir} holds {', '.join(map(str, foreign))}, which the "
+                         "smoke config did not make: point system.tiny_models_dir at an empty folder (the smoke config "
+                         "makes its tiny models there)")
     print(f"making tiny random models in {out_dir} (smoke run)")
-    tiny_models.make_tiny_models(out_dir, kinds=tiny_models.ALL_KINDS)
+    for path in tiny_models.make_tiny_models(out_dir, kinds=tiny_models.ALL_KINDS).values():
+        mark_made(path)
     write_smoke_image(os.path.join(out_dir, "smoke_rgba.png"))
     write_smoke_embedding(os.path.join(out_dir, "smoke_embeds.safetensors"), os.path.join(out_dir, "sd"))
     open(marker, "w").close()

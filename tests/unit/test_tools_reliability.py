@@ -247,3 +247,18 @@ def test_invert_model_without_a_tokenizer_is_one_line_before_the_pipeline(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"animate124 invert: error: could not load the tokenizer of --model "
                                                f"{str(tmp_path / 'not-a-model')!r} ("), err
+
+
+def test_smoke_assets_never_write_over_models_they_did_not_make(tmp_path):
+    """The smoke config makes its tiny models in system.tiny_models_dir; pointed at a folder of real models it refuses
+    before writing anything."""
+    from animate124.testing.smoke_assets import ensure_smoke_assets
+
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("the user's model")
+    with pytest.raises(ValueError) as info:
+        ensure_smoke_assets(str(tmp_path))
+    assert str(info.value) == (f"a124-smoke: system.tiny_models_dir={tmp_path} holds {tmp_path / 'sd'}, which the smoke "
+                               "config did not make: point system.tiny_models_dir at an empty folder (the smoke config "
+                               "makes its tiny models there)")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["sd", "sd/model_index.json"]
