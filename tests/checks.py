@@ -28,6 +28,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def step_record(record) -> dict:
+    """A system's ``last_step`` (``core.training.step_plan.StepRecord``) as a plain dict, its tensors as floats."""
+    return {"stage": record.stage, "guidances": list(record.guidances), "anchor": record.anchor,
+            "loss": float(record.loss), "losses": {k: float(v) for k, v in record.losses.items()},
+            "weights": dict(record.weights)}
+
+
 class ReplayingGraph:
     """A CPU stand-in for ``animate124.core.guidance.cuda_graphs.CudaGraph`` with a real CUDA graph's contract: recording runs
     the function once on the recorded input buffers and keeps its output tensors; a replay computes again *from those

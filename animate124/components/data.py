@@ -279,11 +279,11 @@ class ImageVideoDataModule(pl.LightningDataModule):
         # merge onto the structured defaults so nested sections keep their defaults; unknown keys raise
         merged = OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {})
         self.cfg = OmegaConf.to_object(merged)
-        preflight.register_data_module(self)  # checked with the system's config, before models load
+        preflight.check_data(self.cfg)  # built before the system: its problems before any model loads
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
-            preflight.check_data_module(self)  # again before step 0 (any system; files written since)
+            preflight.check_data(self.cfg)  # again before step 0 (files written or removed since)
             self.train_dataset = ClipIterableDataset(self.cfg, load_reference(self.cfg),
                                                      rank=_global_rank(getattr(self, "trainer", None)))
         if stage in (None, "fit", "validate"):

@@ -1,7 +1,8 @@
 """A non-finite loss or gradient skips the optimiser step; after N in a row the run stops; checkpoints stay finite.
 
 The system returns :class:`NonfiniteGuard` from ``configure_callbacks``. Before each optimiser step the guard looks at
-the loss terms the system logged this step (``train/loss*``) and at every gradient of the optimiser. When one is NaN or
+the loss terms of the step (the system's ``last_step`` record; for another system, the logged ``train/loss*``) and at
+every gradient of the optimiser. When one is NaN or
 inf it sets every gradient to ``None``: torch optimisers skip parameters without a gradient, so neither the parameters
 nor the optimiser state (Adam's moments and step count) change. The skip is counted (``train/nonfinite_skipped``) and
 warned; ``max_in_row`` skipped steps in a row stop the run with :class:`NonfiniteTrainingError`, naming the step, the
@@ -78,12 +79,12 @@ class NonfiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        step = getattr(pl_module, "last_step", None)
-        terms = dict(step["losses"], loss=step["loss"]) if step else {}
+        step = getattr(pl_module, "last_step", None)  # a StepRecord (core/training/step_plan.py)
+        terms = dict(step.losses, loss=step.loss) if step is not None else {}
         # one wait for the GPU per step: every term and gradient checked on the device, one flag each read back, with
         # the total loss (kept to find where a divergence began)
         checks = [torch.isfinite(v).all() for v in terms.values()] + [torch.isfinite(p.grad).all() for p in params]
-        total = [step["loss"].detach().float().reshape(())] if step is not None else []
+        total = [step.loss.detach().float().reshape(())] if step is not None else []
         values = torch.stack(total + [c.float() for c in checks]).tolist() if total or checks else []
         loss = values[0] if total else float("nan")
         finite = [v > 0.5 for v in values[len(total):]]

@@ -2,10 +2,10 @@
 
 A mistake in the refine stage's inputs would otherwise surface only when refinement starts, most of a run later.
 :func:`check_system` runs in the system's ``configure`` (before the Trainer starts and before any diffusion model
-loads) and includes the data module's problems (:func:`data_problems`: it is built just before and registers
-itself); :func:`check_data_module` checks the data again at its setup, and :class:`OutputFolderCheck` runs at
-``on_fit_start`` (the first moment the output folder is known). Every problem found is reported at once, one line
-each naming the fix, in a single :class:`PreflightError`; nothing starts.
+loads); the data module, built just before it from ``data`` alone, checks its own settings and files when it is built
+and again at its setup (:func:`check_data`); :class:`OutputFolderCheck` runs at ``on_fit_start`` (the first moment
+the output folder is known). Each check reports every problem it finds at once, one line each naming the fix, in a
+single :class:`PreflightError`; nothing starts.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -60,7 +59,7 @@ def check_system(cfg: Any, slots: Dict[str, Any], stages: Iterable[Any], device:
     prompt_processor, input), ``stages`` the parsed stages (to know which slots ever run), ``device`` the one the
     host places components on (None: ``threestudio.utils.misc.get_device()``).
     """
-    problems: List[str] = pending_data_problems()  # the data module's, built just before (launch.py)
+    problems: List[str] = []
     used = {g for stage in stages for g in stage.guidances}
     problems += _unused_host_fields(cfg)
     for part in ("geometry", "material", "background", "renderer", "exporter"):
@@ -91,12 +90,12 @@ def _unused_host_fields(cfg: Any) -> List[str]:
     problems = []
     loss = dict(getattr(cfg, "loss", None) or {})
     if loss:
-        from animate124.core.training.step_plan import OWN_TERMS as OWN_LOSSES
+        from animate124.core.training.losses import LOSSES
 
         problems.append(
             f"system.loss has keys {sorted(loss)}, which a124-system does not read: put loss weights in "
             f"system.stages.<stage>.loss_weights (keys: a guidance slot name, <slot>_<term>, or one of "
-            f"{list(OWN_LOSSES)})"
+            f"{list(LOSSES)})"
         )
     for key in ("guidance_type", "prompt_processor_type"):
         if getattr(cfg, key, ""):
@@ -150,8 +149,7 @@ def check_system_settings(config_cls: Any, settings: Any) -> None:
     for name, value in dict(settings or {}).items():
         if name in fields and fields[name].type in (str, "str") and value is None:
             problems.append(f"system.{name} is empty (None): give it a value, e.g. system.{name}='...'")
-    if problems:
-        raise_if(pending_data_problems() + problems)  # with the data module's, built just before: one list
+    raise_if(problems)
 
 
 def _prompt(where: str, slot: Any) -> List[str]:
@@ -324,29 +322,10 @@ def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
 # ---- the data -------------------------------------------------------------------------------------------------------
 
 
-# The data module is built before the system (launch.py) and only sees ``data``: it registers its config here instead
-# of raising, so the system's preflight reports the data's problems with its own, in one list and before any model
-# loads; the data module's setup checks again (a system other than a124-system, or files written in between).
-_PENDING_DATA: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def register_data_module(data_module: Any) -> None:
-    _PENDING_DATA.add(data_module)
-
-
-def pending_data_problems() -> List[str]:
-    """The problems of the data modules registered since the last call (checked now), then forgets them."""
-    problems: List[str] = []
-    for data_module in list(_PENDING_DATA):
-        problems += data_problems(data_module.cfg)
-    _PENDING_DATA.clear()
-    return problems
-
-
-def check_data_module(data_module: Any) -> None:
-    """At the data module's setup: its problems, raised (and forgotten by :func:`pending_data_problems`)."""
-    _PENDING_DATA.discard(data_module)
-    raise_if(data_problems(data_module.cfg))
+def check_data(cfg: Any) -> None:
+    """The data module's problems, raised: when it is built (before the system and any model) and at its setup
+    (files written or removed since)."""
+    raise_if(data_problems(cfg))
 
 
 def data_problems(cfg: Any) -> List[str]:

@@ -27,13 +27,8 @@ from animate124.components.nonfinite_guard import NonfiniteGuard
 from animate124.components.stage_records import StageRecords
 from animate124.core.guidance.diffusion_networks import COMPILE_MODES, compile_problem
 from animate124.core.training import losses
-from animate124.core.training.stages import Stage, parse_stages, stage_at, starts_later_stage
-from animate124.core.training.step_plan import check_weights, parse_slots, plan_step, slot_weight
-
-# parameter group (stages' learning_rates / trainable) -> attribute path on the system
-PARAM_PATHS = {"field_3d": "geometry.encoding", "field_4d": "geometry.encoding_time",
-               "density_mlp": "geometry.density_network", "feature_mlp": "geometry.feature_network",
-               "background": "background"}
+from animate124.core.training.stages import PARAM_GROUPS, Stage, parse_stages, stage_at, starts_later_stage
+from animate124.core.training.step_plan import StepRecord, check_weights, parse_slots, plan_step, slot_weight
 
 
 @threestudio.register("a124-system")
@@ -106,6 +101,10 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
                                  "compile_vae_encoder=false")
 
     cfg: Config
+
+    last_step: Optional[StepRecord] = None
+    """What the last training step computed (stage, slots, each term's value and weight, the total); the non-finite
+    guard reads it."""
 
     def __init__(self, cfg, resumed: bool = False) -> None:
         preflight.check_system_settings(self.Config, cfg)  # all typos at once, before the host's parse stops at one
@@ -183,7 +182,8 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         return stage_at(self.stages, self.true_global_step).stage
 
     def _param_modules(self) -> Dict[str, torch.nn.Module]:
-        found = {g: functools.reduce(lambda obj, a: getattr(obj, a, None), p.split("."), self) for g, p in PARAM_PATHS.items()}
+        found = {g: functools.reduce(lambda obj, a: getattr(obj, a, None), group.path.split("."), self)
+                 for g, group in PARAM_GROUPS.items()}
         return {group: module for group, module in found.items() if module is not None}
 
     def _enter_stage(self) -> Stage:
@@ -252,8 +252,10 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
                 cond = self._render_frozen(batch[view]) if self.cfg.controlnet_condition == "frozen" else rgb.detach()
             for key, value in self.guidance_slots(name, rgb, batch[view], cond, self.log).items():
                 terms[f"{name}:{key}"] = (value, slot_weight(weights, name, key))
+        generator = self.generator()
         for name, (view, weight) in plan.terms.items():
-            terms[name] = (self._own_term(name, outs.get(view), batch.get(view)), weight)
+            inputs = losses.LossInputs(outs.get(view), batch.get(view), self.geometry, self.cfg, generator)
+            terms[name] = (losses.LOSSES[name].compute(inputs), weight)
         loss = sum((value * weight for value, weight in terms.values()), torch.zeros((), device=self.device))
         for name, (value, _) in terms.items():
             self.log(f"train/loss_{name}", value)
@@ -261,26 +263,12 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
             self.log(f"train_params/lambda_{name}", weight)
         self.log("train/stage", float(self._stage_index))
         self.log("train/loss", loss, prog_bar=True)
-        # what ran at this step (logged above; tests and the non-finite guard read it). Tensors, not floats: reading
-        # a value waits for the GPU, and a wait here, before the backward is launched, idles it
-        self.last_step = {"stage": stage.name, "guidances": [n for n, _ in plan.slots], "terms": sorted(terms),
-                          "anchor": plan.anchor, "loss": loss.detach(),
-                          "losses": {name: value.detach() for name, (value, _) in terms.items()}}
+        # detached tensors, not floats: reading a value waits for the GPU, and a wait here, before the backward is
+        # launched, idles it
+        self.last_step = StepRecord(stage.name, tuple(n for n, _ in plan.slots), plan.anchor, loss.detach(),
+                                    {n: value.detach() for n, (value, _) in terms.items()},
+                                    {n: weight for n, (_, weight) in terms.items()})
         return {"loss": loss}
-
-    @property
-    def last_step_info(self) -> Optional[dict]:
-        """:attr:`last_step` with the losses as floats (waits for the GPU)."""
-        step = getattr(self, "last_step", None)
-        if step is None:
-            return None
-        return {**step, "loss": float(step["loss"]), "losses": {k: float(v) for k, v in step["losses"].items()}}
-
-    def _own_term(self, name: str, out: Optional[dict], view_batch: Optional[dict]) -> torch.Tensor:
-        if name == "time_smoothness":
-            return self.geometry.time_smoothness_loss(self.cfg.time_smoothness_points, self.cfg.time_smoothness_dt,
-                                                      generator=self.generator())
-        return losses.render_term(name, out, view_batch)
 
     @torch.no_grad()
     def _render_frozen(self, view_batch: dict) -> torch.Tensor:

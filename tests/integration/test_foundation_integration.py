@@ -133,7 +133,7 @@ def test_coarse_to_fine_levels_follow_the_step(threestudio, tmp_path):
 def test_normal_frames_and_weight_floor_from_the_yaml(threestudio, tmp_path):
     """renderer.normal_frames: normals on that many random images of a training batch, flagged in
     normal_frame_mask, the normal smoothness taken on those only; normal_weight_min: light samples get none."""
-    from animate124.core.training.losses import normal_smoothness_2d, render_term
+    from animate124.core.training.losses import LOSSES, LossInputs, normal_smoothness_2d
 
     torch.manual_seed(0)
     cfg, geometry, renderer, dm = _build_from_yaml(threestudio, tmp_path)
@@ -152,7 +152,8 @@ def test_normal_frames_and_weight_floor_from_the_yaml(threestudio, tmp_path):
         assert mask.shape == (2,) and int(mask.sum()) == 1
         picked.add(int(mask.nonzero()))
         torch.testing.assert_close(some["comp_normal"][mask], full["comp_normal"][mask], atol=1e-6, rtol=0)
-        assert render_term("normal_smoothness_2d", some, {}) == normal_smoothness_2d(full["comp_normal"][mask])
+        term = LOSSES["normal_smoothness_2d"].compute(LossInputs(out=some))
+        assert term == normal_smoothness_2d(full["comp_normal"][mask])
     assert picked == {0, 1}  # a fresh draw per render
     renderer.cfg.normal_frames, renderer.cfg.normal_weight_min = 0, 1e-2
     light = renderer(**batch, frame_times=times, return_normal=True)

@@ -359,19 +359,23 @@ def test_bad_config_fails_before_anything_starts(case, threestudio, tiny_models,
 
 
 def test_every_problem_is_reported_at_once(threestudio, tiny_models, rgba, run_dir):
+    """All of the data module's problems in one list when it is built (before the system and any model), then all of
+    the system's in one list when it is built."""
     from animate124.components.preflight import PreflightError
 
     _write_embeds(run_dir / "embeds.safetensors")
+    system_mistakes = ["system.loss.lamda_rgb=1", "system.guidances.cn.guidance.fixed_size=100",
+                       "system.guidances.cn.prompt_processor.prompt=a panda"]
+    text = _config(tiny_models, rgba, run_dir, with_cn=True)
     with pytest.raises(PreflightError) as info:
-        _build(threestudio, _config(tiny_models, rgba, run_dir, with_cn=True),
-               ["system.loss.lamda_rgb=1", "system.guidances.cn.guidance.fixed_size=100",
-                "system.guidances.cn.prompt_processor.prompt=a panda", "data.video.num_frames=0",
-                f"data.image_path={run_dir}/none.png"])
-    # the data module's problems (it is built first) with the system's, in one list
+        _build(threestudio, text, system_mistakes + ["data.video.num_frames=0", f"data.image_path={run_dir}/none.png"])
     assert [p.split(" ")[0] for p in info.value.problems] == [
-        "data.video.num_frames=0", f"data.image_path='{run_dir}/none.png'", "system.loss",
-        "system.guidances.cn.prompt_processor.prompt='a", "system.guidances.cn.guidance.fixed_size=100"]
-    assert "use e.g. 128" in info.value.problems[4]
+        "data.video.num_frames=0", f"data.image_path='{run_dir}/none.png'"]
+    with pytest.raises(PreflightError) as info:
+        _build(threestudio, text, system_mistakes)
+    assert [p.split(" ")[0] for p in info.value.problems] == [
+        "system.loss", "system.guidances.cn.prompt_processor.prompt='a", "system.guidances.cn.guidance.fixed_size=100"]
+    assert "use e.g. 128" in info.value.problems[2]
 
 
 def test_no_cuda_and_too_little_vram(threestudio, tiny_models, rgba, run_dir, monkeypatch):
@@ -450,7 +454,7 @@ class _StateAtStart:
                 self.start[trainer.global_step] = (_params(pl_module), _optimizer_state(trainer.optimizers[0]))
 
             def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-                self.stage[trainer.global_step] = pl_module.last_step_info["stage"]
+                self.stage[trainer.global_step] = pl_module.last_step.stage
 
         return StateAtStart()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import step_record
 
 REF = "panda-dance"
 
@@ -132,7 +133,7 @@ def StepRecorder():
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads = {name: bool(p.grad is not None and p.grad.abs().sum() > 0)
                      for name, p in pl_module.geometry.named_parameters()}
-            info = dict(pl_module.last_step_info)
+            info = step_record(pl_module.last_step)
             info["step"] = pl_module.true_global_step
             info["grads"] = grads
             self.steps.append(info)
@@ -502,6 +503,8 @@ def test_normal_frames_through_the_system_score_only_the_frames_with_normals(thr
                                                                             run_dir, monkeypatch):
     """renderer.normal_frames in a real run: each video step renders normals on 2 of the 4 frames, the normal
     smoothness is taken on those 2 only, and it still trains the 4-D grid."""
+    import dataclasses
+
     from animate124.core.training import losses
 
     cfg_text = _config(tiny_models, example_rgba, run_dir, steps=(1, 3, 1)).replace(
@@ -510,23 +513,23 @@ def test_normal_frames_through_the_system_score_only_the_frames_with_normals(thr
         "time_smoothness: 0.001}", "time_smoothness: 0.001, normal_smoothness_2d: 10.0}", 1)
     assert "normal_frames: 2" in cfg_text and cfg_text.count("normal_smoothness_2d") == 2
     seen = []
-    render_term = losses.render_term
+    entry = losses.LOSSES["normal_smoothness_2d"]
 
-    def recording(name, out, view_batch):
-        if name == "normal_smoothness_2d":
-            mask = out.get("normal_frame_mask")
-            seen.append(None if mask is None else mask.tolist())
-            if mask is not None:  # the frames left out really have no normals: (0.5, 0.5, 0.5) * opacity
-                rest = out["comp_normal"][~mask]
-                torch.testing.assert_close(rest, 0.5 * out["opacity"][~mask].expand_as(rest))
-        value = render_term(name, out, view_batch)
-        if name == "normal_smoothness_2d" and mask is not None:  # it scores the frames with normals, and only those
+    def recording(inputs):
+        out = inputs.out
+        mask = out.get("normal_frame_mask")
+        seen.append(None if mask is None else mask.tolist())
+        if mask is not None:  # the frames left out really have no normals: (0.5, 0.5, 0.5) * opacity
+            rest = out["comp_normal"][~mask]
+            torch.testing.assert_close(rest, 0.5 * out["opacity"][~mask].expand_as(rest))
+        value = entry.compute(inputs)
+        if mask is not None:  # it scores the frames with normals, and only those
             grad, = torch.autograd.grad(value, out["comp_normal"], retain_graph=True)
             assert float(grad[~mask].abs().max()) == 0.0 and float(grad[mask].abs().max()) > 0.0
             assert out["comp_normal"].grad_fn is not None  # and reaches the field
         return value
 
-    monkeypatch.setattr(losses, "render_term", recording)
+    monkeypatch.setitem(losses.LOSSES, "normal_smoothness_2d", dataclasses.replace(entry, compute=recording))
     rec = StepRecorder()
     _run(threestudio, cfg_text, run_dir, callbacks=[rec])
     assert [s["stage"] for s in rec.steps] == ["static", "dynamic", "dynamic", "dynamic", "refine"]

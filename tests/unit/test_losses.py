@@ -1,14 +1,14 @@
-"""core/training/losses.py against values worked out by hand on tiny tensors."""
+"""core/training/losses.py against values worked out by hand on tiny tensors, and the table of own losses."""
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from animate124.core.training import losses
-
-
-def test_all_exports_import():
-    assert all(hasattr(losses, name) for name in losses.__all__)
+from animate124.core.training.losses import LOSSES, LossInputs, OwnLoss
+from animate124.core.training.stages import PARAM_GROUPS
 
 
 def test_rgb_mse_composites_the_reference_on_the_render_background():
@@ -65,23 +65,88 @@ def test_sparsity_and_opaque_by_hand():
     assert losses.opaque(opacity).item() == pytest.approx((h0 + math.log(2)) / 2, rel=1e-5)
 
 
-def test_render_term_is_the_named_loss_on_the_render_and_its_batch():
-    g = torch.Generator().manual_seed(0)
-    out = {"comp_rgb": torch.rand(1, 4, 4, 3, generator=g), "comp_rgb_bg": torch.ones(1, 4, 4, 3),
-           "opacity": torch.rand(1, 4, 4, 1, generator=g), "depth": torch.rand(1, 4, 4, 1, generator=g),
-           "comp_normal": torch.rand(1, 4, 4, 3, generator=g)}
+def _render_and_reference(seed=0, frames=1):
+    g = torch.Generator().manual_seed(seed)
+    out = {"comp_rgb": torch.rand(frames, 4, 4, 3, generator=g), "comp_rgb_bg": torch.rand(frames, 4, 4, 3, generator=g),
+           "opacity": torch.rand(frames, 4, 4, 1, generator=g), "depth": torch.rand(frames, 4, 4, 1, generator=g),
+           "comp_normal": torch.rand(frames, 4, 4, 3, generator=g)}
     batch = {"rgb": torch.rand(1, 4, 4, 3, generator=g), "mask": torch.rand(1, 4, 4, 1, generator=g) > 0.5,
              "ref_depth": torch.rand(1, 4, 4, 1, generator=g)}
-    assert losses.render_term("rgb", out, batch) == losses.rgb_mse(out["comp_rgb"], batch["rgb"], batch["mask"],
-                                                                   out["comp_rgb_bg"])
-    assert losses.render_term("opaque", out, batch) == losses.opaque(out["opacity"])
-    assert losses.render_term("sparsity", out, batch) == losses.sparsity(out["opacity"])
-    assert losses.render_term("depth", out, batch) == losses.depth_pearson(out["depth"], batch["ref_depth"],
-                                                                           batch["mask"])
-    with pytest.raises(ValueError, match="unknown term 'rbg'"):
-        losses.render_term("rbg", out, batch)
-    # the renderer's normal_frames: the normal smoothness on the images that got normals only
-    out = {"comp_normal": torch.rand(3, 4, 4, 3, generator=g), "normal_frame_mask": torch.tensor([True, False, True])}
-    assert losses.render_term("normal_smoothness_2d", out, batch) == losses.normal_smoothness_2d(out["comp_normal"][[0, 2]])
-    del out["normal_frame_mask"]
-    assert losses.render_term("normal_smoothness_2d", out, batch) == losses.normal_smoothness_2d(out["comp_normal"])
+    return out, batch
+
+
+def test_each_entry_computes_its_function_on_its_inputs():
+    """Catches an entry wired to the wrong function or the wrong input (rgb against the opacity, the mask term on
+    the depth, the render's background swapped for the reference's ...)."""
+    out, batch = _render_and_reference()
+    x = LossInputs(out, batch)
+    expected = {
+        "rgb": losses.rgb_mse(out["comp_rgb"], batch["rgb"], batch["mask"], out["comp_rgb_bg"]),
+        "mask": losses.mask_bce(out["opacity"], batch["mask"]),
+        "depth": losses.depth_pearson(out["depth"], batch["ref_depth"], batch["mask"]),
+        "normal_smoothness_2d": losses.normal_smoothness_2d(out["comp_normal"]),
+        "sparsity": losses.sparsity(out["opacity"]),
+        "opaque": losses.opaque(out["opacity"]),
+    }
+    for name, value in expected.items():
+        assert LOSSES[name].compute(x) == value, name
+    # every pair differs on this input, so the equalities above pin each entry to one function
+    values = sorted(float(v) for v in expected.values())
+    assert min(b - a for a, b in zip(values, values[1:])) > 1e-3
+
+
+def test_normal_smoothness_only_on_the_frames_that_got_normals():
+    """Catches the normal smoothness taken over every frame when the renderer gave normals to some only
+    (``normal_frame_mask``: the others hold no normals, and would pull the field towards flat grey)."""
+    out, _ = _render_and_reference(1, frames=3)
+    mask = torch.tensor([True, False, True])
+    term = LOSSES["normal_smoothness_2d"].compute(LossInputs({**out, "normal_frame_mask": mask}))
+    assert term == losses.normal_smoothness_2d(out["comp_normal"][[0, 2]])
+    assert term != losses.normal_smoothness_2d(out["comp_normal"])
+
+
+def test_time_smoothness_reads_the_field_with_the_system_settings_and_stream():
+    """Catches the time smoothness called with its point count and time step swapped, the default settings instead
+    of the system's, or a fresh random stream instead of the system's seeded one."""
+    calls = []
+
+    class Field:
+        def time_smoothness_loss(self, n_points, dt, generator=None):
+            calls.append((n_points, dt, generator))
+            return torch.tensor(0.25)
+
+    stream = torch.Generator()
+    settings = SimpleNamespace(time_smoothness_points=123, time_smoothness_dt=0.03125)
+    value = LOSSES["time_smoothness"].compute(LossInputs(geometry=Field(), settings=settings, generator=stream))
+    assert value == 0.25 and calls == [(123, 0.03125, stream)]
+
+
+def test_each_entry_reads_only_what_its_view_provides():
+    """Catches an entry whose declared view or needs disagree with what it reads: a term on the main render or the
+    random view reading the reference batch (those batches hold no rgb / mask), a field term reading a render, a term
+    without ``normals`` reading ``comp_normal`` (absent from renders made without normals), a term reading the
+    reference depth without ``needs_ref_depth``."""
+    out, batch = _render_and_reference()
+    field = SimpleNamespace(time_smoothness_loss=lambda n, dt, generator=None: torch.tensor(0.0))
+    settings = SimpleNamespace(time_smoothness_points=8, time_smoothness_dt=0.1)
+    for loss in LOSSES.values():
+        given_out = {k: v for k, v in out.items() if loss.normals or k != "comp_normal"}
+        given_batch = {k: v for k, v in batch.items() if loss.needs_ref_depth or k != "ref_depth"}
+        if loss.view == "field":
+            x = LossInputs(None, None, field, settings)
+        elif loss.view == "reference":
+            x = LossInputs(given_out, given_batch)
+        else:  # the clip or the random view: cameras only, no reference images
+            x = LossInputs(given_out, {})
+        assert loss.compute(x).ndim == 0, loss.name
+
+
+def test_table_entries_are_valid():
+    """Catches a table entry naming a view that does not exist, a parameter group that does not exist, or a field
+    term asking for normals (it has no render)."""
+    assert list(LOSSES) == [loss.name for loss in LOSSES.values()]
+    assert all(loss.trains is None or loss.trains in PARAM_GROUPS for loss in LOSSES.values())
+    with pytest.raises(ValueError, match="view='clip' is not one of"):
+        OwnLoss("x", "clip", lambda x: x)
+    with pytest.raises(ValueError, match="a field term has no render to carry normals"):
+        dataclasses.replace(LOSSES["time_smoothness"], normals=True)

@@ -1,17 +1,68 @@
-"""The system's own loss terms, as plain tensor functions (renders in, scalar out).
+"""The system's own loss terms: plain tensor functions, and :data:`LOSSES`, the one table of them.
 
 Shapes follow the renderer's outputs: images ``[B, H, W, C]``, opacity / depth / masks ``[B, H, W, 1]``. Every
-function returns a 0-d tensor that keeps the gradient of its render inputs. The guidance (SDS) terms are not here:
-they come from the guidance modules.
+function returns a 0-d tensor that keeps the gradient of its inputs. The guidance (SDS) terms are not here: they come
+from the guidance slots.
+
+The table
+---------
+Each :class:`OwnLoss` entry of :data:`LOSSES` is read by the step plan (which render the term needs, when it runs,
+which stages may weigh it: :mod:`animate124.core.training.step_plan`), the system (it computes the planned entries and
+logs each as ``train/loss_<name>``) and the preflight (the names a ``loss_weights`` key may take). An entry holds:
+
+* ``name``: the ``stages[i].loss_weights`` key; the weight at a step (0 or absent: the term is not computed);
+* ``view``: where the term is computed, one of :data:`VIEWS`:
+
+  - ``reference``: the reference view at t = 0, on anchoring steps (video stages: clips from t = 0; image-only
+    stages: every ``system.static_ref_interval`` steps);
+  - ``main``: the stage's main render, every step (the clip in video stages, the random view in image-only stages);
+  - ``image_stage``: the random view of image-only stages, every step (a stage that renders video rejects the weight);
+  - ``field``: no render; the term reads the field itself (``inputs.geometry``), every step;
+
+* ``normals``: the render must carry normals (``comp_normal``), which cost a second pass through the field;
+* ``needs_ref_depth``: the data must have a reference depth (``data.depth_path``); without one the weight is rejected;
+* ``trains``: the one parameter group (:data:`animate124.core.training.stages.PARAM_GROUPS`) the term reaches, if
+  it reaches only one; a stage that does not train that group rejects the weight;
+* ``compute``: :class:`LossInputs` -> the 0-d term.
+
+The planned terms add up after the guidance slots' terms, in table order: loss = sum_i w_i * L_i.
+
+Adding a loss
+-------------
+1. Write the function (tensors in, 0-d tensor out) here, with a test in ``tests/unit/test_losses.py`` against values
+   worked out by hand.
+2. Add one :class:`OwnLoss` entry to :data:`LOSSES`. Nothing else changes: ``stages[i].loss_weights`` accepts the
+   name (and rejects it, at configure time, in stages where it can never run), the step plan renders its view (with
+   normals if asked), the system computes it and logs ``train/loss_<name>`` and ``train_params/lambda_<name>``.
+3. If it has a setting, add a field to the system's Config (``components/system.py``) and read it as
+   ``inputs.settings.<field>``.
+
+For example, an L1 alternative to ``mask`` on the reference view::
+
+    def mask_l1(opacity: Float[Tensor, "B H W 1"], mask: Mask) -> Float[Tensor, ""]:
+        # mean |opacity - mask| over the reference view's pixels
+        return (opacity.float() - mask.float()).abs().mean()
+
+    # in LOSSES:
+    OwnLoss("mask_l1", "reference", lambda x: mask_l1(x.out["opacity"], x.batch["mask"])),
+
+    # in a config: stages[i].loss_weights: {mask_l1: 100.0}
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 Mask = Bool[Tensor, "B H W 1"] | Float[Tensor, "B H W 1"]
 
-__all__ = ["rgb_mse", "mask_bce", "depth_pearson", "normal_smoothness_2d", "sparsity", "opaque", "render_term"]
+__all__ = ["rgb_mse", "mask_bce", "depth_pearson", "normal_smoothness_2d", "sparsity", "opaque", "LossInputs",
+           "OwnLoss", "LOSSES", "VIEWS"]
+
+VIEWS = ("reference", "main", "image_stage", "field")
 
 
 def rgb_mse(rgb: Float[Tensor, "B H W 3"], ref_rgb: Float[Tensor, "B H W 3"], mask: Mask,
@@ -73,18 +124,69 @@ def opaque(opacity: Float[Tensor, "B H W 1"], clamp: float = 1e-3) -> Float[Tens
     return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()
 
 
-def render_term(name: str, out: dict, view_batch: dict) -> Float[Tensor, ""]:
-    """The system's own loss ``name`` on one render ``out`` (renderer outputs) of ``view_batch`` (its batch):
-    rgb, mask, depth (reference view), normal_smoothness_2d, sparsity, opaque."""
-    if name == "rgb":
-        return rgb_mse(out["comp_rgb"], view_batch["rgb"], view_batch["mask"], out["comp_rgb_bg"])
-    if name == "mask":
-        return mask_bce(out["opacity"], view_batch["mask"])
-    if name == "depth":
-        return depth_pearson(out["depth"], view_batch["ref_depth"], view_batch["mask"])
-    if name == "normal_smoothness_2d":  # on the images that got normals (the renderer's normal_frames)
-        mask = out.get("normal_frame_mask")
-        return normal_smoothness_2d(out["comp_normal"] if mask is None else out["comp_normal"][mask])
-    if name in ("sparsity", "opaque"):
-        return sparsity(out["opacity"]) if name == "sparsity" else opaque(out["opacity"])
-    raise ValueError(f"render_term: unknown term {name!r}; one of rgb, mask, depth, normal_smoothness_2d, sparsity, opaque")
+@dataclass(frozen=True)
+class LossInputs:
+    """What a loss's ``compute`` reads.
+
+    Attributes:
+        out: the renderer's outputs on the term's view (None for ``field`` terms).
+        batch: that view's part of the training batch (``rgb``, ``mask``, ``ref_depth`` on the reference view).
+        geometry: the field being trained (``field`` terms).
+        settings: the system's config (a loss's own settings are fields of it).
+        generator: the system's random stream (seeded from the run's seed, saved in checkpoints).
+    """
+
+    out: Optional[dict] = None
+    batch: Optional[dict] = None
+    geometry: Any = None
+    settings: Any = None
+    generator: Optional[torch.Generator] = None
+
+
+@dataclass(frozen=True)
+class OwnLoss:
+    """One own loss term (module docstring: the table)."""
+
+    name: str
+    view: str
+    compute: Callable[[LossInputs], Float[Tensor, ""]]
+    normals: bool = False
+    needs_ref_depth: bool = False
+    trains: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.view not in VIEWS:
+            raise ValueError(f"OwnLoss {self.name!r}: view={self.view!r} is not one of {list(VIEWS)}")
+        if self.view == "field" and self.normals:
+            raise ValueError(f"OwnLoss {self.name!r}: a field term has no render to carry normals")
+
+
+def _normal_smoothness_term(x: LossInputs) -> Float[Tensor, ""]:
+    normal, mask = x.out["comp_normal"], x.out.get("normal_frame_mask")
+    return normal_smoothness_2d(normal if mask is None else normal[mask])  # the renderer's normal_frames: those only
+
+
+def _time_smoothness_term(x: LossInputs) -> Float[Tensor, ""]:
+    return x.geometry.time_smoothness_loss(x.settings.time_smoothness_points, x.settings.time_smoothness_dt,
+                                           generator=x.generator)
+
+
+def _table(*entries: OwnLoss) -> dict[str, OwnLoss]:
+    table = {entry.name: entry for entry in entries}
+    if len(table) != len(entries):
+        raise ValueError(f"LOSSES: duplicate names in {[e.name for e in entries]}")
+    return table
+
+
+# name -> entry, in the order the terms add up
+LOSSES: dict[str, OwnLoss] = _table(
+    OwnLoss("normal_smoothness_2d", "main", _normal_smoothness_term, normals=True),
+    OwnLoss("sparsity", "image_stage", lambda x: sparsity(x.out["opacity"])),
+    OwnLoss("opaque", "image_stage", lambda x: opaque(x.out["opacity"])),
+    OwnLoss("rgb", "reference",
+            lambda x: rgb_mse(x.out["comp_rgb"], x.batch["rgb"], x.batch["mask"], x.out["comp_rgb_bg"])),
+    OwnLoss("mask", "reference", lambda x: mask_bce(x.out["opacity"], x.batch["mask"])),
+    OwnLoss("depth", "reference", lambda x: depth_pearson(x.out["depth"], x.batch["ref_depth"], x.batch["mask"]),
+            needs_ref_depth=True),
+    OwnLoss("time_smoothness", "field", _time_smoothness_term, trains="field_4d"),
+)

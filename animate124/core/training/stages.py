@@ -14,6 +14,9 @@ that the command line reaches every value (``system.stages.dynamic.steps=2000``,
 The older list form (``- name: dynamic`` followed by the same keys) is still read; its entries cannot be addressed
 from the command line (OmegaConf cannot merge ``system.stages.0.steps=1`` into a list).
 
+The parameter groups (``learning_rates`` / ``trainable`` keys) are named once, in :data:`PARAM_GROUPS`: group ->
+the attribute path of its module on the system and what it is.
+
 Stage i covers the global steps [start_i, start_i + steps_i), start_0 = 0, start_{i+1} = start_i + steps_i; the
 total is the sum of steps. Steps at or past the total (the host runs validation, test and export at
 ``global_step == max_steps``) resolve to the **last** stage with ``done=True``, so rendering after training uses the
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
 __all__ = [
+    "PARAM_GROUPS",
+    "ParamGroup",
     "Stage",
     "StagePosition",
     "STAGE_KEYS",
@@ -42,6 +47,25 @@ __all__ = [
 ]
 
 STAGE_KEYS = ("name", "steps", "guidances", "loss_weights", "learning_rates", "trainable")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One parameter group: ``path`` = attribute path of its module on the system, ``description`` for messages."""
+
+    path: str
+    description: str
+
+
+# the one list of parameter groups: the stages' learning_rates / trainable keys, the optimizer's groups, the losses'
+# ``trains``; a new group is one entry here
+PARAM_GROUPS: dict[str, ParamGroup] = {
+    "field_3d": ParamGroup("geometry.encoding", "the 3-D grid"),
+    "field_4d": ParamGroup("geometry.encoding_time", "the 4-D grid"),
+    "density_mlp": ParamGroup("geometry.density_network", "the density MLP"),
+    "feature_mlp": ParamGroup("geometry.feature_network", "the colour MLP"),
+    "background": ParamGroup("background", "the background"),
+}
 
 
 @dataclass(frozen=True)

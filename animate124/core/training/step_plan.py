@@ -6,12 +6,13 @@ Views (the keys of a training batch): ``video`` (the clip, one camera and time p
 cameras at t = 0) and ``ref`` (the reference view at t = 0).
 
 * **Video stages** (a ``video`` or ``controlnet`` slot is active): the clip is rendered every step and feeds those
-  slots and the normal smoothness. *Anchoring* steps add the image slots on the random view and the reference terms
-  (``rgb``, ``mask``, ``depth``) on the reference view. Anchoring = the clip starts at t = 0 (upstream threestudio,
-  about 10 % of steps) or, with ``anchor_interval`` k > 0, also every k-th step.
-* **Image stages** (only ``image`` slots): the random view is rendered every step and feeds the image slots, the
-  normal smoothness, ``sparsity`` and ``opaque``; the reference terms run every ``static_ref_interval`` steps.
-* ``time_smoothness`` samples the 4-D field directly (no render).
+  slots. *Anchoring* steps add the image slots on the random view and the reference-view terms. Anchoring = the clip
+  starts at t = 0 (upstream threestudio, about 10 % of steps) or, with ``anchor_interval`` k > 0, also every k-th step.
+* **Image stages** (only ``image`` slots): the random view is rendered every step and feeds the image slots; the
+  reference-view terms run every ``static_ref_interval`` steps.
+
+Where each own loss term is computed (reference view, the stage's main render, the random view of image-only stages,
+or no render) is its entry in :data:`animate124.core.training.losses.LOSSES`.
 
 Loss weights: a slot's ``loss_<key>`` output weighs ``<slot>_<key>`` if given, else ``<slot>``. A term or slot whose
 weight is 0 (or absent) is not computed. :func:`check_weights` rejects at configure time every weight a stage can
@@ -23,13 +24,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from animate124.core.training.stages import Stage
+from torch import Tensor
+
+from animate124.core.training.losses import LOSSES, OwnLoss
+from animate124.core.training.stages import PARAM_GROUPS, Stage
 
 __all__ = [
     "GuidanceSlot",
     "StepPlan",
-    "OWN_TERMS",
-    "PARAM_GROUPS",
+    "StepRecord",
     "parse_slots",
     "check_weights",
     "plan_step",
@@ -38,10 +41,6 @@ __all__ = [
 
 SLOT_KEYS = ("guidance_type", "guidance", "prompt_processor_type", "prompt_processor", "input")
 SLOT_INPUTS = ("image", "video", "controlnet")
-REFERENCE_TERMS = ("rgb", "mask", "depth")
-IMAGE_STAGE_TERMS = ("sparsity", "opaque")
-OWN_TERMS = REFERENCE_TERMS + ("normal_smoothness_2d",) + IMAGE_STAGE_TERMS + ("time_smoothness",)
-PARAM_GROUPS = ("field_3d", "field_4d", "density_mlp", "feature_mlp", "background")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,8 @@ class StepPlan:
     """What a step computes.
 
     ``renders``: view -> whether that render needs normals, in render order. ``slots``: (slot, view) pairs.
-    ``terms``: own term -> (view it is computed on, or None for ``time_smoothness``, and its weight).
+    ``terms``: own term -> (the batch view it is computed on, or None for a ``field`` term, and its weight), in the
+    order of :data:`~animate124.core.training.losses.LOSSES`.
     ``anchor``: the reference view ran (logged; the image slots of video stages run exactly then).
     """
 
@@ -75,6 +75,23 @@ class StepPlan:
     slots: tuple[tuple[str, str], ...] = ()
     terms: dict[str, tuple[Optional[str], float]] = field(default_factory=dict)
     anchor: bool = False
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a training step computed: the system's ``last_step``, read by the non-finite guard.
+
+    ``guidances``: the slots that ran. ``losses``: term -> its unweighted value (detached 0-d tensor; slot outputs are
+    named ``<slot>:<key>``, own terms by their name); ``weights``: term -> the weight it was summed with; ``loss``:
+    the total sum_i weights[i] * losses[i] (detached). Tensors, not floats: reading a value waits for the GPU.
+    """
+
+    stage: str
+    guidances: tuple[str, ...]
+    anchor: bool
+    loss: Tensor
+    losses: dict[str, Tensor]
+    weights: dict[str, float]
 
 
 def parse_slots(raw: Mapping[str, Any]) -> dict[str, GuidanceSlot]:
@@ -130,24 +147,31 @@ def check_weights(
         video = _is_video_stage(stage, slots)
         for key in stage.loss_weights:
             slot = _slot_of(key, slots)
-            if key in OWN_TERMS:
-                reason = None
-                if key in IMAGE_STAGE_TERMS and video:
-                    reason = "it is computed on the random view of image-only stages; this stage renders video"
-                elif key in REFERENCE_TERMS and not video and static_ref_interval <= 0:
-                    reason = "system.static_ref_interval <= 0 never renders the reference view in image stages"
-                elif key == "depth" and has_ref_depth is False:
-                    reason = "there is no reference depth: set data.depth_path (animate124 preprocess writes depth.png)"
-                elif key == "time_smoothness" and not stage.trains("field_4d"):
-                    reason = "it only reaches the 4-D grid (field_4d), which this stage does not train"
+            if key in LOSSES:
+                reason = _unusable(LOSSES[key], stage, video, static_ref_interval, has_ref_depth)
                 if reason:
                     raise ValueError(f"{where}: loss weight {key!r} cannot be used: {reason}; remove the weight")
             elif slot is None:
                 raise ValueError(f"{where}: loss weight {key!r} names neither a slot ({list(slots)}) nor a system "
-                                 f"term ({list(OWN_TERMS)})")
+                                 f"term ({list(LOSSES)})")
             elif slot not in stage.guidances:
                 raise ValueError(f"{where}: loss weight {key!r} is for slot {slot!r}, which is not in this stage's "
                                  f"guidances {list(stage.guidances)}; add the slot or remove the weight")
+
+
+def _unusable(loss: OwnLoss, stage: Stage, video: bool, static_ref_interval: int,
+              has_ref_depth: Optional[bool]) -> Optional[str]:
+    """Why ``stage`` can never compute ``loss`` (None: it can)."""
+    if loss.view == "image_stage" and video:
+        return "it is computed on the random view of image-only stages; this stage renders video"
+    if loss.view == "reference" and not video and static_ref_interval <= 0:
+        return "system.static_ref_interval <= 0 never renders the reference view in image stages"
+    if loss.needs_ref_depth and has_ref_depth is False:
+        return "there is no reference depth: set data.depth_path (animate124 preprocess writes depth.png)"
+    if loss.trains is not None and not stage.trains(loss.trains):
+        return (f"it only reaches {PARAM_GROUPS[loss.trains].description} ({loss.trains}), which this stage does not "
+                "train")
+    return None
 
 
 def is_anchor_step(video_stage: bool, step: int, start_from_zero: bool, anchor_interval: int,
@@ -183,17 +207,19 @@ def plan_step(
 
     active = [g for g in stage.guidances if any(on(k) and _slot_of(k, slots) == g for k in weights)]
     run = [(g, slots[g].view) for g in active if slots[g].view == main_view or anchor]
+    # term view -> (whether it runs at this step, the batch view it is computed on)
+    where = {"main": (True, main_view), "image_stage": (not video_stage, "random"), "reference": (anchor, "ref"),
+             "field": (True, None)}
     terms: dict[str, tuple[Optional[str], float]] = {}
-    if on("normal_smoothness_2d"):
-        terms["normal_smoothness_2d"] = (main_view, float(weights["normal_smoothness_2d"]))
-    if not video_stage:
-        terms.update({k: ("random", float(weights[k])) for k in IMAGE_STAGE_TERMS if on(k)})
-    if anchor:
-        terms.update({k: ("ref", float(weights[k])) for k in REFERENCE_TERMS if on(k)})
-    if on("time_smoothness"):
-        terms["time_smoothness"] = (None, float(weights["time_smoothness"]))
+    normals: set[str] = set()
+    for name, loss in LOSSES.items():
+        runs, view = where[loss.view]
+        if runs and on(name):
+            terms[name] = (view, float(weights[name]))
+            if loss.normals:
+                normals.add(view)
     views = {v for _, v in run} | {v for v, _ in terms.values() if v is not None}
-    renders = {v: v == main_view and "normal_smoothness_2d" in terms for v in ("video", "random", "ref") if v in views}
+    renders = {v: v in normals for v in ("video", "random", "ref") if v in views}
     return StepPlan(stage.name, renders, tuple(run), terms, anchor)
 
 
