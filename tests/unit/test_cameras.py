@@ -1,7 +1,8 @@
 """Cameras in threestudio's conventions (z up, azimuth from +x towards +y, OpenGL camera looking along -z).
 
-Targets are hand-computed or come from the formulas in the module docstring; no threestudio here (the comparison
-with the host's own helpers is tests/integration/test_cameras_host.py)."""
+Targets are hand-computed or come from the formulas in the module docstring; the random cameras are checked exactly
+on scripted draws (the ends of every range and seeded interior values) against those formulas. No threestudio here
+(the comparison with the host's own helpers is tests/integration/test_cameras_host.py)."""
 
 import math
 
@@ -35,11 +36,6 @@ def _angles_of(traj):
 
 def _wrap(deg):
     return (deg + 180.0) % 360.0 - 180.0
-
-
-def test_all_exports_import():
-    for name in cam.__all__:
-        assert hasattr(cam, name), name
 
 
 def test_camera_positions_hand_values():
@@ -259,3 +255,111 @@ def test_bad_arguments_raise(call, match):
     error = (ValueError, TypeError) if match == "'sum'" else ValueError
     with pytest.raises(error, match=match):
         call()
+
+
+# ---- the random cameras on scripted draws: every range exactly ------------------------------------------------------
+
+HIGH = 1.0 - 2.0**-53  # the largest U below 1
+
+
+class _Script:
+    """Stands in for ``cameras._rand``: hands out scripted U values in order and records how many each draw took."""
+
+    def __init__(self, values):
+        self.values, self.sizes = [float(v) for v in values], []
+
+    def __call__(self, n, generator):
+        self.sizes.append(n)
+        out, self.values = self.values[:n], self.values[n:]
+        assert len(out) == n, "the sampler drew more than the script holds"
+        return torch.tensor(out, dtype=torch.float64)
+
+
+def _elevation(coin, u, lo, hi, sphere_prob):
+    """Degrees: uniform in degrees when coin >= sphere_prob, else uniform in sin(elevation) (the sphere's area)."""
+    if coin >= sphere_prob:
+        return lo + u * (hi - lo)
+    s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
+    return math.degrees(math.asin(s_lo + u * (s_hi - s_lo)))
+
+
+def _scripts(n_values, seed=0, n_random=20):
+    """Every draw at 0, every draw at its top, then seeded interior values."""
+    g = torch.Generator().manual_seed(seed)
+    return [[0.0] * n_values, [HIGH] * n_values] + [torch.rand(n_values, generator=g, dtype=torch.float64).tolist()
+                                                     for _ in range(n_random)]
+
+
+RANGES = dict(elevation_range=(-30.0, 60.0), azimuth_range=(-100.0, 140.0), distance_range=(1.5, 3.5),
+              fovy_range=(30.0, 55.0))
+
+
+@pytest.mark.parametrize("stratified", [True, False], ids=["batch-uniform-azimuth", "plain-azimuth"])
+@pytest.mark.parametrize("sphere", [True, False], ids=["area-uniform", "degree-uniform"])
+def test_random_cameras_map_each_draw_onto_its_range_exactly(monkeypatch, sphere, stratified):
+    """Catches a range shortened, shifted or swapped at either end (elevation, azimuth, distance, fovy), the azimuth
+    strata off by one (camera i covers [i, i + 1) / n of the range), the elevation coin's boundary moved (U >=
+    uniform_sphere_prob is uniform in degrees), or the draws taken in another order."""
+    n, p = 3, 0.5
+    coin = p - 1e-12 if sphere else p  # the coin at the boundary, on either side
+    for script in _scripts(4 * n):
+        u_e, u_a, u_d, u_f = (script[i * n:(i + 1) * n] for i in range(4))
+        draws = _Script([coin, *script])
+        monkeypatch.setattr(cam, "_rand", draws)
+        traj = sample_random_cameras(n, time=0.25, uniform_sphere_prob=p, batch_uniform_azimuth=stratified,
+                                     dtype=torch.float64, **RANGES)
+        assert draws.sizes == [1, n, n, n, n] and draws.values == []
+        lo, hi = RANGES["elevation_range"]
+        expected = {
+            "elevation_deg": [_elevation(coin, u, lo, hi, p) for u in u_e],
+            "azimuth_deg": [-100.0 + ((u + i) / n if stratified else u) * 240.0 for i, u in enumerate(u_a)],
+            "distance": [1.5 + u * 2.0 for u in u_d],
+            "fovy_deg": [30.0 + u * 25.0 for u in u_f],
+            "times": [0.25] * n,
+        }
+        for name, values in expected.items():
+            tol = 1e-5 if name == "elevation_deg" else 1e-12  # elevations are drawn in float32
+            torch.testing.assert_close(getattr(traj, name), torch.tensor(values, dtype=torch.float64), rtol=0,
+                                       atol=tol, msg=name)
+    # the bottom of every range, said plainly
+    draws = _Script([coin] + [0.0] * 4 * n)
+    monkeypatch.setattr(cam, "_rand", draws)
+    traj = sample_random_cameras(n, uniform_sphere_prob=p, batch_uniform_azimuth=stratified, dtype=torch.float64,
+                                 **RANGES)
+    assert traj.elevation_deg.tolist() == [-30.0] * n and traj.distance.tolist() == [1.5] * n
+    assert traj.azimuth_deg.tolist() == ([-100.0, -20.0, 60.0] if stratified else [-100.0] * n)
+
+
+@pytest.mark.parametrize("delta_mode", ["per_frame", "total"])
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-camera", "moving-camera"])
+def test_clip_cameras_map_each_draw_onto_its_range_exactly(monkeypatch, delta_mode, fixed):
+    """Catches a start-camera or drift range shortened, shifted or swapped, the azimuth moved by another drift
+    (upstream's bug used the elevation's), the per-frame / total scaling of the drift mixed up, the elevation clamp
+    lost, or the fixed-camera coin's boundary moved (U < fixed_camera_prob keeps the camera still)."""
+    n_frames, p_fixed = 5, 0.25
+    ranges = dict(elevation_range=(-20.0, 70.0), azimuth_range=(-150.0, 90.0), distance_range=(2.0, 3.0),
+                  elevation_delta_range=(-2.0, 6.0), azimuth_delta_range=(-8.0, 4.0), distance_delta_range=(-0.1, 0.3))
+    coin = p_fixed - 1e-12 if fixed else p_fixed
+    times = torch.linspace(0.0, 0.5, n_frames, dtype=torch.float64)
+    for script in _scripts(6, seed=1):
+        u_e, u_a, u_d, u_de, u_da, u_dd = script
+        draws = _Script([0.9, u_e, u_a, u_d, u_de, u_da, u_dd, coin])  # elevation coin 0.9: uniform in degrees
+        monkeypatch.setattr(cam, "_rand", draws)
+        traj = sample_clip_trajectory(times, delta_mode=delta_mode, fixed_camera_prob=p_fixed,
+                                      uniform_sphere_prob=0.5, elevation_limit_deg=80.0, **ranges)
+        assert draws.sizes == [1, 1, 1, 1, 1, 1, 1, 1] and draws.values == []
+        e0, a0, d0 = -20.0 + u_e * 90.0, -150.0 + u_a * 240.0, 2.0 + u_d * 1.0
+        de, da, dd = (0.0, 0.0, 0.0) if fixed else (-2.0 + u_de * 8.0, -8.0 + u_da * 12.0, -0.1 + u_dd * 0.4)
+        s = [f / (n_frames - 1) if delta_mode == "total" else float(f) for f in range(n_frames)]
+        expected = {"elevation_deg": [min(max(e0 + k * de, -80.0), 80.0) for k in s],
+                    "azimuth_deg": [a0 + k * da for k in s], "distance": [d0 + k * dd for k in s]}
+        for name, values in expected.items():
+            tol = 1e-5 if name == "elevation_deg" else 1e-12  # elevations are drawn in float32
+            torch.testing.assert_close(getattr(traj, name), torch.tensor(values, dtype=torch.float64), rtol=0,
+                                       atol=tol, msg=name)
+        torch.testing.assert_close(traj.times, times, rtol=0, atol=0)
+    # the top of the elevation range with the top drift: clamped at the limit, not beyond
+    monkeypatch.setattr(cam, "_rand", _Script([0.9, HIGH, 0.0, 0.0, HIGH, 0.0, 0.0, 1.0]))
+    traj = sample_clip_trajectory(times, delta_mode="per_frame", uniform_sphere_prob=0.5, elevation_limit_deg=80.0,
+                                  **ranges)
+    assert traj.elevation_deg.tolist() == pytest.approx([70.0, 76.0, 80.0, 80.0, 80.0])

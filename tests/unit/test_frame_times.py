@@ -1,10 +1,13 @@
-"""Frame-time sampler (upstream's clip-time algorithm): statistics over 10k draws and exact small cases."""
+"""Frame-time sampler: every clip of small lattices with its exact probability (against an enumeration of the
+documented algorithm), statistics of the real random draws over 10k clips, and hand cases."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
+from animate124.core.render import frame_times
 from animate124.core.render.frame_times import eval_times, sample_frame_times, stride_probabilities
 
 N_DRAWS = 10_000
@@ -103,3 +106,93 @@ def test_eval_times():
     assert eval_times(64)[61].item() == pytest.approx(61 / 63)
     with pytest.raises(ValueError, match="num=0"):
         eval_times(0)
+
+
+# ---- every outcome of small lattices, with its exact probability ------------------------------------------------------
+
+N_UNIFORM = 10  # the coins' U takes i / 10, i < 10: exact probabilities for rates that are multiples of 0.1
+
+
+def _all_outcomes(monkeypatch, **kwargs) -> dict:
+    """{(lattice indices, start_from_zero, stride, start, mirrored): probability} of ``sample_frame_times(**kwargs)``
+    over every combination of its draws: each randint(low, high) takes each of its values with probability
+    1 / (high - low), each U takes i / N_UNIFORM with probability 1 / N_UNIFORM (a depth-first walk of the draw tree)."""
+    path: list[int] = []
+    sizes: list[int] = []  # the options of each draw of the current run
+
+    def choose(n):
+        assert n >= 1
+        if len(sizes) == len(path):
+            path.append(0)
+        sizes.append(n)
+        return path[len(sizes) - 1]
+
+    monkeypatch.setattr(frame_times, "_randint", lambda low, high, generator: low + choose(high - low))
+    monkeypatch.setattr(frame_times, "_uniform", lambda generator: choose(N_UNIFORM) / N_UNIFORM)
+    outcomes: dict = {}
+    while True:
+        sizes.clear()
+        clip = sample_frame_times(**kwargs, dtype=torch.float64)
+        index = clip.times * kwargs["precision"]
+        assert (index - index.round()).abs().max() < 1e-9, clip.times  # on the lattice
+        key = (tuple(int(i) for i in index.round()), clip.start_from_zero, clip.stride, clip.start, clip.mirrored)
+        probability = Fraction(1)
+        for n in sizes:
+            probability /= n
+        outcomes[key] = outcomes.get(key, 0) + probability
+        del path[len(sizes):]
+        while path and path[-1] + 1 == sizes[len(path) - 1]:
+            path.pop()
+        if not path:
+            return outcomes
+        path[-1] += 1
+
+
+def _reference_outcomes(num_frames, precision, zero_rate, mirror_prob) -> dict:
+    """The same distribution enumerated from the algorithm as documented (module docstring, steps 1-5)."""
+    zero_rate, mirror_prob = Fraction(zero_rate).limit_denominator(100), Fraction(mirror_prob).limit_denominator(100)
+    outcomes: dict = {}
+    draws = range(num_frames, precision + 1)  # randint(F, P), both ends included
+    for from_zero, p_zero in ((True, zero_rate), (False, 1 - zero_rate)):
+        for draw in draws:
+            stride = draw // num_frames
+            starts = [0] if from_zero else list(range(precision - stride * num_frames + 1))
+            for start in starts:
+                for mirrored, p_mirror in ((True, mirror_prob), (False, 1 - mirror_prob)):
+                    index = [start + stride * f for f in range(num_frames)]
+                    if mirrored:
+                        index = sorted(precision - i for i in index)
+                    key = (tuple(index), from_zero and not mirrored, stride, start, mirrored)
+                    p = p_zero * Fraction(1, len(draws)) * Fraction(1, len(starts)) * p_mirror
+                    outcomes[key] = outcomes.get(key, 0) + p
+    return {k: p for k, p in outcomes.items() if p > 0}
+
+
+LATTICES = [(1, 1), (1, 4), (2, 2), (2, 5), (3, 7), (4, 4), (4, 9), (5, 12)]
+
+
+@pytest.mark.parametrize("num_frames, precision", LATTICES)
+@pytest.mark.parametrize("zero_rate, mirror_prob", [(0.2, 0.5), (0.0, 0.0), (1.0, 1.0), (0.3, 0.1)])
+def test_every_clip_of_small_lattices_with_its_exact_probability(monkeypatch, num_frames, precision, zero_rate,
+                                                                 mirror_prob):
+    """Catches any change to the ranges of the draws (start in [0, P - span] both ends included, the stride's
+    randint(F, P) both ends included), to the mirror (t -> 1 - t, order reversed, flag cleared) or to the coins
+    (U < rate): every clip the sampler can return, and its probability, equal an enumeration of the documented
+    algorithm."""
+    got = _all_outcomes(monkeypatch, num_frames=num_frames, precision=precision, zero_rate=zero_rate,
+                        mirror_prob=mirror_prob)
+    expected = _reference_outcomes(num_frames, precision, zero_rate, mirror_prob)
+    assert set(got) == set(expected)
+    assert got == expected
+    assert sum(got.values()) == 1
+
+
+def test_start_and_stride_ranges_reach_both_ends(monkeypatch):
+    """Catches a start range one short at either end: with F = 4, P = 16 every stride k = 1..4 occurs, and for each
+    every start 0 .. 16 - 4k occurs, and no other."""
+    got = _all_outcomes(monkeypatch, num_frames=4, precision=16, zero_rate=0.2, mirror_prob=0.5)
+    starts: dict = {}
+    for _, _, stride, start, _ in got:
+        starts.setdefault(stride, set()).add(start)
+    assert starts == {k: set(range(16 - 4 * k + 1)) for k in (1, 2, 3, 4)}
+    assert stride_probabilities(4, 16) == {1: 4 / 13, 2: 4 / 13, 3: 4 / 13, 4: 1 / 13}

@@ -231,7 +231,6 @@ x, grad_out = torch.rand(150, 4, generator=gen), torch.randn(150, 8, generator=g
 base = torch.randn(ref.shape, generator=gen)
 torch.testing.assert_close(enc.embedding_grad(x, grad_out), ref, rtol=1e-6, atol=1e-6)
 torch.testing.assert_close(enc.embedding_grad(x, grad_out, out=base.clone()), base + ref, rtol=1e-6, atol=1e-6)
-assert all(hasattr(hashgrid_triton, name) for name in hashgrid_triton.__all__)
 print("ok")
 """
 
@@ -281,14 +280,6 @@ def test_backward_kernel_compiles_for_sm90():
     if "nvidia" in proc.stderr and "No module named" in proc.stderr:
         pytest.skip("triton has no CUDA backend here")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
-
-
-def test_exports_exist():
-    from animate124.core.field import hashgrid
-
-    assert all(hasattr(hashgrid, name) for name in hashgrid.__all__)
-    # hashgrid_triton's exports are checked in the interpreted subprocess: importing it here, without
-    # TRITON_INTERPRET, would leave compiled-mode kernels cached for any later test of this process.
 
 
 def test_deepcopy_drops_cached_tcnn_modules():

@@ -2,7 +2,6 @@
 
 import pytest
 
-from animate124.core.training import stages as stages_module
 from animate124.core.training.stages import Stage, parse_stages, stage_at, stage_starts, starts_later_stage, total_steps
 
 RECIPE = [
@@ -28,11 +27,6 @@ RECIPE = [
 @pytest.fixture()
 def recipe():
     return parse_stages(RECIPE)
-
-
-def test_all_exports_import():
-    for name in stages_module.__all__:
-        assert hasattr(stages_module, name), name
 
 
 def test_parse_fills_defaults_and_keeps_values(recipe):

@@ -378,12 +378,3 @@ def test_normal_subset_on_cuda_packed_samples():
     assert calls[1] < calls[0]
     light.normal.sum().backward()  # the normals themselves carry gradient to the grids (not only via the opacity)
     assert field.encoding.embeddings.grad.abs().sum() > 0 and field.encoding_time.embeddings.grad.abs().sum() > 0
-
-
-def test_every_exported_name_imports():
-    import importlib
-
-    for name in ("animate124.core.render.volrend", "animate124.core.field.dynamic_field", "animate124.core.field.occupancy"):
-        module = importlib.import_module(name)
-        for symbol in module.__all__:
-            assert getattr(module, symbol) is not None, f"{name}.{symbol}"

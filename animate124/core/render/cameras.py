@@ -201,8 +201,8 @@ def sample_elevation_deg(
     """n elevations in degrees, the host's way: one coin for the whole batch; with probability
     1 - ``uniform_sphere_prob`` uniform in degrees, otherwise uniform on the sphere's area (sin e uniform)."""
     lo, hi = _check_range("elevation_range", elevation_range, -90.0, 90.0)
-    coin = float(torch.rand((1,), generator=generator, dtype=torch.float64).item())
-    u = torch.rand((n,), generator=generator, dtype=torch.float64)
+    coin = float(_rand(1, generator))
+    u = _rand(n, generator)
     if coin >= uniform_sphere_prob:
         return (lo + u * (hi - lo)).float()
     s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
@@ -255,7 +255,7 @@ def sample_clip_trajectory(
     de = _uniform_in("elevation_delta_range", elevation_delta_range, 1, generator)
     da = _uniform_in("azimuth_delta_range", azimuth_delta_range, 1, generator)
     dd = _uniform_in("distance_delta_range", distance_delta_range, 1, generator)
-    if float(torch.rand((1,), generator=generator, dtype=torch.float64).item()) < fixed_camera_prob:
+    if float(_rand(1, generator)) < fixed_camera_prob:
         de, da, dd = torch.zeros_like(de), torch.zeros_like(da), torch.zeros_like(dd)
     # 3. per-frame angles: the azimuth moves by the azimuth delta (upstream used the elevation delta here)
     s = torch.arange(n, dtype=torch.float64)
@@ -294,7 +294,7 @@ def sample_random_cameras(
         raise ValueError(f"n={n} must be >= 1 cameras")
     elevation = sample_elevation_deg(n, elevation_range, uniform_sphere_prob, generator).double()
     a_lo, a_hi = _check_range("azimuth_range", azimuth_range)
-    u = torch.rand((n,), generator=generator, dtype=torch.float64)
+    u = _rand(n, generator)
     if batch_uniform_azimuth:
         u = (u + torch.arange(n, dtype=torch.float64)) / n
     azimuth = a_lo + u * (a_hi - a_lo)
@@ -391,9 +391,14 @@ def _fractions(n: int, endpoint: bool) -> Tensor:
     return k / max(n - 1, 1) if endpoint else k / n
 
 
+def _rand(n: int, generator: Optional[torch.Generator]) -> Tensor:
+    """n values of U[0, 1) in float64: every draw of the random cameras (a test replaces it to script the draws)."""
+    return torch.rand((n,), generator=generator, dtype=torch.float64)
+
+
 def _uniform_in(name, bounds, n, generator, lower=None) -> Tensor:
     lo, hi = _check_range(name, bounds, lower)
-    return lo + torch.rand((n,), generator=generator, dtype=torch.float64) * (hi - lo)
+    return lo + _rand(n, generator) * (hi - lo)
 
 
 def _check_range(name, bounds, lower=None, upper=None) -> tuple[float, float]:

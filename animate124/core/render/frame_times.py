@@ -71,11 +71,11 @@ def sample_frame_times(
     # 1. start-at-zero coin
     start_from_zero = _uniform(generator) < zero_rate
     # 2. span = floor(randint(F, P) / F) * F, both ends inclusive -> stride k = span / F
-    draw = int(torch.randint(num_frames, precision + 1, (1,), generator=generator).item())
+    draw = _randint(num_frames, precision + 1, generator)
     stride = draw // num_frames
     span = stride * num_frames
     # 3. start on the lattice so that start + span <= P
-    start = 0 if start_from_zero else int(torch.randint(0, precision - span + 1, (1,), generator=generator).item())
+    start = 0 if start_from_zero else _randint(0, precision - span + 1, generator)
     # 4. lattice indices -> times (integers first, one division: exact k/P spacing)
     index = start + stride * torch.arange(num_frames, dtype=torch.float64)
     # 5. mirror: t <- 1 - t, reversed so times increase; upstream then clears the anchoring flag
@@ -121,8 +121,15 @@ def stride_probabilities(num_frames: int = 16, precision: int = 256) -> dict[int
     return {k: c / n_draws for k, c in sorted(counts.items())}
 
 
+# every draw of the sampler goes through these two (a test replaces them to enumerate every outcome)
 def _uniform(generator: Optional[torch.Generator]) -> float:
+    """U in [0, 1)."""
     return float(torch.rand((1,), generator=generator, dtype=torch.float64).item())
+
+
+def _randint(low: int, high: int, generator: Optional[torch.Generator]) -> int:
+    """An integer in [low, high), uniform."""
+    return int(torch.randint(low, high, (1,), generator=generator).item())
 
 
 def _check_sampler_args(num_frames: int, precision: int, zero_rate: float, mirror_prob: float) -> None:
