@@ -108,7 +108,7 @@ def test_eval_times():
         eval_times(0)
 
 
-# ---- every outcome of small lattices, with its exact probability ------------------------------------------------------
+# ---- every outcome of small lattices, with its exact probability ---------------------------------------------------
 
 N_UNIFORM = 10  # the coins' U takes i / 10, i < 10: exact probabilities for rates that are multiples of 0.1
 
@@ -116,7 +116,8 @@ N_UNIFORM = 10  # the coins' U takes i / 10, i < 10: exact probabilities for rat
 def _all_outcomes(monkeypatch, **kwargs) -> dict:
     """{(lattice indices, start_from_zero, stride, start, mirrored): probability} of ``sample_frame_times(**kwargs)``
     over every combination of its draws: each randint(low, high) takes each of its values with probability
-    1 / (high - low), each U takes i / N_UNIFORM with probability 1 / N_UNIFORM (a depth-first walk of the draw tree)."""
+    1 / (high - low), each U takes i / N_UNIFORM with probability 1 / N_UNIFORM (a depth-first walk of the draw
+    tree)."""
     path: list[int] = []
     sizes: list[int] = []  # the options of each draw of the current run
 
