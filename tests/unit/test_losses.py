@@ -68,7 +68,8 @@ def test_sparsity_and_opaque_by_hand():
 def _render_and_reference(seed=0, frames=1):
     g = torch.Generator().manual_seed(seed)
     out = {"comp_rgb": torch.rand(frames, 4, 4, 3, generator=g),
-           "comp_rgb_bg": torch.rand(frames, 4, 4, 3, generator=g), "opacity": torch.rand(frames, 4, 4, 1, generator=g), "depth": torch.rand(frames, 4, 4, 1, generator=g),
+           "comp_rgb_bg": torch.rand(frames, 4, 4, 3, generator=g),
+           "opacity": torch.rand(frames, 4, 4, 1, generator=g), "depth": torch.rand(frames, 4, 4, 1, generator=g),
            "comp_normal": torch.rand(frames, 4, 4, 3, generator=g)}
     batch = {"rgb": torch.rand(1, 4, 4, 3, generator=g), "mask": torch.rand(1, 4, 4, 1, generator=g) > 0.5,
              "ref_depth": torch.rand(1, 4, 4, 1, generator=g)}
