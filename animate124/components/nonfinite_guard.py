@@ -2,11 +2,10 @@
 
 The system returns :class:`NonfiniteGuard` from ``configure_callbacks``. Before each optimiser step the guard looks at
 the loss terms of the step (the system's ``last_step`` record; for another system, the logged ``train/loss*``) and at
-every gradient of the optimiser. When one is NaN or
-inf it sets every gradient to ``None``: torch optimisers skip parameters without a gradient, so neither the parameters
-nor the optimiser state (Adam's moments and step count) change. The skip is counted (``train/nonfinite_skipped``) and
-warned; ``max_in_row`` skipped steps in a row stop the run with :class:`NonfiniteTrainingError`, naming the step, the
-stage and the non-finite terms.
+every gradient of the optimiser. When one is NaN or inf it sets every gradient to ``None``: torch optimisers skip
+parameters without a gradient, so neither the parameters nor the optimiser state (Adam's moments and step count)
+change. The skip is counted (``train/nonfinite_skipped``) and warned; ``max_in_row`` skipped steps in a row stop the
+run with :class:`NonfiniteTrainingError`, naming the step, the stage and the non-finite terms.
 
 Under 16-bit mixed precision an overflowing *gradient* with a finite loss is the grad scaler's business (it skips the
 step and lowers its scale, routinely early in training): such steps are skipped but not counted towards the stop.

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 SIZE = 8
-GUIDANCE = "a124-test-fixed-guidance"
+GUIDANCE = "loss-assembly-fixed-guidance"  # not a124-*: tests that list our registered kinds skip it
 # slot -> {output key: (the value it returns, the colour channel whose mean gives its gradient)}
 SLOT_VALUES = {"sd": {"sds": (3.0, 0)}, "z123": {"sds": (0.7, 1), "aux": (5.5, 2)},
                "video": {"sds_video": (2.3, 0)}, "cn": {"sds": (1.9, 2)}}

@@ -10,7 +10,7 @@ Each :class:`OwnLoss` entry of :data:`LOSSES` is read by the step plan (which re
 which stages may weigh it: :mod:`animate124.core.training.step_plan`), the system (it computes the planned entries and
 logs each as ``train/loss_<name>``) and the preflight (the names a ``loss_weights`` key may take). An entry holds:
 
-* ``name``: the ``stages[i].loss_weights`` key; the weight at a step (0 or absent: the term is not computed);
+* ``name``: its key in ``stages[i].loss_weights`` (a weight of 0, or none: the term is not computed);
 * ``view``: where the term is computed, one of :data:`VIEWS`:
 
   - ``reference``: the reference view at t = 0, on anchoring steps (video stages: clips from t = 0; image-only
