@@ -114,7 +114,7 @@ class Animate124System(EvalOutputsMixin, BaseLift3DSystem):
         try:
             self.stages: tuple[Stage, ...] = parse_stages(self.cfg.stages)
         except (ValueError, TypeError) as error:  # e.g. a stage an override misspells: one line, nothing started
-            preflight.raise_if(preflight.pending_data_problems() + [f"system.{error}"])
+            preflight.raise_if([f"system.{error}"])
         self.slots = parse_slots(self.cfg.guidances)
         check_weights(self.stages, self.slots, self.cfg.static_ref_interval)
         # every stage's inputs and every component's keys, before the host builds geometry / renderer (a typo there
