@@ -2,6 +2,7 @@
 
 import pytest
 
+from animate124.core.training import stages as stages_module
 from animate124.core.training.stages import Stage, parse_stages, stage_at, stage_starts, starts_later_stage, total_steps
 
 RECIPE = [
