@@ -83,9 +83,11 @@ def run_oracle_4d(
             stage.learning_rates[group] = float(stage.learning_rates[group]) * lr_scale
     # 2. the host's objects, as launch.py builds them
     pl.seed_everything(cfg.seed)
+    from animate124.components.data import filled_data_config
+
+    data_cfg = filled_data_config(cfg.data)
+    _write_reference_view(ref_path, data_cfg)  # before the data module, which checks the image exists
     dm = threestudio.find(cfg.data_type)(cfg.data)
-    data_cfg = dm.cfg  # with the data module's defaults filled in
-    _write_reference_view(ref_path, data_cfg)
     system = threestudio.find(cfg.system_type)(cfg.system)
     system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
     views = _eval_views(n_eval_views, eval_elevations)

@@ -270,15 +270,18 @@ def _global_rank(trainer) -> int:
     return 0
 
 
+def filled_data_config(cfg=None) -> ImageVideoDataModuleConfig:
+    """``cfg`` merged onto the structured defaults (nested sections keep theirs; unknown keys raise), unchecked."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {}))
+
+
 @threestudio.register("a124-image-video-datamodule")
 class ImageVideoDataModule(pl.LightningDataModule):
     cfg: ImageVideoDataModuleConfig
 
     def __init__(self, cfg=None) -> None:
         super().__init__()
-        # merge onto the structured defaults so nested sections keep their defaults; unknown keys raise
-        merged = OmegaConf.merge(OmegaConf.structured(ImageVideoDataModuleConfig), cfg or {})
-        self.cfg = OmegaConf.to_object(merged)
+        self.cfg = filled_data_config(cfg)
         preflight.check_data(self.cfg)  # built before the system: its problems before any model loads
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -33,9 +33,11 @@ def _batch(threestudio, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from oracle_4d import CONFIG, _write_reference_view
 
+    from animate124.components.data import filled_data_config
+
     cfg = load_config(str(CONFIG), cli_args=[f"data.image_path={tmp_path / 'ref.png'}", *CPU_OVERRIDES])
+    _write_reference_view(tmp_path / "ref.png", filled_data_config(cfg.data))
     dm = threestudio.find(cfg.data_type)(cfg.data)
-    _write_reference_view(tmp_path / "ref.png", dm.cfg)
     dm.setup("fit")
     return cfg, dm.train_dataset.collate(None)
 
