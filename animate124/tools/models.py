@@ -114,6 +114,9 @@ def report(config: Path, needs: list) -> str:
                      "with `animate124 make-tiny-models DIR` (tests) / download the repository into the folder")
     if not hub_missing and not local_missing:
         lines.append("every file is here: the run can start offline (HF_HUB_OFFLINE=1)")
+    if os.environ.get("HF_HUB_CACHE") and _version("diffusers").startswith("0.19."):
+        lines.append("note: diffusers 0.19 does not read HF_HUB_CACHE (it reads HF_HOME): set HF_HOME=FOLDER, whose "
+                     "hub/ sub-folder is the cache, so the run looks where this listing looked")
     return "\n".join(lines)
 
 
@@ -146,6 +149,15 @@ def _hub_cache() -> str:
         return str(constants.HF_HUB_CACHE)
     except ImportError:
         return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return ""
 
 
 def _cli() -> str:
