@@ -141,15 +141,19 @@ def version_line() -> str:
 
 
 def installed_here() -> Optional[importlib.metadata.Distribution]:
-    """This package's distribution when it is installed editable from this checkout, else None."""
-    try:
-        dist = importlib.metadata.distribution(DIST)
-        url = json.loads(dist.read_text("direct_url.json") or "{}")
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-    if not url.get("dir_info", {}).get("editable") or not url.get("url", "").startswith("file:"):
-        return None
-    return dist if Path(unquote(urlparse(url["url"]).path)).resolve() == REPO else None
+    """This package's installed distribution when it is editable from this checkout, else None. The first one on the
+    path counts (what Python imports), skipping the build's own ``*.egg-info`` in the checkout."""
+    for dist in importlib.metadata.distributions(name=DIST):
+        if Path(str(getattr(dist, "_path", ""))).resolve().parent == REPO:
+            continue
+        try:
+            url = json.loads(dist.read_text("direct_url.json") or "{}")
+        except ValueError:
+            return None
+        if not url.get("dir_info", {}).get("editable") or not url.get("url", "").startswith("file:"):
+            return None
+        return dist if Path(unquote(urlparse(url["url"]).path)).resolve() == REPO else None
+    return None
 
 
 def unmet(dist: importlib.metadata.Distribution, extras: list[str]) -> list[str]:
@@ -256,7 +260,8 @@ def tool() -> str:
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 3 and argv[1] == "--plan":
-        print("\n".join(plan(Path(argv[0]).resolve(), [e for e in argv[2].split(",") if e])))
+        for arg in plan(Path(argv[0]).resolve(), [e for e in argv[2].split(",") if e]):
+            print(arg)
         return 0
     if len(argv) != 1:
         print("usage: python -m animate124.tools.host_check PATH_TO_THREESTUDIO [--plan EXTRAS]", file=sys.stderr)
