@@ -57,9 +57,9 @@ def load_pretrained_component(
     where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
     raise OSError(
         f"could not load {cls.__name__} from {where!r} (offline or not downloaded?): download it once "
-        f"(`animate124 models CONFIG` lists every file a config needs and the command that fetches them) or set the "
-        f"id to a local folder in the same layout (`animate124 make-tiny-models DIR` writes tiny test ones); last "
-        f"error: {str(errors[-1]).splitlines()[0]}"
+        f"(`{published_models.hub_cli()} download {name_or_path}`; `animate124 models CONFIG` lists every file a config "
+        f"needs) or set the id to a local folder in the same layout (`animate124 make-tiny-models DIR` writes tiny "
+        f"test ones); last error: {str(errors[-1]).splitlines()[0]}"
     )
 
 
