@@ -9,7 +9,11 @@ import sys
 
 from animate124.tools.host_constraints import Requirement, canonical, default_environment, installed
 
-lines = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout.splitlines()
+check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+if check.returncode == 0:
+    print("pip check: " + check.stdout.strip())
+    sys.exit(0)
+lines = check.stdout.splitlines()
 environment = dict(default_environment(), extra="")
 required = {canonical(Requirement(line).name) for dist in installed().values() for line in dist.requires or []
             if Requirement(line).marker is None or Requirement(line).marker.evaluate(environment)}

@@ -150,8 +150,9 @@ def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write tiny randomly initialised models, each in its own folder under DIR, saved with save_pretrained so\n"
             "they load with the real from_pretrained. They share a real CLIP tokenizer built offline from\n"
-            "open_clip's merges file (needs: pip install open_clip_torch). For tests and smoke runs only: their\n"
-            "outputs are noise."
+            "open_clip's merges file (needs the testing extra: bash install.sh THREESTUDIO testing). For tests and\n"
+            "smoke runs only: their outputs are noise. Each model is written in the weight format its repository\n"
+            "publishes (.bin pickles for ZeroScope and ControlNet-Tile, safetensors with fp16 variants elsewhere)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

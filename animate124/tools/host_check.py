@@ -219,8 +219,15 @@ def report() -> tuple[list[str], list[Requirement]]:
     return lines, github
 
 
-def install_hint(root: Path, extras: str) -> str:
-    return f"bash {REPO / 'install.sh'} {root} {extras}"
+def install_hint(root: Optional[Path], extras: str) -> str:
+    """The command that adds ``extras``, with absolute paths: install.sh for the threestudio checkout it recorded (or
+    ``root``), else pip on this checkout."""
+    recorded = REPO / ".threestudio_root"
+    if root is None and recorded.is_file():
+        root = Path(recorded.read_text().strip())
+    if root is not None:
+        return f"bash {REPO / 'install.sh'} {root} {extras}"
+    return f"pip install -e '{REPO}[{extras}]'"
 
 
 def optional_lines(root: Path = Path("THREESTUDIO")) -> list[str]:

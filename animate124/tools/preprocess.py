@@ -7,7 +7,7 @@ Writes three files into --out:
   preview.png  [image on white | mask | depth] side by side
 
 An input with a real alpha channel (some pixel below 255) is used as is. Otherwise the background is removed with
-rembg (pip install "rembg[cpu]"; it downloads its model on first use). Depth comes from a transformers
+rembg (the ``tools`` extra: bash install.sh THREESTUDIO tools; it downloads its model on first use). Depth comes from a transformers
 depth-estimation model (--depth-model: a hub id or a local folder saved with save_pretrained); it sees the original
 photo, background included, and its prediction is cropped and scaled exactly like the image. The default depends on
 the installed transformers: Depth Anything V2 Small where it has that model (4.45 and later), DPT-Hybrid (MiDaS 3.0)
@@ -31,6 +31,7 @@ import numpy as np
 from animate124.core.io.atomic_io import save_with
 from animate124.core.io.images import normalise_mode
 from animate124.tools.cli import ToolError, check_out_folder
+from animate124.tools.host_check import install_hint
 
 __all__ = [
     "DEFAULT_DEPTH_MODEL",
@@ -192,7 +193,7 @@ def remove_background(image):
     except ImportError as error:
         raise ToolError(
             f"the image has no alpha channel and rembg is not installed ({error}): supply an RGBA image with the "
-            'background removed, or pip install -e ".[tools]" in this repo (rembg with its onnxruntime backend)'
+            f"background removed, or install the tools extra (rembg with its onnxruntime backend): {install_hint(None, 'tools')}"
         ) from error
     try:
         session = rembg.new_session()

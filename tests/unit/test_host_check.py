@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 from animate124.tools import host_check
 from animate124.tools.host_check import Requirement
@@ -178,3 +179,14 @@ def test_the_loader_check_still_runs_when_only_import_only_host_packages_are_mis
                                              Requirement("a124_absent_omegaconf", "omegaconf==2.3.0", "threestudio")))
     assert host_check.main([str(tmp_path)]) == 1
     assert len(loaded) == 1 and "registered" not in capsys.readouterr().out
+
+
+def test_install_hints_name_absolute_paths(monkeypatch, tmp_path):
+    """Every hint works from any folder: install.sh for the recorded threestudio checkout, else pip on this one."""
+    recorded = host_check.REPO / ".threestudio_root"
+    monkeypatch.setattr(host_check, "REPO", tmp_path)
+    assert host_check.install_hint(None, "tools") == f"pip install -e '{tmp_path}[tools]'"
+    (tmp_path / ".threestudio_root").write_text("/opt/threestudio\n")
+    assert host_check.install_hint(None, "tools") == f"bash {tmp_path}/install.sh /opt/threestudio tools"
+    assert host_check.install_hint(Path("/x/ts"), "testing") == f"bash {tmp_path}/install.sh /x/ts testing"
+    assert recorded.parent != tmp_path
