@@ -8,7 +8,8 @@ from animate124.tools import host_check
 from animate124.tools.host_check import Requirement
 
 
-def test_every_missing_package_is_listed_at_once_with_its_pip_name(monkeypatch):
+def test_every_missing_package_is_listed_at_once_with_its_pip_name(monkeypatch, tmp_path):
+    monkeypatch.setattr(host_check, "REPO", tmp_path)  # no constraints file here: the line ends with the names
     monkeypatch.setattr(host_check, "PYPI", (
         Requirement("json", "json-is-stdlib", "x"),  # importable: not listed
         Requirement("a124_absent_cv2", "opencv-python", "threestudio"),
@@ -18,6 +19,8 @@ def test_every_missing_package_is_listed_at_once_with_its_pip_name(monkeypatch):
     assert lines[1] == "  pip install 'opencv-python' 'libigl==2.5.1'"
     assert "a124_absent_cv2: not installed; needed by threestudio" in lines[2]
     assert len(lines) == 4
+    (tmp_path / ".pip-constraints.txt").write_text("numpy<2\n")  # install.sh's: every pip line then uses it
+    assert host_check.report()[0][1] == f"  pip install 'opencv-python' 'libigl==2.5.1' -c {tmp_path}/.pip-constraints.txt"
 
 
 def test_a_module_that_imports_but_lacks_the_api_is_reported(monkeypatch):
