@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 REPO = Path(__file__).resolve().parents[2]
 DIST = "threestudio-animate124"
 SMOKE = "custom/threestudio-animate124/configs/animate124-smoke.yaml"
-SMOKE_CPU_TIME = "about 1.5 min for training and export on 2 CPU cores (tiny models made once, 20 s more)"
+SMOKE_CPU_TIME = "45 s training + 22 s export on 2 idle CPU cores; on a busy machine set OMP_NUM_THREADS=1"
 """The CPU smoke check as measured (README, `animate124 launch --help` and the smoke config say the same)."""
 
 
