@@ -77,8 +77,8 @@ def report(config: Path, needs: list) -> str:
     """The listing printed by the command."""
     from animate124.core.guidance.published_models import fetch_command, human_size
 
-    lines = [f"{config}: {len(needs)} models, {human_size(sum(n.size for n in needs))} read by its stages; Hugging "
-             f"Face cache {_hub_cache()} (looked up offline)"]
+    lines = [f"{config}: {len(needs)} models, {human_size(sum(n.size for n in needs))} read by its stages (sizes as "
+             f"published); Hugging Face cache {_hub_cache()} (looked up offline)"]
     for need in needs:
         lines.append("")
         if need.local:

@@ -165,5 +165,5 @@ def test_the_command_runs_offline_by_default_and_quickly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "animate124.tools.cli", "models", str(CONFIG)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
-    assert out.stdout.startswith(f"{CONFIG}: 4 models, 14.4 GB read by its stages; Hugging Face cache "
+    assert out.stdout.startswith(f"{CONFIG}: 4 models, 14.4 GB read by its stages (sizes as published); Hugging Face cache "
                                  f"{tmp_path / 'hub'} (looked up offline)")
