@@ -25,6 +25,9 @@ def load_tokenizer(name_or_path: str | Path, subfolder: str | None = "tokenizer"
     model loads."""
     from transformers import CLIPTokenizer
 
+    from animate124.core.guidance.published_models import resolve_repo_id
+
+    name_or_path = resolve_repo_id(str(name_or_path))  # a renamed repository cached under its other name
     folder = Path(name_or_path) / (subfolder or "")
     if Path(name_or_path).is_dir() and not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
         # recent transformers build an empty tokenizer from a folder without its files instead of raising
