@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if not has_real_alpha(image):
         check_background_removal()
     if not args.no_depth:
+        args.depth_model = args.depth_model or default_depth_model()  # the one this transformers can load
         check_depth_model(args.depth_model)
     rgba_full = cut_out(image)  # rembg when there is no real alpha; fails here on an empty mask
     with tqdm(total=3, desc="preprocess", unit="step") as bar:
