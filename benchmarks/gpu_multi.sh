@@ -78,7 +78,7 @@ for case in sorted(p for p in (shared / "examples").iterdir() if p.is_dir()):
 EOF
 bench() {
   python3 -m animate124.tools.cli run-benchmark "$data" --out /tmp/bench-out --threestudio "$ts" --reuse-from "$data" \
-    --config custom/threestudio-animate124/configs/animate124-smoke.yaml --clip-model "$repo/load/tiny-models/clip" "$@" \
+    --config custom/threestudio-animate124/configs/animate124-smoke.yaml --clip-model "$A124_TINY_MODELS/clip" "$@" \
     --extra 'system.learned_embeds_path=${system.tiny_models_dir}/smoke_embeds.safetensors'
 }
 s=$(date +%s)

@@ -1,11 +1,31 @@
 """What the ``a124-system`` writes outside training: validation / test frames and videos, and the exported meshes,
 each written once under DDP (every rank renders its share of the views; global rank 0 assembles the videos after a
-barrier). A mixin of :class:`animate124.components.system.Animate124System`."""
+barrier), and, once a training run's test views are written, the export command ready to paste. A mixin of
+:class:`animate124.components.system.Animate124System`."""
 from __future__ import annotations
 
 import os
+import shlex
 
 from animate124.components.host_compat import video_format
+
+LAUNCHER_ENV = "A124_LAUNCHER"
+"""Set by ``animate124 launch`` to itself: the export command then uses the same launcher."""
+
+
+def export_command(trial_dir: str, launcher: str | None = None, cwd: str | None = None) -> str:
+    """The command that exports a trained run's meshes and animated glb (paths relative to ``cwd`` when inside it):
+    ``python launch.py ... --export --gpu 0 resume=...``, or with ``launcher`` (``animate124 launch``) instead of
+    ``python launch.py`` and no ``--gpu``."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    trial = os.path.abspath(trial_dir)
+    if trial == cwd or trial.startswith(cwd + os.sep):
+        trial = os.path.relpath(trial, cwd)
+    config = shlex.quote(os.path.join(trial, "configs", "parsed.yaml"))
+    resume = shlex.quote("resume=" + os.path.join(trial, "ckpts", "last.ckpt"))
+    if launcher:
+        return f"{launcher} --config {config} --export {resume}"
+    return f"python launch.py --config {config} --export --gpu 0 {resume}"
 
 
 class EvalOutputsMixin:
@@ -38,6 +58,15 @@ class EvalOutputsMixin:
     def on_test_epoch_end(self):
         if self._rank_zero_after_barrier():
             self._write_test_videos()
+
+    def on_fit_end(self) -> None:
+        self._a124_trained = True  # launch.py --train tests right after: the export hint follows those views
+
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        if getattr(self, "_a124_trained", False) and self.global_rank == 0 and self._save_dir is not None:
+            command = export_command(os.path.dirname(self._save_dir), os.environ.get(LAUNCHER_ENV))
+            print(f"\nanimate124: trained. Export the meshes and the animated .glb with:\n  {command}\n", flush=True)
 
     def on_predict_epoch_end(self) -> None:
         """As the host's, but written once under DDP."""

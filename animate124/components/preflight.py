@@ -60,10 +60,12 @@ def check_system(cfg: Any, slots: Dict[str, Any], stages: Iterable[Any], device:
     host places components on (None: ``threestudio.utils.misc.get_device()``).
     """
     problems: List[str] = []
+    stages = list(stages)
     used = {g for stage in stages for g in stage.guidances}
     problems += _unused_host_fields(cfg)
     for part in ("geometry", "material", "background", "renderer", "exporter"):
         problems += _component(f"system.{part}", getattr(cfg, f"{part}_type", ""), getattr(cfg, part, {}) or {})
+    well_formed = True
     for name, slot in slots.items():
         if name not in used:
             continue  # declared but never run: nothing loads it
@@ -77,10 +79,15 @@ def check_system(cfg: Any, slots: Dict[str, Any], stages: Iterable[Any], device:
             for section in ("guidance", "prompt_processor"):
                 value = (getattr(slot, section) or {}).get(key)
                 if value:
-                    problems += _model_path(f"{where}.{section}.{key}", str(value))
+                    bad = _model_path(f"{where}.{section}.{key}", str(value))
+                    well_formed &= not bad
+                    problems += bad
         cond = (slot.guidance or {}).get("cond_image_path")
         if cond is not None:
             problems += check_image(f"{where}.guidance.cond_image_path", str(cond), need_alpha=True)
+    device = _device(device)
+    if well_formed:
+        problems += model_files(slots, stages, cuda=device.type == "cuda")
     problems += check_device(cfg, device)
     raise_if(problems)
 
@@ -266,31 +273,65 @@ def _model_path(where: str, value: str) -> List[str]:
     if looks_like_path or not _HUB_ID.match(value):
         return [f"{where}={value!r} is neither a local folder nor a hub id (owner/name): fix the path, or make the "
                 "tiny test models with `animate124 make-tiny-models DIR`"]
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not _in_hub_cache(value):
-        return [f"{where}={value!r} is not in the hub cache and HF_HUB_OFFLINE is set: download it once "
-                f"(`huggingface-cli download {value}`) or point at a local folder"]
     return []
 
 
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import scan_cache_dir
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
-        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
-    except Exception:  # noqa: BLE001 - no cache at all
-        return False
+
+def model_files(slots: Dict[str, Any], stages: Iterable[Any], cuda: bool) -> List[str]:
+    """Every file the stages' loaders read (``core/guidance/published_models.py``, the list ``animate124 models``
+    prints), checked in local folders always and in the Hugging Face cache when ``HF_HUB_OFFLINE`` is set: one line
+    per model that lacks some, then the one command that fetches every missing hub file."""
+    from animate124.core.guidance.published_models import fetch_command, hub_cli, human_size, model_needs
+
+    needs = model_needs(slots, stages, cuda=cuda)
+    problems = []
+    for need in needs:
+        who = ", ".join(need.users)
+        names = ", ".join(f.path for f in need.missing[:4]) + (", ..." if len(need.missing) > 4 else "")
+        if need.local and need.missing:
+            problems.append(f"the folder {need.name!r} ({who}) lacks {len(need.missing)} of the {len(need.files)} "
+                            f"files its loaders read: {names}; fix the path, or write the folder again (`animate124 "
+                            "make-tiny-models DIR` for test models)")
+        elif offline() and need.model is not None and need.missing:
+            size = human_size(sum(f.size for f in need.missing))
+            problems.append(f"{need.name} ({need.model.title}; {who}) is not fully in the Hugging Face cache and "
+                            f"HF_HUB_OFFLINE is set: {len(need.missing)} of {len(need.files)} files missing "
+                            f"({size}): {names}")
+        elif offline() and need.unknown and not _cached_config(need.name):
+            problems.append(f"{need.name} ({who}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                            f"download it once (`{hub_cli()} download {need.name}`) or point at a local folder")
+    command = fetch_command(needs) if offline() else ""
+    if command:
+        problems.append(f"fetch every missing file where the network allows, with one command (`animate124 models "
+                        f"CONFIG` lists them): {command}")
+    return problems
+
+
+def _cached_config(repo_id: str) -> bool:
+    from animate124.core.guidance.published_models import cached_file
+
+    return any(cached_file(repo_id, name) for name in ("model_index.json", "config.json"))
 
 
 # ---- the GPU --------------------------------------------------------------------------------------------------------
 
 
-def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
-    """CUDA present when the host places components on CUDA, and enough free memory for ``min_free_vram_gb``."""
+def _device(device: Optional[torch.device]) -> torch.device:
+    """``device``, or the one the host places components on."""
     if device is None:
         from threestudio.utils.misc import get_device
 
         device = get_device()
-    if torch.device(device).type != "cuda":
+    return torch.device(device)
+
+
+def check_device(cfg: Any, device: Optional[torch.device] = None) -> List[str]:
+    """CUDA present when the host places components on CUDA, and enough free memory for ``min_free_vram_gb``."""
+    device = _device(device)
+    if device.type != "cuda":
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     listed = [v for v in visible.split(",") if v.strip()]

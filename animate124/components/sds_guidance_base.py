@@ -33,7 +33,8 @@ class SDSGuidanceBase(BaseObject):
         anneal_start_step: Optional[int] = None
         anneal_end_step: Optional[int] = None
         view_dependent_prompting: bool = False
-        """Off by default: a moving-camera clip has no single view."""
+        """Append the host's view suffix ("..., side view") for the first frame's camera (the video guidance turns
+        it on, as upstream; the ControlNet guidance leaves it off)."""
         seed: Optional[int] = None
         """Seeds timesteps, noise and frame choice (None: torch's global RNG)."""
 

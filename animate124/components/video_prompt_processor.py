@@ -22,8 +22,8 @@ from animate124.core.io.atomic_io import save_with
 @threestudio.register("a124-video-prompt-processor")
 class VideoPromptProcessor(StableDiffusionPromptProcessor):
     """Text embeddings of the text-to-video model's CLIP encoder (same folder layout as SD: tokenizer/,
-    text_encoder/). View suffixes are built as the host does; ``a124-video-sds-guidance`` uses them only with
-    ``view_dependent_prompting: true`` (off by default: a moving-camera clip has no single view)."""
+    text_encoder/). View suffixes are built as the host does; ``a124-video-sds-guidance`` uses the one of the clip's
+    first camera (``view_dependent_prompting``, on by default as upstream)."""
 
     @dataclass
     class Config(StableDiffusionPromptProcessor.Config):

@@ -27,6 +27,9 @@ class VideoSDSGuidance(SDSGuidanceBase):
         vae_checkpoint: bool = False
         """Recompute each chunk's VAE encoder in the backward instead of keeping its activations (set
         ``vae_chunk_size`` too): less memory, one more encoder forward per step."""
+        view_dependent_prompting: bool = True
+        """The motion prompt with the host's view suffix for the clip's first camera ("a panda is dancing, side
+        view"), as upstream's video guidance; false: the plain motion prompt."""
 
     cfg: Config
 

@@ -1,10 +1,12 @@
 """Full-size random diffusion models in the folder layouts of the real checkpoints, for timing and memory.
 
 ``animate124 make-tiny-models DIR --full-size`` writes, under ``DIR/<kind>``, the real architectures (the real
-configs are written out below) with randomly initialised weights, saved as fp16 safetensors so the ordinary
-``from_pretrained`` code paths (ours and threestudio's) load them exactly as they load the downloaded repositories.
-Every weight file also answers to its ``fp16`` variant name (a symbolic link), because the host's Zero123 guidance
-loads ``variant="fp16"`` when ``half_precision_weights`` is on.
+configs are written out below) with randomly initialised weights, in the weight formats their repositories publish
+(``core/guidance/published_models.py``), so the ordinary ``from_pretrained`` code paths (ours and threestudio's)
+load them exactly as they load the downloaded repositories: ZeroScope and ControlNet-Tile as ``.bin`` pickles only
+(in the dtypes the hub stores), the others as safetensors with ``fp16`` variants. To keep the folder near 13 GB the
+safetensors hold fp16 weights and each ``fp16`` variant name is a link to its default file (the hub's default files
+are fp32: loading them costs a cast, not another code path).
 
 Random weights make step time and memory honest (they depend on shapes, dtypes and the code path, not on the
 values) and quality meaningless: never read an image, a loss or a metric from these models.
@@ -16,22 +18,17 @@ built directly on the GPU when CUDA is available (seconds), one at a time, and m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from animate124.core.guidance import published_models
+from animate124.testing.tiny_models import publish_layout
 
 FULL_SIZE_KINDS: tuple[str, ...] = ("sd", "controlnet-tile", "zero123", "text-to-video", "zeroscope")
 """Every kind ``make_full_size_models`` can write, in the order it writes them."""
 
-REPO_IDS: dict[str, str] = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd",
-    "runwayml/stable-diffusion-v1-5": "sd",
-    "lllyasviel/control_v11f1e_sd15_tile": "controlnet-tile",
-    "bennyguo/zero123-xl-diffusers": "zero123",
-    "bennyguo/zero123-diffusers": "zero123",
-    "damo-vilab/text-to-video-ms-1.7b": "text-to-video",
-    "cerspense/zeroscope_v2_576w": "zeroscope",
-}
-"""Hub id -> the kind (folder under DIR) that imitates it; ``animate124 benchmark`` points configs at them."""
+REPO_IDS: dict[str, str] = {i: m.kind for m in published_models.MODELS for i in m.ids}
+"""Hub id (and earlier names) -> the kind (folder under DIR) that imitates it; ``animate124 benchmark`` points
+configs at them."""
 
 COMPLETE = ".complete"
 """Marker file written into a kind's folder once it is fully written (an interrupted write is redone)."""
@@ -138,10 +135,9 @@ def make_full_size_models(
     - ``zero123``: ``bennyguo/zero123-xl-diffusers`` as threestudio's ``zero123-unified-guidance`` loads it (the
       ``Zero123Pipeline`` of its ``extern/zero123.py``: 8-channel U-Net, VAE, CLIP ViT-L/14 image encoder, camera
       projection ``Linear(768 + 4 -> 768)``, feature extractor, DDIM scheduler);
-    - ``text-to-video``: ``damo-vilab/text-to-video-ms-1.7b`` (``UNet3DConditionModel``, VAE, OpenCLIP-H text
+    - ``text-to-video``: ``ali-vilab/text-to-video-ms-1.7b`` (``UNet3DConditionModel``, VAE, OpenCLIP-H text
       encoder, tokenizer, DDIM scheduler);
-    - ``zeroscope``: ``cerspense/zeroscope_v2_576w``: the same architecture; its weight files are links to
-      ``text-to-video``'s (written first when missing), its JSON files are its own.
+    - ``zeroscope``: ``cerspense/zeroscope_v2_576w``: the same architecture, as ``.bin`` pickles.
 
     Args:
         device: where to initialise (``"cuda"`` when available, else ``"cpu"``).
@@ -164,7 +160,7 @@ def make_full_size_models(
         "controlnet-tile": lambda p: _write_controlnet(p, cfg, device),
         "zero123": lambda p: _write_zero123(p, cfg, device),
         "text-to-video": lambda p: _write_text_to_video(p, cfg, device),
-        "zeroscope": lambda p: _write_zeroscope(p, out / "text-to-video", cfg, device),
+        "zeroscope": lambda p: _write_text_to_video(p, cfg, device),
     }
     from diffusers.utils import logging as diffusers_logging
 
@@ -177,7 +173,7 @@ def make_full_size_models(
                 paths[kind] = out / kind
                 (paths[kind] / COMPLETE).unlink(missing_ok=True)
                 writers[kind](paths[kind])
-                _link_fp16_variants(paths[kind])
+                publish_layout(paths[kind], published_models.KINDS[kind], link_variants=True)
                 (paths[kind] / COMPLETE).touch()
     finally:
         diffusers_logging.set_verbosity(verbosity)
@@ -332,31 +328,3 @@ def _write_text_to_video(path: Path, cfg: dict, device: str) -> None:
         scheduler=DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False),
     )
     pipe.save_pretrained(path, safe_serialization=True)
-
-
-def _write_zeroscope(path: Path, text_to_video: Path, cfg: dict, device: str) -> None:
-    """ZeroScope v2 576w has ModelScope's architecture: link the weights, copy the JSON and tokenizer files."""
-    if not (text_to_video / "model_index.json").is_file():
-        _write_text_to_video(text_to_video, cfg, device)
-        _link_fp16_variants(text_to_video)
-    for src in sorted(text_to_video.rglob("*")):
-        dst = path / src.relative_to(text_to_video)
-        if src.is_dir() or src.name == COMPLETE or src.is_symlink() and src.suffix == ".safetensors":
-            continue  # fp16 variant links are made again for this folder
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        if src.suffix == ".safetensors":
-            dst.symlink_to(os.path.relpath(src, dst.parent))
-        else:
-            dst.write_bytes(src.read_bytes())
-
-
-def _link_fp16_variants(folder: Path) -> None:
-    """``name.safetensors`` also answers as ``name.fp16.safetensors`` (the weights already are fp16)."""
-    for weights in folder.rglob("*.safetensors"):
-        if ".fp16." in weights.name:
-            continue
-        variant = weights.with_name(weights.name[: -len(".safetensors")] + ".fp16.safetensors")
-        if not variant.exists():
-            variant.symlink_to(weights.name)

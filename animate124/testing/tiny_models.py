@@ -2,8 +2,11 @@
 
 The tests and the smoke config need every model the method loads (ModelScope / ZeroScope text-to-video, Stable
 Diffusion 1.5, ControlNet-Tile, Zero-1-to-3, CLIP for evaluation) without downloading weights. This module builds
-the real classes at a few channels, seeds their random weights, and writes them with ``save_pretrained`` so that the
-ordinary ``from_pretrained`` code paths (ours and threestudio's) load them exactly as they load the real repos.
+the real classes at a few channels, seeds their random weights, writes them with ``save_pretrained`` and then in
+the weight formats their repositories publish (:func:`publish_layout`, from ``core/guidance/published_models.py``:
+fp32 safetensors plus an ``fp16`` variant for SD 1.5, ModelScope and Zero-1-to-3; ``.bin`` pickles only, no
+variant, for ZeroScope and ControlNet-Tile), so the ordinary ``from_pretrained`` code paths (ours and threestudio's)
+load them exactly as they load the real repos.
 
 The tokenizer is real: CLIP's byte-pair vocabulary ships inside the ``open_clip_torch`` wheel
 (``open_clip/bpe_simple_vocab_16e6.txt.gz``) and gives the same token ids as OpenAI CLIP, which SD 1.5, ModelScope
@@ -20,6 +23,8 @@ import gzip
 import importlib.util
 import json
 from pathlib import Path
+
+from animate124.core.guidance import published_models
 
 ALL_KINDS: tuple[str, ...] = ("text-to-video", "zeroscope", "sd", "controlnet-tile", "zero123", "clip")
 """Every kind ``make_tiny_models`` can write, in the order it writes them."""
@@ -38,7 +43,8 @@ def make_clip_tokenizer(out_dir: str | Path) -> Path:
 
     Built offline from ``open_clip/bpe_simple_vocab_16e6.txt.gz``: 48,894 merges (the file's lines after its header)
     and 49,408 vocabulary entries (256 byte characters, the same with ``</w>``, one per merge, then
-    ``<|startoftext|>`` and ``<|endoftext|>``). ``model_max_length`` is 77 (padding to max length needs it).
+    ``<|startoftext|>`` and ``<|endoftext|>``). ``model_max_length`` is 77 (padding to max length needs it). The
+    folder holds ``special_tokens_map.json`` as the hub's tokenizer folders do.
 
     Returns:
         ``out_dir`` as a ``Path``; ``CLIPTokenizer.from_pretrained(out_dir)`` loads it.
@@ -62,6 +68,10 @@ def make_clip_tokenizer(out_dir: str | Path) -> Path:
         pad_token="<|endoftext|>",
     )
     tokenizer.save_pretrained(out)
+    # the hub's tokenizer folders carry this file; transformers 5 no longer writes it
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return out
 
 
@@ -70,19 +80,21 @@ def make_tiny_models(out_dir: str | Path, kinds: tuple[str, ...] | list[str] = A
 
     Kinds and the real repository each one imitates (folder layout and classes):
 
-    - ``text-to-video``: ``damo-vilab/text-to-video-ms-1.7b`` (``TextToVideoSDPipeline``: ``unet``
+    - ``text-to-video``: ``ali-vilab/text-to-video-ms-1.7b`` (``TextToVideoSDPipeline``: ``unet``
       = ``UNet3DConditionModel``, ``vae`` = ``AutoencoderKL``, ``text_encoder`` = ``CLIPTextModel``, ``tokenizer``,
       ``scheduler`` = ``DDIMScheduler``).
     - ``zeroscope``: ``cerspense/zeroscope_v2_576w`` (same layout; the real model runs at 320×576).
-    - ``sd``: ``runwayml/stable-diffusion-v1-5`` (``StableDiffusionPipeline``, no safety checker / feature extractor);
+    - ``sd``: ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (``StableDiffusionPipeline``, no safety checker /
+      feature extractor);
       loads with threestudio's ``stable-diffusion-guidance`` and ``stable-diffusion-prompt-processor``.
     - ``controlnet-tile``: ``lllyasviel/control_v11f1e_sd15_tile`` (a ``ControlNetModel`` matching the ``sd`` U-Net).
-    - ``zero123``: ``bennyguo/zero123-diffusers`` (``Zero123Pipeline`` of threestudio's ``extern/zero123.py``: U-Net
+    - ``zero123``: ``bennyguo/zero123-xl-diffusers`` (``Zero123Pipeline`` of threestudio's ``extern/zero123.py``: U-Net
       with 8 input channels, ``vae``, ``image_encoder`` = ``CLIPVisionModelWithProjection``, ``feature_extractor``,
       ``clip_camera_projection``, ``scheduler``).
     - ``clip``: ``openai/clip-vit-large-patch14`` (``CLIPModel`` + ``CLIPProcessor`` files in one folder).
 
-    Weights are random but seeded: the same call writes the same tensors.
+    Weights are random but seeded: the same call writes the same tensors. Each folder holds the weight files its
+    repository publishes (:func:`publish_layout`).
 
     Raises:
         ValueError: an unknown kind.
@@ -108,7 +120,41 @@ def make_tiny_models(out_dir: str | Path, kinds: tuple[str, ...] | list[str] = A
         if kind in kinds:
             paths[kind] = out / kind
             builders[kind](paths[kind])
+            if kind in published_models.KINDS:
+                publish_layout(paths[kind], published_models.KINDS[kind])
     return paths
+
+
+def publish_layout(folder: Path, model: published_models.PublishedModel, link_variants: bool = False) -> None:
+    """Rewrite the safetensors ``save_pretrained`` wrote under ``folder`` in the formats ``model``'s repository
+    publishes: beside each file its ``fp16`` variant (``name.fp16.safetensors``; a link to it with
+    ``link_variants``, when the file already holds fp16 weights), or, for a ``.bin``-only repository, one pickle per
+    component in the dtype the repository stores (``diffusion_pytorch_model.bin`` / ``pytorch_model.bin``) and no
+    safetensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for part in model.parts:
+        if part.library not in published_models.WEIGHT_NAMES:
+            continue
+        st_stem, bin_stem = published_models.WEIGHT_NAMES[part.library]
+        source = folder / part.folder / f"{st_stem}.safetensors"
+        tensors = load_file(str(source))
+        if model.safetensors and model.fp16_variant:
+            variant = source.with_name(f"{st_stem}.fp16.safetensors")
+            variant.unlink(missing_ok=True)
+            if link_variants:
+                variant.symlink_to(source.name)
+            else:  # transformers reads only safetensors files whose metadata names the "pt" format
+                save_file(_cast(tensors, torch.float16), str(variant), metadata={"format": "pt"})
+        elif not model.safetensors:
+            dtype = torch.float16 if part.default_bytes == published_models.FP16 else torch.float32
+            torch.save(_cast(tensors, dtype), str(source.with_name(f"{bin_stem}.bin")))
+            source.unlink()
+
+
+def _cast(tensors: dict, dtype) -> dict:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     animate124 evaluate RUN_DIR | --batch DIR     CLIP-T, CLIP-I, temporal consistency, retrieval
     animate124 run-benchmark DATA_DIR             the 24-case benchmark, resumable and shardable
     animate124 make-tiny-models DIR               tiny random models for tests (no download); --full-size
+    animate124 models CONFIG                      the models a config loads, what is cached, the fetch command
     animate124 launch --config ... --train        threestudio's launch.py, on the CPU where there is no CUDA
     animate124 benchmark CONFIG --models DIR      step time vs diffusion floor, peak VRAM, projected run time
     animate124 report TRIAL_DIR                   the results page: TRIAL_DIR/report.html
@@ -35,6 +36,7 @@ _TOOLS = {
     "run-benchmark": "animate124.tools.run_benchmark",
     "launch": "animate124.tools.launch",
     "report": "animate124.tools.report",
+    "models": "animate124.tools.models",
     "benchmark": "step_benchmark.cli",  # measuring equipment, kept in the checkout's benchmarks/ (see _import_tool)
 }
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -148,8 +150,9 @@ def _add_make_tiny_models(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write tiny randomly initialised models, each in its own folder under DIR, saved with save_pretrained so\n"
             "they load with the real from_pretrained. They share a real CLIP tokenizer built offline from\n"
-            "open_clip's merges file (needs: pip install open_clip_torch). For tests and smoke runs only: their\n"
-            "outputs are noise."
+            "open_clip's merges file (needs the testing extra: bash install.sh THREESTUDIO testing). For tests and\n"
+            "smoke runs only: their outputs are noise. Each model is written in the weight format its repository\n"
+            "publishes (.bin pickles for ZeroScope and ControlNet-Tile, safetensors with fp16 variants elsewhere)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

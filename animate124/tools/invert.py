@@ -22,6 +22,7 @@ from pathlib import Path
 
 from animate124.core.io.atomic_io import write_text
 from animate124.tools.cli import ToolError, check_out_folder
+from animate124.tools.host_check import install_hint
 
 __all__ = ["DEFAULT_SD_MODEL", "load_sd_parts", "load_image", "add_arguments", "run"]
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ToolError(f"--lr {args.lr} must be a positive number, e.g. 1e-4")
     if importlib.util.find_spec("torchvision") is None:
-        raise ToolError("invert needs torchvision for its image augmentations: pip install -e '.[tools]'")
+        raise ToolError(f"invert needs torchvision for its image augmentations: {install_hint(None, 'tools')}")
     outputs = [args.out / "learned_embeds.safetensors", args.out / "learned_embeds.bin", args.out / "invert.json"]
     check_out_folder(args.out, [o.name for o in outputs], args.overwrite)  # before training, not after
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,9 +7,11 @@ Writes three files into --out:
   preview.png  [image on white | mask | depth] side by side
 
 An input with a real alpha channel (some pixel below 255) is used as is. Otherwise the background is removed with
-rembg (pip install "rembg[cpu]"; it downloads its model on first use). Depth comes from a transformers
+rembg (the ``tools`` extra: bash install.sh THREESTUDIO tools; it downloads its model on first use). Depth comes from a transformers
 depth-estimation model (--depth-model: a hub id or a local folder saved with save_pretrained); it sees the original
-photo, background included, and its prediction is cropped and scaled exactly like the image.
+photo, background included, and its prediction is cropped and scaled exactly like the image. The default depends on
+the installed transformers: Depth Anything V2 Small where it has that model (4.45 and later), DPT-Hybrid (MiDaS 3.0)
+on older ones, threestudio's pinned 4.28.1 included.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import numpy as np
 from animate124.core.io.atomic_io import save_with
 from animate124.core.io.images import normalise_mode
 from animate124.tools.cli import ToolError, check_out_folder
+from animate124.tools.host_check import install_hint
 
 __all__ = [
     "DEFAULT_DEPTH_MODEL",
+    "default_depth_model",
     "Preprocessed",
     "preprocess_image",
     "normalise_mode",
@@ -45,7 +49,21 @@ __all__ = [
     "run",
 ]
 
-DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+DEPTH_MODELS = {"depth_anything": "depth-anything/Depth-Anything-V2-Small-hf", "dpt": "Intel/dpt-hybrid-midas"}
+"""transformers model type -> the default depth model of that type, in order of preference."""
+
+
+def default_depth_model() -> str:
+    """The first of ``DEPTH_MODELS`` whose model type the installed transformers can load."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES as known
+    except ImportError:
+        known = {}
+    return next((model for kind, model in DEPTH_MODELS.items() if kind in known), DEPTH_MODELS["dpt"])
+
+
+DEFAULT_DEPTH_MODEL = DEPTH_MODELS["depth_anything"]
+"""The default on current transformers (:func:`default_depth_model` picks per stack)."""
 
 
 @dataclass
@@ -175,7 +193,7 @@ def remove_background(image):
     except ImportError as error:
         raise ToolError(
             f"the image has no alpha channel and rembg is not installed ({error}): supply an RGBA image with the "
-            'background removed, or pip install -e ".[tools]" in this repo (rembg with its onnxruntime backend)'
+            f"background removed, or install the tools extra (rembg with its onnxruntime backend): {install_hint(None, 'tools')}"
         ) from error
     try:
         session = rembg.new_session()
@@ -216,11 +234,13 @@ def recentre(array: np.ndarray, size: int, border_ratio: float, bbox_from: np.nd
     return out
 
 
-def estimate_depth(model_id: str = DEFAULT_DEPTH_MODEL, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """Load a transformers depth-estimation model; return a function (H, W, 3) uint8 -> (H, W) float32 depth."""
+def estimate_depth(model_id: str | None = None, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """Load a transformers depth-estimation model (default :func:`default_depth_model`); return a function
+    (H, W, 3) uint8 -> (H, W) float32 depth."""
     import torch
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
+    model_id = model_id or default_depth_model()
     try:
         processor = AutoImageProcessor.from_pretrained(model_id)
         model = AutoModelForDepthEstimation.from_pretrained(model_id).to(device).eval()
@@ -267,9 +287,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--depth-model",
-        default=DEFAULT_DEPTH_MODEL,
-        help=f"transformers depth-estimation model: hub id or local folder (default {DEFAULT_DEPTH_MODEL}; "
-        "e.g. Intel/dpt-large)",
+        default=None,
+        help=f"transformers depth-estimation model: hub id or local folder (default: {DEPTH_MODELS['depth_anything']} "
+        f"where the installed transformers has it (4.45 and later), else {DEPTH_MODELS['dpt']}, e.g. with "
+        "threestudio's pinned 4.28.1)",
     )
     parser.add_argument("--no-depth", action="store_true", help="skip depth estimation (no depth.png)")
     parser.add_argument("--device", default=None, help="torch device for the depth model (default: cuda if available)")
@@ -295,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if not has_real_alpha(image):
         check_background_removal()
     if not args.no_depth:
+        args.depth_model = args.depth_model or default_depth_model()  # the one this transformers can load
         check_depth_model(args.depth_model)
     rgba_full = cut_out(image)  # rembg when there is no real alpha; fails here on an empty mask
     with tqdm(total=3, desc="preprocess", unit="step") as bar:

@@ -301,7 +301,7 @@ def test_missing_hub_model_offline_error_names_the_id():
     with pytest.raises(
         OSError,
         match=r"could not load UNet3DConditionModel from 'no-such-org/no-such-model/unet'.*"
-        r"huggingface-cli download no-such-org/no-such-model",
+        r"(hf|huggingface-cli) download no-such-org/no-such-model",
     ):
         pretrained.load_pretrained_component(UNet3DConditionModel, "no-such-org/no-such-model", "unet", local_files_only=True)
 

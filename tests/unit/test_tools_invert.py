@@ -76,5 +76,8 @@ def test_missing_torchvision_is_one_line_before_anything(tmp_path, capsys, monke
     status = main(["invert", str(tmp_path / "photo.png"), "--token", "_x_", "--init", "panda", "--out",
                    str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 1 and len(err) == 1 and "pip install -e '.[tools]'" in err[0]
+    from animate124.tools.host_check import install_hint
+
+    assert status == 1 and len(err) == 1 and err[0].endswith(install_hint(None, "tools"))
+    assert str(Path(__file__).resolve().parents[2]) in err[0]  # an absolute path: it works from any folder
     assert not (tmp_path / "out").exists()

@@ -318,3 +318,17 @@ def test_16_bit_rgba_png(tmp_path):
     cv2.imwrite(str(tmp_path / "deep.png"), bgra)
     rgba = _through_tool(tmp_path, tmp_path / "deep.png")
     assert rgba[8, 8].tolist() == [255, 100, 0, 255] and rgba[0, 0, 3] == 0
+
+
+def test_the_default_depth_model_is_one_this_transformers_can_load():
+    """Depth Anything V2 needs a class transformers 4.28.1 (threestudio's pin) lacks: there the default is DPT-Hybrid,
+    whose class both stacks have."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES as known
+
+    model = preprocess.default_depth_model()
+    kind = {v: k for k, v in preprocess.DEPTH_MODELS.items()}[model]
+    assert kind in known
+    new_enough = hasattr(transformers, "DepthAnythingForDepthEstimation")
+    assert model == ("depth-anything/Depth-Anything-V2-Small-hf" if new_enough else "Intel/dpt-hybrid-midas")
+    assert "dpt" in known  # the fallback loads on every transformers this project supports

@@ -28,10 +28,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from animate124.core.guidance import pretrained, sds, text_encoding, vae_encoding
+from animate124.core.guidance import pretrained, published_models, sds, text_encoding, vae_encoding
 
-SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml/ repository was withdrawn
-CONTROLNET_TILE_ID = "lllyasviel/control_v11f1e_sd15_tile"
+SD15_ID = published_models.SD15.repo_id  # the runwayml/ repository was withdrawn
+CONTROLNET_TILE_ID = published_models.CONTROLNET_TILE.repo_id
 
 
 class ControlNetTileSDS(pretrained.FrozenPrior):

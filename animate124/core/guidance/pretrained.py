@@ -10,7 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core.guidance import text_encoding
+from animate124.core.guidance import published_models, text_encoding
+from animate124.core.io.safe_files import weights_only_pickles
 
 
 def load_pretrained_component(
@@ -23,12 +24,16 @@ def load_pretrained_component(
     local_files_only: bool | None = None,
 ):
     """``cls.from_pretrained(name_or_path, subfolder=...)``, trying ``variant="fp16"`` first when asked (smaller
-    download) and falling back to the default weights when the repo or folder has no fp16 files. (diffusers reads
-    ``.bin`` checkpoints with ``torch.load(weights_only=True)``; safetensors are preferred when both exist.)
+    download) and falling back to the default weights when the repo or folder has no fp16 files (ZeroScope and
+    ControlNet-Tile publish one fp32 set of ``.bin`` pickles, cast to ``torch_dtype`` after loading). Pickles load
+    with ``weights_only=True`` (a pickle that would run code is refused); safetensors are preferred when both exist.
+    A renamed repository is found in the cache under either name (``published_models.resolve_repo_id``).
 
     Raises:
-        OSError: one line naming the id and how to use a local folder when neither the hub nor a folder has it.
+        OSError: one line naming the id and how to use a local folder when neither the hub nor a folder has it, or
+            naming the refused pickle.
     """
+    name_or_path = published_models.resolve_repo_id(str(name_or_path))
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
@@ -38,15 +43,23 @@ def load_pretrained_component(
     attempts = [{"variant": "fp16"}, {}] if prefer_fp16_variant else [{}]
     errors = []
     for extra in attempts:
-        try:
-            return cls.from_pretrained(name_or_path, torch_dtype=torch_dtype, **kwargs, **extra)
-        except (OSError, ValueError, EnvironmentError) as err:  # a missing variant raises one of these
-            errors.append(err)
+        with weights_only_pickles() as refused:
+            try:
+                return cls.from_pretrained(name_or_path, torch_dtype=torch_dtype, **kwargs, **extra)
+            except (OSError, ValueError, EnvironmentError) as err:  # a missing variant raises one of these
+                errors.append(err)
+            except Exception as err:  # noqa: BLE001 - a refused pickle surfaces as the library's own error type
+                if not refused:
+                    raise
+                errors.append(err)
+        if refused:
+            raise OSError(f"could not load {cls.__name__}: {refused[0]}")
     where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
     raise OSError(
-        f"could not load {cls.__name__} from {where!r} (offline or not downloaded?): download it once with "
-        f"`huggingface-cli download {name_or_path}` or set the id to a local folder in the same layout "
-        f"(`animate124 make-tiny-models DIR` writes tiny test ones); last error: {str(errors[-1]).splitlines()[0]}"
+        f"could not load {cls.__name__} from {where!r} (offline or not downloaded?): download it once "
+        f"(`{published_models.hub_cli()} download {name_or_path}`; `animate124 models CONFIG` lists every file a config "
+        f"needs) or set the id to a local folder in the same layout (`animate124 make-tiny-models DIR` writes tiny "
+        f"test ones); last error: {str(errors[-1]).splitlines()[0]}"
     )
 
 

@@ -25,6 +25,9 @@ def load_tokenizer(name_or_path: str | Path, subfolder: str | None = "tokenizer"
     model loads."""
     from transformers import CLIPTokenizer
 
+    from animate124.core.guidance.published_models import resolve_repo_id
+
+    name_or_path = resolve_repo_id(str(name_or_path))  # a renamed repository cached under its other name
     folder = Path(name_or_path) / (subfolder or "")
     if Path(name_or_path).is_dir() and not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
         # recent transformers build an empty tokenizer from a folder without its files instead of raising
@@ -54,17 +57,25 @@ def load_text_encoder(
     """
     from transformers import CLIPTextModel
 
-    path = str(name_or_path)
+    from animate124.core.guidance.published_models import resolve_repo_id
+    from animate124.core.io.safe_files import weights_only_pickles
+
+    path = resolve_repo_id(str(name_or_path))
     kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
-    try:
-        tokenizer = load_tokenizer(path, tokenizer_subfolder, local_files_only=local_files_only)
-        text_encoder = CLIPTextModel.from_pretrained(path, **_sub(subfolder), torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:  # transformers 4.28 reports a missing local folder as an invalid hub id
-        raise OSError(
-            f"could not load the text encoder / tokenizer of {path!r}: download it once or point the id at a local "
-            f"folder with {subfolder or '.'}/ and {tokenizer_subfolder or '.'}/ sub-folders; "
-            f"error: {str(err).splitlines()[0]}"
-        ) from err
+    with weights_only_pickles() as refused:
+        try:
+            tokenizer = load_tokenizer(path, tokenizer_subfolder, local_files_only=local_files_only)
+            text_encoder = CLIPTextModel.from_pretrained(path, **_sub(subfolder), torch_dtype=dtype, **kwargs)
+        except Exception as err:  # noqa: BLE001 - transformers 4.28 reports a missing folder as an invalid hub id
+            if refused:
+                raise OSError(f"could not load the text encoder of {path!r}: {refused[0]}") from None
+            if not isinstance(err, (OSError, ValueError)):
+                raise
+            raise OSError(
+                f"could not load the text encoder / tokenizer of {path!r}: download it once or point the id at a "
+                f"local folder with {subfolder or '.'}/ and {tokenizer_subfolder or '.'}/ sub-folders; "
+                f"error: {str(err).splitlines()[0]}"
+            ) from err
     text_encoder = text_encoder.to(device)
     if frozen:
         text_encoder.eval().requires_grad_(False)

@@ -21,9 +21,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from animate124.core.guidance import pretrained, sds, text_encoding, vae_encoding
+from animate124.core.guidance import pretrained, published_models, sds, text_encoding, vae_encoding
 
-MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
+MODELSCOPE_ID = published_models.MODELSCOPE.repo_id
 
 
 class VideoSDS(pretrained.FrozenPrior):

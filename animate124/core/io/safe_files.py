@@ -6,14 +6,15 @@ would have called and how to convert it.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["UnsafeFileError", "load_tensors", "MADE_MARKER", "mark_made", "foreign_folders"]
+__all__ = ["UnsafeFileError", "load_tensors", "weights_only_pickles", "MADE_MARKER", "mark_made", "foreign_folders"]
 
 MADE_MARKER = ".made-by-animate124"
 """Written into every folder a tool made, so that running it again may replace that folder and no other."""
@@ -56,6 +57,39 @@ def load_tensors(path: str | Path) -> Any:
         ) from None
     except (RuntimeError, KeyError, EOFError, OSError) as error:
         raise ValueError(f"{str(path)!r} is not a torch tensor file ({type(error).__name__}: {error})") from error
+
+
+@contextlib.contextmanager
+def weights_only_pickles() -> Iterator[list]:
+    """Every ``torch.load`` inside the block (diffusers' and transformers' ``.bin`` loading included) runs with
+    ``weights_only=True``, whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` ask: older diffusers and
+    transformers call ``torch.load`` without it, and torch < 2.6 (or that variable) would then run a pickle's code.
+
+    Yields a list that receives one line per refused file (what it would call); the libraries wrap the refusal in
+    their own error, so the caller raises a clearer one from it. Not thread-safe (``torch.load`` is swapped for the
+    block's duration).
+    """
+    import torch
+
+    original, refused = torch.load, []
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            names = [found.group(1)] if found else (_code_references(Path(f)) if isinstance(f, (str, Path)) else [])
+            what = f"calls {', '.join(names[:3])}" if names else "references code"
+            refused.append(f"{str(f)!r} is a pickle that {what} when loaded, so it was refused (loading it could "
+                           "run any code): use the repository's .safetensors files or convert this one")
+            raise
+
+    torch.load = load
+    try:
+        yield refused
+    finally:
+        torch.load = original
 
 
 def mark_made(folder: str | Path) -> None:
