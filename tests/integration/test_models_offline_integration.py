@@ -85,6 +85,6 @@ def test_a_local_folder_that_lacks_weights_is_named(threestudio, tiny_models, ex
     with pytest.raises(PreflightError) as info:
         _build(threestudio, text)
     assert info.value.problems == [
-        f"the folder '{broken}' (video.guidance (dynamic), video.prompt_processor (dynamic)) lacks 1 of the 9 files "
+        f"the folder '{broken}' (video.guidance (dynamic, refine), video.prompt_processor (dynamic, refine)) lacks 1 of the 9 files "
         "its loaders read: unet/diffusion_pytorch_model.safetensors (or .bin); fix the path, or write the folder again "
         "(`animate124 make-tiny-models DIR` for test models)"]

@@ -42,7 +42,9 @@ def test_the_default_config_needs_four_models_with_the_published_files_and_sizes
     assert list(needs) == [SD, ZERO123, MODELSCOPE, CONTROLNET]
     assert needs[SD].users == ["sd.guidance (static)", "sd.prompt_processor (static)", "cn.guidance (refine)",
                                "cn.prompt_processor (refine)"]
-    assert needs[MODELSCOPE].users == ["video.guidance (dynamic)", "video.prompt_processor (dynamic)"]
+    # every stage that uses a slot is named (the model loads at the first and stays through the rest)
+    assert needs[ZERO123].users == ["zero123.guidance (static, dynamic, refine)"]
+    assert needs[MODELSCOPE].users == ["video.guidance (dynamic, refine)", "video.prompt_processor (dynamic, refine)"]
     weights = {name: {f.path: f.size for f in n.files if f.size > 2_000_000} for name, n in needs.items()}
     # the host's SD guidance reads the fp32 files (no variant); our ControlNet guidance the fp16 U-Net and VAE
     assert weights[SD] == {"unet/diffusion_pytorch_model.safetensors": 859_520_964 * 4,

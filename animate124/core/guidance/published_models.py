@@ -300,12 +300,12 @@ def model_needs(slots, stages, cuda: bool = True) -> list[ModelNeed]:
 
     ``cuda``: the run's device (our loaders read the fp16 variants only there; the tool assumes the GPU run).
     """
-    first_stage: dict[str, str] = {}
+    stages_of: dict[str, list[str]] = {}  # slot -> the stages that use it, in order (it loads at the first)
     for stage in stages:
         for name in stage.guidances:
-            first_stage.setdefault(name, stage.name)
+            stages_of.setdefault(name, []).append(stage.name)
     needs: dict[str, ModelNeed] = {}
-    for slot_name, stage_name in first_stage.items():
+    for slot_name, stage_names in stages_of.items():
         slot = slots[slot_name]
         for section, type_name, cfg in (("guidance", slot.guidance_type, slot.guidance),
                                         ("prompt_processor", slot.prompt_processor_type, slot.prompt_processor)):
@@ -314,7 +314,7 @@ def model_needs(slots, stages, cuda: bool = True) -> list[ModelNeed]:
                 half = bool((cfg or {}).get("half_precision_weights", True))
                 fp16 = loader.fp16_roles if half and (cuda or loader.fp16_on_cpu) else ()
                 need = needs.get(name) or needs.setdefault(name, _new_need(name))
-                user = f"{slot_name}.{section} ({stage_name})"
+                user = f"{slot_name}.{section} ({', '.join(stage_names)})"
                 if user not in need.users:
                     need.users.append(user)
                 _add_files(need, loader.roles, fp16, loader.pipeline)
