@@ -209,6 +209,21 @@ def test_resume_exp_root_dir_tag_and_mode(host, capsys):
         "system.prompt: Interpolation key 'system.promt' not found: fix the ${...} interpolation or the key it names"]
 
 
+def test_an_exp_root_dir_that_cannot_be_written(host, capsys, monkeypatch):
+    """The nearest existing folder of exp_root_dir is not writable: one line, launch.py never runs. CI runs as root,
+    who may write anywhere, so the permission is taken away through os.access (what the check asks)."""
+    import os
+
+    locked = host / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.path.realpath(path) == os.path.realpath(locked)
+                        else real_access(path, mode))
+    assert _refused(host, capsys, ["--config", "cfg.yaml", "--train", *SET, "exp_root_dir=locked/runs"]) == [
+        f"exp_root_dir=locked/runs: {locked.resolve()} is not writable: set exp_root_dir to a folder you can write"]
+    assert list(locked.iterdir()) == []
+
+
 def test_gpu_that_this_machine_does_not_have(host, capsys, monkeypatch):
     from animate124.tools import launch_checks
 
