@@ -47,11 +47,15 @@ def load_weights_reporting(module, weights: str, ignore_modules, strict: bool, s
     from threestudio.utils.misc import load_module_weights
 
     from animate124.components import preflight
+    from animate124.core.io.safe_files import weights_only_pickles
 
     preflight.raise_if(preflight.check_checkpoint_file("system.weights", str(weights)))
     try:
-        state_dict, _, _ = load_module_weights(weights, ignore_modules=ignore_modules, map_location="cpu")
+        # the host's torch.load asks for the whole pickle; a checkpoint from elsewhere must not run code on load
+        with weights_only_pickles() as refused:
+            state_dict, _, _ = load_module_weights(weights, ignore_modules=ignore_modules, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - not a checkpoint (a config, a safetensors file, a truncated file)
+        preflight.raise_if([f"system.weights: {line}" for line in refused])
         preflight.raise_if([f"system.weights={weights} cannot be read as a threestudio checkpoint "
                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): give the "
                             "ckpts/last.ckpt of the earlier stage's run"])

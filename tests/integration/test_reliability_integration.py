@@ -635,6 +635,18 @@ def test_weights_from_another_grid_size_name_the_tensors_and_settings(threestudi
     (run_dir / "notes.txt").write_text("not a checkpoint")
     assert build(run_dir / "notes.txt").startswith(f"system.weights={run_dir / 'notes.txt'} cannot be read as a "
                                                    "threestudio checkpoint (")
+    # a checkpoint from elsewhere that would run code: the host's torch.load asks for the whole pickle; refused
+    marker = run_dir / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {}, "payload": RunsCode()}, run_dir / "foreign.ckpt")
+    assert build(run_dir / "foreign.ckpt") == (
+        f"system.weights: {str(run_dir / 'foreign.ckpt')!r} is a pickle that calls posix.system when loaded, so it was "
+        "refused (loading it could run any code): use the repository's .safetensors files or convert this one")
+    assert not marker.exists()
     # resume= from that run: the same message from the checkpoint's own load, before any step
     with pytest.raises(PreflightError) as info:
         _run(threestudio, _grid(_config(tiny_models, rgba, run_dir / "again", steps=(1, 1, 1)), 13), run_dir,

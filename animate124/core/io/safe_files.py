@@ -47,12 +47,12 @@ def load_tensors(path: str | Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        names = [found.group(1)] if found else _code_references(path)
-        what = f"calls {', '.join(names[:3])}" if names else "references code"
+        names = _refused_code(error, path)
+        if not names:  # not a pickle torch can read (text, a truncated file): no code involved
+            raise ValueError(f"{str(path)!r} is not a torch tensor file (not a pickle torch can read)") from None
         raise UnsafeFileError(
-            f"{str(path)!r} is a pickle that {what} when loaded, so it is refused (loading it could run any code): "
-            "convert it to .safetensors where it was made (safetensors.torch.save_file on its tensors) or re-create "
+            f"{str(path)!r} is a pickle that calls {', '.join(names[:3])} when loaded, so it is refused (loading it "
+            "could run any code): convert it to .safetensors where it was made (safetensors.torch.save_file on its tensors) or re-create "
             "it with `animate124 invert`, which writes .safetensors"
         ) from None
     except (RuntimeError, KeyError, EOFError, OSError) as error:
@@ -78,11 +78,11 @@ def weights_only_pickles() -> Iterator[list]:
         try:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as error:
-            found = re.search(r"GLOBAL ([\w.]+)", str(error))
-            names = [found.group(1)] if found else (_code_references(Path(f)) if isinstance(f, (str, Path)) else [])
-            what = f"calls {', '.join(names[:3])}" if names else "references code"
-            refused.append(f"{str(f)!r} is a pickle that {what} when loaded, so it was refused (loading it could "
-                           "run any code): use the repository's .safetensors files or convert this one")
+            names = _refused_code(error, f)
+            if names:  # otherwise the file is no pickle at all: the caller's own error says so
+                refused.append(f"{str(f)!r} is a pickle that calls {', '.join(names[:3])} when loaded, so it was "
+                               "refused (loading it could run any code): use the repository's .safetensors files or "
+                               "convert this one")
             raise
 
     torch.load = load
@@ -105,6 +105,15 @@ def foreign_folders(folders) -> list[Path]:
 
 
 _TENSOR_MODULES = ("torch", "collections", "numpy", "builtins", "_codecs")
+
+
+def _refused_code(error: Exception, f: Any) -> list[str]:
+    """The callables a pickle refused by ``weights_only`` would call (torch's message names the first; else read
+    from the file); [] when the load failed for another reason (not a pickle, truncated, an unknown opcode)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        return [found.group(1)]
+    return _code_references(Path(f)) if isinstance(f, (str, Path)) else []
 
 
 def _code_references(path: Path) -> list[str]:
