@@ -57,8 +57,7 @@ def load_weights_reporting(module, weights: str, ignore_modules, strict: bool, s
     except Exception as error:  # noqa: BLE001 - not a checkpoint (a config, a safetensors file, a truncated file)
         preflight.raise_if([f"system.weights: {line}" for line in refused])
         preflight.raise_if([f"system.weights={weights} cannot be read as a threestudio checkpoint "
-                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): give the "
-                            "ckpts/last.ckpt of the earlier stage's run"])
+                            f"({preflight.first_line(error)}): give the ckpts/last.ckpt of the earlier stage's run"])
     # load_state_dict stops at the first size mismatch with a traceback that names no setting
     preflight.raise_if(preflight.checkpoint_size_problems("system.weights", str(weights), state_dict, module,
                                                           getattr(module, "cfg", None)))

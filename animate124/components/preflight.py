@@ -207,7 +207,7 @@ def check_embedding(where: str, path: str, width: Optional[int], tokenizer: Any 
     except UnsafeFileError as error:
         return [f"{where}: {error}"]
     except (ValueError, RuntimeError, OSError) as error:
-        return [f"{where}={path!r} cannot be read ({_first_line(error)}): re-export it with `animate124 invert`"]
+        return [f"{where}={path!r} cannot be read ({first_line(error)}): re-export it with `animate124 invert`"]
     if width is not None and rows.shape[-1] != width:
         return [f"{where}={path!r} holds a {rows.shape[-1]}-d embedding but the text encoder is {width}-d: invert "
                 "against the same model as the prompt processor's pretrained_model_name_or_path"]
@@ -410,7 +410,7 @@ def check_image(where: str, path: str, need_alpha: bool) -> List[str]:
             alpha = rgba.getchannel("A") if rgba.mode == "RGBA" else None
             extrema = alpha.getextrema() if alpha is not None else None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        return [f"{where}={path!r} is not a readable image ({_first_line(error)}): give a PNG"]
+        return [f"{where}={path!r} is not a readable image ({first_line(error)}): give a PNG"]
     if not need_alpha:
         return []
     if alpha is None:
@@ -422,7 +422,8 @@ def check_image(where: str, path: str, need_alpha: bool) -> List[str]:
     return []
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``TypeName: the message's first line``, for a one-line problem."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
@@ -575,7 +576,7 @@ def check_output_folder(folder: str, need_bytes: float) -> List[str]:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".a124-write-test-"):
             pass
     except OSError as error:
-        return [f"the output folder {folder!r} is not writable ({_first_line(error)}): set exp_root_dir to a folder "
+        return [f"the output folder {folder!r} is not writable ({first_line(error)}): set exp_root_dir to a folder "
                 "you can write"]
     free = shutil.disk_usage(folder).free
     if free < need_bytes:

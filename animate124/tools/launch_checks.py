@@ -135,7 +135,7 @@ def _value_problem(key: str, value: str) -> Optional[str]:
     return None
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException) -> str:  # preflight.first_line's twin: these checks run before threestudio loads
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
